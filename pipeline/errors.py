@@ -1,0 +1,29 @@
+"""The project's exceptions: one root, each class's docstring is its default message."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Something went wrong in pipeline."""
+
+    def __init__(self, message: str | None = None, **data: object) -> None:
+        self.data = data
+        for key, value in data.items():
+            setattr(self, key, value)
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class StoreUnavailable(PipelineError):
+    """The checkpoint database cannot be reached; nothing was changed, try again."""
+
+
+class SchemaMissing(PipelineError):
+    """The checkpoint schema is missing or out of date: run `pipeline db upgrade`."""
+
+
+class LostClaim(PipelineError):
+    """This execution no longer holds the claim on the file; its writes were not applied."""
+
+
+class InvalidURL(PipelineError):
+    """The file URL is not valid."""

@@ -1,0 +1,182 @@
+"""Value objects shared by the stores, the Celery glue, the producer and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    """A checkpoint's state; the values match the database's check constraint."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.COMPLETED, Status.DEAD)
+
+
+class Reason(enum.StrEnum):
+    """Why a claim was refused."""
+
+    DONE = "done"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt ended, as kept in the attempt history."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    """What a task reports about one file."""
+
+    total: int = 0
+    filtered: int = 0
+    persisted: int = 0
+
+    @classmethod
+    def coerce(cls, value: Stats | Mapping[str, Any] | None) -> Stats:
+        """Accept the dataclass, a dict with total/filtered/persisted, or None (all zero)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Stats):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"total", "filtered", "persisted"}
+            if unknown:
+                raise TypeError(f"unknown stats keys: {sorted(unknown)}")
+            return cls(**{k: int(v) for k, v in value.items()})
+        raise TypeError(f"stats must be a Stats or a dict, not {type(value).__name__}")
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """A granted claim: the caller may process the file until its lease runs out."""
+
+    file_url: str
+    token: int
+    attempt: int
+    max_attempts: int
+    lease_seconds: float
+    generation: int
+
+    def __bool__(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused claim; `reason` says why, with the stored stats or the time left on the lease."""
+
+    file_url: str
+    reason: Reason
+    retry_in: float | None = None
+    stats: Stats | None = None
+    error: str | None = None
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ClaimResult = Claim | Refusal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One execution of a file, kept after the row moves on."""
+
+    generation: int
+    attempt: int
+    token: int
+    worker: str | None
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    outcome: Outcome
+    error_class: str | None
+    error_message: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A file's checkpoint row."""
+
+    file_url: str
+    file_type: str
+    status: Status
+    attempt: int
+    max_attempts: int
+    generation: int
+    token: int | None
+    records_total: int
+    records_filtered: int
+    records_persisted: int
+    processing_time_ms: int
+    error_message: str | None
+    processed_by: str | None
+    task_name: str | None
+    task_id: str | None
+    batch_id: str | None
+    fingerprint: str | None
+    lease_expires_at: dt.datetime | None
+    started_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    attempts: tuple[Attempt, ...] = ()
+
+    @property
+    def retry_count(self) -> int:
+        return max(self.attempt - 1, 0)
+
+    @property
+    def stats(self) -> Stats:
+        return Stats(self.records_total, self.records_filtered, self.records_persisted)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailResult:
+    """What `fail` did: the row's new status, and whether a retry should be scheduled."""
+
+    status: Status
+    attempt: int
+    max_attempts: int
+
+    @property
+    def will_retry(self) -> bool:
+        return self.status is Status.FAILED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Registration:
+    """The outcome of registering one URL at submit."""
+
+    file_url: str
+    status: Status
+    needs_task: bool
+    task_name: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Work:
+    """A file whose task must be (re-)enqueued, as returned by `reap` and `requeue`."""
+
+    file_url: str
+    task_name: str | None
+    status: Status

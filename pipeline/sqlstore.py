@@ -1,0 +1,413 @@
+"""The PostgreSQL store: the one module that executes SQL.
+
+Every transition is one statement or one plpgsql function call (see sql/), so the database
+decides, under the row's lock and on its own clock; nothing is read here and written back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.resources
+import json
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from pipeline import config, errors
+from pipeline.models import (
+    Attempt,
+    Checkpoint,
+    Claim,
+    ClaimResult,
+    FailResult,
+    Outcome,
+    Reason,
+    Refusal,
+    Registration,
+    Stats,
+    Status,
+    Work,
+)
+from pipeline.store import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_WAITING_SECONDS,
+    error_text,
+    requeue_statuses,
+    split_registrations,
+)
+
+# Taken for the whole of `db upgrade`, so concurrent upgrades run one after another.
+_MIGRATION_LOCK_KEY = 0x70697065  # "pipe"
+_QUERY_HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
+# Postgres error classes that mean "the server is not reachable or went away".
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+_MISSING_SQLSTATES = ("42P01", "42883")  # undefined table, undefined function
+
+
+def sql_dir() -> pathlib.Path:
+    """Where the .sql files are: inside the installed package, or at the source tree's top."""
+    packaged = importlib.resources.files("pipeline") / "sql"
+    if packaged.is_dir():
+        return pathlib.Path(str(packaged))
+    return pathlib.Path(__file__).resolve().parent.parent / "sql"
+
+
+@functools.cache
+def queries() -> dict[str, sa.TextClause]:
+    """The named queries of sql/queries.sql, compiled once."""
+    text = (sql_dir() / "queries.sql").read_text()
+    found: dict[str, sa.TextClause] = {}
+    blocks = _QUERY_HEADER.split(text)
+    for name, body in zip(blocks[1::2], blocks[2::2], strict=True):
+        lines = [ln for ln in body.strip().splitlines() if not ln.startswith("--")]
+        found[name] = sa.text("\n".join(lines))
+    return found
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration, in order."""
+    result = []
+    for path in sorted((sql_dir() / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        result.append((int(path.name[:4]), path.stem, path.read_text()))
+    return result
+
+
+def engine_url(url: str) -> sa.URL:
+    """A SQLAlchemy URL on the psycopg 3 driver, whatever Postgres spelling was given."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlstate(error: BaseException) -> str:
+    orig = getattr(error, "orig", None)
+    return str(getattr(orig, "sqlstate", "") or "")
+
+
+@contextlib.contextmanager
+def translate(url: str) -> Iterator[None]:
+    """Turn driver errors into the project's own, at this one boundary."""
+    try:
+        yield
+    except sa_exc.DBAPIError as error:
+        state = _sqlstate(error)
+        if (
+            error.connection_invalidated
+            or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+            and not state.startswith("4")
+            or state.startswith(_UNAVAILABLE_SQLSTATES)
+        ):
+            raise errors.StoreUnavailable(
+                f"checkpoint database {config.mask_url(url)} unreachable: "
+                f"{_first_line(error.orig)}",
+                url=config.mask_url(url),
+            ) from error
+        if state in _MISSING_SQLSTATES:
+            raise errors.SchemaMissing(
+                f"checkpoint schema missing in {config.mask_url(url)}: run `pipeline db upgrade` "
+                f"({_first_line(error.orig)})"
+            ) from error
+        raise
+
+
+def _first_line(error: BaseException | None) -> str:
+    return (str(error) or type(error).__name__).strip().splitlines()[0] if error else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PgTransaction:
+    """A transaction for a task's output; `connection` is a SQLAlchemy Connection."""
+
+    connection: sa.Connection
+
+
+class PostgresStore:
+    """The checkpoint store on PostgreSQL."""
+
+    def __init__(self, database_url: str, *, pool_size: int = 2, echo: bool = False) -> None:
+        self.url = database_url
+        self._engine = sa.create_engine(
+            engine_url(database_url),
+            # Single calls run in autocommit: each transition is one statement, so a
+            # BEGIN/COMMIT pair would only add round trips.
+            isolation_level="AUTOCOMMIT",
+            pool_size=pool_size,
+            max_overflow=4,
+            # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
+            # invalidates the pool, the caller retries with a fresh one.
+            pool_pre_ping=False,
+            echo=echo,
+            connect_args={
+                # Generic plans cached while the table was small keep seq scans as it grows
+                # (measured in BASELINE.md); custom plans keep the primary-key lookups.
+                "options": "-c plan_cache_mode=force_custom_plan",
+                "connect_timeout": 5,
+                "application_name": "pipeline",
+            },
+        )
+        self._q = queries()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def masked_url(self) -> str:
+        return config.mask_url(self.url)
+
+    def _run(self, name: str, params: Mapping[str, Any]) -> list[sa.Row[Any]]:
+        with translate(self.url), self._engine.connect() as conn:
+            return list(conn.execute(self._q[name], params))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PgTransaction]:
+        with translate(self.url), self._engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                yield PgTransaction(conn)
+
+    def after_fork(self) -> None:
+        # Connections opened by the parent must not be shared with it (close=False leaves
+        # the parent's sockets alone).
+        self._engine.dispose(close=False)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def execute_script(self, sql: str) -> None:
+        """Run a multi-statement script (tests and tools)."""
+        with translate(self.url), self._engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute(sql)
+
+    def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """One value from an ad-hoc query (tests and tools)."""
+        with translate(self.url), self._engine.connect() as conn:
+            return conn.execute(sa.text(sql), dict(params or {})).scalar()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def upgrade(self) -> list[str]:
+        """Apply the migrations not yet applied; safe to run from several processes at once."""
+        applied_now: list[str] = []
+        with translate(self.url), self._engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                conn.execute(
+                    sa.text(
+                        "CREATE TABLE IF NOT EXISTS pipeline_schema_version ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                )
+                done = set(
+                    conn.execute(sa.text("SELECT version FROM pipeline_schema_version")).scalars()
+                )
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                for version, name, script in migrations():
+                    if version in done:
+                        continue
+                    driver.execute(script)  # no parameters: several statements allowed
+                    conn.execute(
+                        sa.text("INSERT INTO pipeline_schema_version (version, name) VALUES (:v, :n)"),
+                        {"v": version, "n": name},
+                    )
+                    applied_now.append(name)
+        return applied_now
+
+    def schema_version(self) -> int | None:
+        with translate(self.url), self._engine.connect() as conn:
+            exists = conn.execute(
+                sa.text("SELECT to_regclass('pipeline_schema_version') IS NOT NULL")
+            ).scalar()
+            if not exists:
+                return None
+            return conn.execute(sa.text("SELECT max(version) FROM pipeline_schema_version")).scalar()
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def claim(
+        self,
+        file_url: str,
+        worker_id: str,
+        lease_seconds: float | None = None,
+        *,
+        max_attempts: int | None = None,
+        file_type: str | None = None,
+        task_name: str | None = None,
+        task_id: str | None = None,
+    ) -> ClaimResult:
+        lease = float(lease_seconds or DEFAULT_LEASE_SECONDS)
+        (row,) = self._run(
+            "claim",
+            {
+                "file_url": file_url,
+                "worker": worker_id,
+                "lease_seconds": lease,
+                "max_attempts": max_attempts,
+                "file_type": file_type,
+                "task_name": task_name,
+                "task_id": task_id,
+            },
+        )
+        if row.outcome == "granted":
+            return Claim(
+                file_url=file_url,
+                token=row.token,
+                attempt=row.attempt,
+                max_attempts=row.max_attempts,
+                lease_seconds=lease,
+                generation=row.generation,
+            )
+        if row.outcome == "done":
+            stats = Stats(row.records_total, row.records_filtered, row.records_persisted)
+            return Refusal(file_url, Reason.DONE, stats=stats)
+        if row.outcome == "busy":
+            return Refusal(file_url, Reason.BUSY, retry_in=max(float(row.retry_in), 0.0))
+        return Refusal(file_url, Reason.DEAD, error=row.error_message)
+
+    def heartbeat(self, file_url: str, token: int) -> float | None:
+        rows = self._run("heartbeat", {"file_url": file_url, "token": token})
+        return float(rows[0].lease_left) if rows else None
+
+    def complete(
+        self,
+        file_url: str,
+        token: int,
+        stats: Stats | Mapping[str, Any] | None = None,
+        *,
+        processing_time_ms: int | None = None,
+        details: Mapping[str, Any] | None = None,
+        transaction: Any = None,
+    ) -> None:
+        s = Stats.coerce(stats)
+        params = {
+            "file_url": file_url,
+            "token": token,
+            "total": s.total,
+            "filtered": s.filtered,
+            "persisted": s.persisted,
+            "processing_time_ms": processing_time_ms,
+            "details": json.dumps(details) if details is not None else None,
+        }
+        if transaction is not None:
+            with translate(self.url):
+                ok = transaction.connection.execute(self._q["complete"], params).scalar()
+        else:
+            ok = self._run("complete", params)[0].ok
+        if not ok:
+            raise errors.LostClaim(
+                f"claim on {file_url} (token {token}) was lost; completion not applied",
+                url=file_url,
+                token=token,
+            )
+
+    def fail(
+        self,
+        file_url: str,
+        token: int,
+        error: BaseException | str,
+        *,
+        retryable: bool = True,
+    ) -> FailResult:
+        error_class, message = error_text(error)
+        rows = self._run(
+            "fail",
+            {
+                "file_url": file_url,
+                "token": token,
+                "error_class": error_class,
+                "error_message": message,
+                "retryable": retryable,
+            },
+        )
+        if not rows:
+            raise errors.LostClaim(
+                f"claim on {file_url} (token {token}) was lost; failure not recorded",
+                url=file_url,
+                token=token,
+            )
+        row = rows[0]
+        return FailResult(Status(row.status), row.attempt, row.max_attempts)
+
+    def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
+        rows = self._run("get", {"file_url": file_url})
+        if not rows:
+            return None
+        data = rows[0]._asdict()
+        data["status"] = Status(data["status"])
+        attempts: tuple[Attempt, ...] = ()
+        if with_attempts:
+            attempts = tuple(
+                Attempt(**{**r._asdict(), "outcome": Outcome(r.outcome)})
+                for r in self._run("attempts", {"file_url": file_url})
+            )
+        return Checkpoint(**data, attempts=attempts)
+
+    def register(
+        self,
+        urls: Iterable[str | tuple[str, str | None]],
+        *,
+        batch_id: str | None = None,
+        file_type: str = "unknown",
+        task_name: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> list[Registration]:
+        pairs = list(split_registrations(urls))
+        if not pairs:
+            return []
+        rows = self._run(
+            "register",
+            {
+                "urls": [u for u, _ in pairs],
+                "fingerprints": [f for _, f in pairs],
+                "batch_id": batch_id,
+                "file_type": file_type,
+                "task_name": task_name,
+                "max_attempts": max_attempts,
+            },
+        )
+        return [
+            Registration(r.file_url, Status(r.status), bool(r.needs_task), r.task_name)
+            for r in rows
+        ]
+
+    def requeue(
+        self,
+        file_url: str | None = None,
+        *,
+        batch_id: str | None = None,
+        statuses: Sequence[Status] | None = None,
+        force: bool = False,
+    ) -> list[Work]:
+        rows = self._run(
+            "requeue",
+            {
+                "file_url": file_url,
+                "batch_id": batch_id,
+                "statuses": [str(s) for s in requeue_statuses(statuses, force)],
+                "force": force,
+            },
+        )
+        return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
+
+    def reap(
+        self, *, waiting_seconds: float = DEFAULT_WAITING_SECONDS, limit: int = 1000
+    ) -> list[Work]:
+        rows = self._run("reap", {"waiting_seconds": float(waiting_seconds), "limit": limit})
+        return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
+
+    def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]:
+        result: dict[str | None, dict[Status, int]] = {}
+        for r in self._run("summary", {"batch_id": batch_id}):
+            result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
+        return result

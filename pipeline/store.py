@@ -1,0 +1,138 @@
+"""The checkpoint store's interface; the Celery glue, the producer and the CLI use only this."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from pipeline.models import (
+    Checkpoint,
+    ClaimResult,
+    FailResult,
+    Registration,
+    Stats,
+    Status,
+    Work,
+)
+
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_MAX_ATTEMPTS = 3
+# How long a pending or failed row may wait for its task before the reaper re-enqueues it.
+DEFAULT_WAITING_SECONDS = 120.0
+
+
+class OutputTransaction(Protocol):
+    """A transaction on the checkpoint database in which a task writes its output."""
+
+    @property
+    def connection(self) -> Any:
+        """The driver-level handle the task writes with (a SQLAlchemy Connection on Postgres)."""
+
+
+class Store(Protocol):
+    """Every checkpoint transition; each is one atomic call on the backing store."""
+
+    def claim(
+        self,
+        file_url: str,
+        worker_id: str,
+        lease_seconds: float | None = None,
+        *,
+        max_attempts: int | None = None,
+        file_type: str | None = None,
+        task_name: str | None = None,
+        task_id: str | None = None,
+    ) -> ClaimResult: ...
+
+    def heartbeat(self, file_url: str, token: int) -> float | None:
+        """Extend the lease; the seconds left, or None when the claim was lost."""
+        ...
+
+    def complete(
+        self,
+        file_url: str,
+        token: int,
+        stats: Stats | Mapping[str, Any] | None = None,
+        *,
+        processing_time_ms: int | None = None,
+        details: Mapping[str, Any] | None = None,
+        transaction: OutputTransaction | None = None,
+    ) -> None:
+        """Mark completed; raises LostClaim when the token is stale (nothing changes)."""
+        ...
+
+    def fail(
+        self,
+        file_url: str,
+        token: int,
+        error: BaseException | str,
+        *,
+        retryable: bool = True,
+    ) -> FailResult:
+        """Record a failed execution; raises LostClaim when the token is stale."""
+        ...
+
+    def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
+
+    def register(
+        self,
+        urls: Iterable[str | tuple[str, str | None]],
+        *,
+        batch_id: str | None = None,
+        file_type: str = "unknown",
+        task_name: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> list[Registration]: ...
+
+    def requeue(
+        self,
+        file_url: str | None = None,
+        *,
+        batch_id: str | None = None,
+        statuses: Sequence[Status] | None = None,
+        force: bool = False,
+    ) -> list[Work]: ...
+
+    def reap(
+        self, *, waiting_seconds: float = DEFAULT_WAITING_SECONDS, limit: int = 1000
+    ) -> list[Work]: ...
+
+    def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[OutputTransaction]:
+        """Open a transaction for output; the caller completes inside it, then it commits."""
+        ...
+
+    def after_fork(self) -> None:
+        """Drop connections inherited from a parent process."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def error_text(error: BaseException | str) -> tuple[str, str]:
+    """The (class name, message) pair recorded for an error."""
+    if isinstance(error, BaseException):
+        message = str(error) or type(error).__name__
+        return type(error).__name__, message[:4000]
+    return "Error", error[:4000]
+
+
+def split_registrations(
+    urls: Iterable[str | tuple[str, str | None]],
+) -> Iterator[tuple[str, str | None]]:
+    """Yield (url, fingerprint) pairs from plain URLs or pairs."""
+    for item in urls:
+        if isinstance(item, str):
+            yield item, None
+        else:
+            yield item[0], item[1]
+
+
+def requeue_statuses(statuses: Sequence[Status] | None, force: bool) -> list[Status]:
+    """The statuses a requeue may move: dead and failed, and completed only with force."""
+    chosen = list(statuses) if statuses else [Status.DEAD, Status.FAILED]
+    if force and not statuses:
+        chosen.append(Status.COMPLETED)
+    return [s for s in chosen if s in (Status.DEAD, Status.FAILED, Status.COMPLETED)]

@@ -1,0 +1,96 @@
+-- Named queries: each block starts with `-- name --` and a line describing it.
+-- Parameters use SQLAlchemy's :name form.
+
+-- claim --
+-- Claim a file (grant, or refuse with done / busy / dead); see pipeline_claim_v1.
+SELECT * FROM pipeline_claim_v1(:file_url, :worker, :lease_seconds, :max_attempts,
+                                :file_type, :task_name, :task_id)
+
+-- heartbeat --
+-- Extend the lease of the current claim; no row when the token is stale.
+UPDATE file_checkpoints
+   SET lease_expires_at = now() + make_interval(secs => lease_seconds), updated_at = now()
+ WHERE file_url = :file_url AND token = :token AND status = 'processing'
+RETURNING extract(epoch FROM lease_expires_at - now())::double precision AS lease_left
+
+-- complete --
+-- Mark the current claim completed with its stats; false when the token is stale.
+SELECT pipeline_complete_v1(:file_url, :token, :total, :filtered, :persisted,
+                            :processing_time_ms, CAST(:details AS jsonb)) AS ok
+
+-- fail --
+-- Record a failed execution: failed (retry) or dead; no row when the token is stale.
+SELECT * FROM pipeline_fail_v1(:file_url, :token, :error_class, :error_message, :retryable)
+
+-- get --
+-- One checkpoint row.
+SELECT file_url, file_type, status, attempt, max_attempts, generation, token, records_total,
+       records_filtered, records_persisted, processing_time_ms, error_message, processed_by,
+       task_name, task_id, batch_id, fingerprint, lease_expires_at, started_at, completed_at,
+       created_at, updated_at
+  FROM file_checkpoints WHERE file_url = :file_url
+
+-- attempts --
+-- The attempt history of one file, oldest first.
+SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_class,
+       error_message
+  FROM file_attempts WHERE file_url = :file_url ORDER BY token
+
+-- register --
+-- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file
+-- whose content fingerprint changed starts a new generation; anything else is left alone.
+-- Returns every input URL with its status and whether a task must be enqueued for it.
+WITH input AS (
+    SELECT DISTINCT ON (u.file_url) u.file_url, u.fingerprint
+      FROM unnest(CAST(:urls AS text[]), CAST(:fingerprints AS text[])) AS u(file_url, fingerprint)
+     ORDER BY u.file_url
+), upserted AS (
+    INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
+                                       batch_id, fingerprint)
+    SELECT i.file_url, :file_type, 'pending', :max_attempts, :task_name, :batch_id, i.fingerprint
+      FROM input i
+    ON CONFLICT (file_url) DO UPDATE
+       SET status = 'pending', attempt = 0, generation = c.generation + 1, token = NULL,
+           lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
+           records_total = 0, records_filtered = 0, records_persisted = 0,
+           processing_time_ms = 0, details = NULL,
+           fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
+           task_name = excluded.task_name, max_attempts = excluded.max_attempts,
+           updated_at = now()
+     WHERE c.status IN ('completed', 'dead')
+       AND excluded.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
+       AND excluded.fingerprint <> c.fingerprint
+    RETURNING c.file_url, c.status, c.task_name
+)
+SELECT i.file_url,
+       coalesce(u.status, c.status) AS status,
+       u.file_url IS NOT NULL AS needs_task,
+       coalesce(u.task_name, c.task_name) AS task_name
+  FROM input i
+  LEFT JOIN upserted u ON u.file_url = i.file_url
+  -- the statement's snapshot: rows not touched above, as they were before it
+  LEFT JOIN file_checkpoints c ON c.file_url = i.file_url AND u.file_url IS NULL
+
+-- requeue --
+-- Operator requeue: dead / failed (and completed with force) rows back to pending, in a new
+-- generation; the attempt history is kept.
+UPDATE file_checkpoints
+   SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
+       lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
+       records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
+       details = NULL, updated_at = now()
+ WHERE status = ANY(CAST(:statuses AS text[]))
+   AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
+   AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
+   AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
+RETURNING file_url, task_name, status
+
+-- reap --
+-- Move expired claims on and hand back rows waiting too long for a task; see pipeline_reap_v1.
+SELECT * FROM pipeline_reap_v1(:waiting_seconds, :limit)
+
+-- summary --
+-- Counts by batch and status.
+SELECT batch_id, status, count(*) AS n FROM file_checkpoints
+ WHERE CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id
+ GROUP BY batch_id, status
