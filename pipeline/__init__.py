@@ -17,6 +17,9 @@ def open_store(database_url: str | None = None) -> PostgresStore:
     return PostgresStore(url)
 
 
+from pipeline.celery_app import app  # noqa: E402
+from pipeline.decorator import checkpointed  # noqa: E402
+
 __all__ = [
     "Checkpoint",
     "Claim",
@@ -29,5 +32,7 @@ __all__ = [
     "Stats",
     "Status",
     "StoreUnavailable",
+    "app",
+    "checkpointed",
     "open_store",
 ]

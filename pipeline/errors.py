@@ -27,3 +27,15 @@ class LostClaim(PipelineError):
 
 class InvalidURL(PipelineError):
     """The file URL is not valid."""
+
+
+class PermanentError(PipelineError):
+    """The file cannot be processed and retrying will not help."""
+
+
+class FileDead(PipelineError):
+    """The file is dead: its attempts are used up or its error is not retryable."""
+
+
+class FileBusy(PipelineError):
+    """Another live execution holds the file's claim."""

@@ -168,11 +168,29 @@ class PostgresStore:
             return list(conn.execute(self._q[name], params))
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[PgTransaction]:
+    def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
         with translate(self.url), self._engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
+                if token is not None:
+                    # Name the session after the claim for this transaction only, so that a
+                    # takeover can end it if this process turns zombie (pipeline_fence_v1).
+                    conn.execute(
+                        sa.text("SELECT set_config('application_name', :name, true)"),
+                        {"name": f"pipeline-claim:{token}"},
+                    )
                 yield PgTransaction(conn)
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether an exception (from a task's own use of a transaction) means the database
+        could not be reached."""
+        try:
+            with translate(self.url):
+                raise error
+        except errors.StoreUnavailable:
+            return True
+        except BaseException:
+            return False
 
     def after_fork(self) -> None:
         # Connections opened by the parent must not be shared with it (close=False leaves
@@ -253,6 +271,7 @@ class PostgresStore:
         file_type: str | None = None,
         task_name: str | None = None,
         task_id: str | None = None,
+        resume_token: int | None = None,
     ) -> ClaimResult:
         lease = float(lease_seconds or DEFAULT_LEASE_SECONDS)
         (row,) = self._run(
@@ -265,6 +284,7 @@ class PostgresStore:
                 "file_type": file_type,
                 "task_name": task_name,
                 "task_id": task_id,
+                "resume_token": resume_token,
             },
         )
         if row.outcome == "granted":

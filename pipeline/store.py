@@ -43,7 +43,10 @@ class Store(Protocol):
         file_type: str | None = None,
         task_name: str | None = None,
         task_id: str | None = None,
-    ) -> ClaimResult: ...
+        resume_token: int | None = None,
+    ) -> ClaimResult:
+        """Grant a claim or refuse it; `resume_token` hands a stepped-back claim over."""
+        ...
 
     def heartbeat(self, file_url: str, token: int) -> float | None:
         """Extend the lease; the seconds left, or None when the claim was lost."""
@@ -100,8 +103,14 @@ class Store(Protocol):
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 
-    def transaction(self) -> contextlib.AbstractContextManager[OutputTransaction]:
+    def transaction(
+        self, *, token: int | None = None
+    ) -> contextlib.AbstractContextManager[OutputTransaction]:
         """Open a transaction for output; the caller completes inside it, then it commits."""
+        ...
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether an exception raised while using the store means it could not be reached."""
         ...
 
     def after_fork(self) -> None:

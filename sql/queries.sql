@@ -4,7 +4,7 @@
 -- claim --
 -- Claim a file (grant, or refuse with done / busy / dead); see pipeline_claim_v1.
 SELECT * FROM pipeline_claim_v1(:file_url, :worker, :lease_seconds, :max_attempts,
-                                :file_type, :task_name, :task_id)
+                                :file_type, :task_name, :task_id, :resume_token)
 
 -- heartbeat --
 -- Extend the lease of the current claim; no row when the token is stale.

@@ -67,6 +67,33 @@ CREATE TABLE file_attempts (
 );
 CREATE INDEX file_attempts_file_idx ON file_attempts (file_url, token);
 
+-- End the database sessions of a claim being taken over. A task writes its output in a
+-- transaction whose session is named after its claim's token; a zombie (frozen, or cut off)
+-- would keep that transaction's row locks and stall the execution taking its file over. Its
+-- writes could never commit (completion is fenced by token), so ending the session loses
+-- nothing. Without the privilege to signal that backend, the new holder waits instead.
+CREATE FUNCTION pipeline_fence_v1(p_token bigint) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_pid   integer;
+    v_n     integer := 0;
+BEGIN
+    FOR v_pid IN
+        SELECT a.pid FROM pg_stat_activity a
+         WHERE a.application_name = 'pipeline-claim:' || p_token AND a.pid <> pg_backend_pid()
+    LOOP
+        BEGIN
+            IF pg_terminate_backend(v_pid) THEN
+                v_n := v_n + 1;
+            END IF;
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
+    END LOOP;
+    RETURN v_n;
+END;
+$$;
+
 -- Claim a file for one execution. One call decides everything under the row's lock, on the
 -- database's clock: grant (insert or take over), or refuse with done / busy / dead.
 CREATE FUNCTION pipeline_claim_v1(
@@ -76,7 +103,10 @@ CREATE FUNCTION pipeline_claim_v1(
     p_max_attempts  integer,
     p_file_type     text,
     p_task_name     text,
-    p_task_id       text
+    p_task_id       text,
+    -- A token this task chain held before it had to step back (database unreachable): if the
+    -- claim is still that token's, it is handed over under a new token, same attempt.
+    p_resume_token  bigint DEFAULT NULL
 ) RETURNS TABLE (
     outcome             text,
     token               bigint,
@@ -117,6 +147,22 @@ BEGIN
     SELECT * INTO STRICT r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
     v_cap := coalesce(p_max_attempts, r.max_attempts);
 
+    IF p_resume_token IS NOT NULL AND r.status = 'processing' AND r.token = p_resume_token THEN
+        -- The execution that held this token has ended (it scheduled us); a duplicate of this
+        -- message carrying the same token finds the token already swapped and is refused.
+        UPDATE file_checkpoints c
+           SET token = nextval('file_checkpoints_token_seq'), lease_seconds = p_lease_seconds,
+               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+               processed_by = p_worker, task_id = p_task_id, updated_at = now()
+         WHERE c.file_url = p_file_url
+        RETURNING c.* INTO r;
+        UPDATE file_attempts a SET token = r.token, worker = p_worker, task_id = p_task_id
+         WHERE a.token = p_resume_token;
+        RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+            NULL::double precision, 0, 0, 0, NULL::text;
+        RETURN;
+    END IF;
+
     IF r.status = 'completed' THEN
         RETURN QUERY SELECT 'done'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
             NULL::double precision, r.records_total, r.records_filtered, r.records_persisted,
@@ -133,6 +179,7 @@ BEGIN
     ELSIF r.status = 'processing' THEN
         -- The holder's lease ran out: its execution is lost and counts as an attempt, so a
         -- file that kills its worker every time cannot loop forever.
+        PERFORM pipeline_fence_v1(r.token);
         UPDATE file_attempts a
            SET outcome = 'lost', ended_at = now(), error_class = 'WorkerLost',
                error_message = format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by)
@@ -228,7 +275,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
     WITH expired AS (
-        SELECT c.file_url, c.token, c.lease_expires_at, c.processed_by
+        -- pipeline_fence_v1 runs once per row locked here (the CTE is evaluated once).
+        SELECT c.file_url, c.token, c.lease_expires_at, c.processed_by,
+               pipeline_fence_v1(c.token) AS fenced
           FROM file_checkpoints c
          WHERE c.status = 'processing' AND c.lease_expires_at <= now()
          ORDER BY c.lease_expires_at

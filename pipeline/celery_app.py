@@ -1,0 +1,104 @@
+"""The Celery app, the per-process store its tasks use, and the reaper task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from pipeline import config, errors
+from pipeline.store import DEFAULT_WAITING_SECONDS, Store
+
+logger = logging.getLogger("pipeline")
+
+app = Celery("pipeline")
+app.config_from_object("pipeline.celeryconfig")
+
+_store: Store | None = None
+_store_lock = threading.Lock()
+
+
+def get_store() -> Store:
+    """This process's store on PIPELINE_DATABASE_URL, opened on first use."""
+    global _store
+    if _store is None:
+        with _store_lock:
+            if _store is None:
+                import pipeline
+
+                _store = pipeline.open_store()
+    return _store
+
+
+def set_store(store: Store | None) -> None:
+    """Use this store in this process (tests, embedded mode)."""
+    global _store
+    _store = store
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # A prefork child inherits the parent's pool: its sockets must not be shared.
+    if _store is not None:
+        _store.after_fork()
+
+
+def enqueue(work: list[Any], *, default_task: str | None = None, celery_app: Any = None) -> int:
+    """Send one task per file of `work` (reap / requeue results); returns how many were sent."""
+    target = celery_app or app
+    sent = 0
+    with target.producer_or_acquire() as producer:
+        for item in work:
+            name = item.task_name or default_task
+            if name is None:
+                logger.warning("no task name stored for %s; not re-enqueued", item.file_url)
+                continue
+            if item.status.terminal:
+                continue
+            target.send_task(name, args=[item.file_url], producer=producer)
+            sent += 1
+    return sent
+
+
+def reap_once(
+    store: Store | None = None,
+    *,
+    waiting_seconds: float | None = None,
+    celery_app: Any = None,
+) -> dict[str, int]:
+    """Move expired claims on and re-enqueue what needs a task; returns counts."""
+    store = store or get_store()
+    waiting = (
+        waiting_seconds
+        if waiting_seconds is not None
+        else float(os.environ.get("PIPELINE_REAP_WAITING_SECONDS") or DEFAULT_WAITING_SECONDS)
+    )
+    work = store.reap(waiting_seconds=waiting)
+    dead = sum(1 for w in work if w.status.terminal)
+    sent = enqueue(work, celery_app=celery_app)
+    if work:
+        logger.info("reaper: %d rows moved on, %d re-enqueued, %d dead", len(work), sent, dead)
+    return {"reaped": len(work), "enqueued": sent, "dead": dead}
+
+
+@app.task(name="pipeline.reap", ignore_result=True, acks_late=False)
+def reap() -> dict[str, int]:
+    """Beat task: the safety net for files whose message was acked or lost."""
+    try:
+        return reap_once()
+    except errors.StoreUnavailable as error:
+        # Next beat tick tries again; nothing was changed.
+        logger.warning("reaper skipped: %s", error)
+        return {"reaped": 0, "enqueued": 0, "dead": 0}
+
+
+def describe() -> str:
+    """Where the app points, with secrets masked."""
+    return (
+        f"broker {config.mask_url(app.conf.broker_url)}, "
+        f"database {config.mask_url(config.database_url())}"
+    )

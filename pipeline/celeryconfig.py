@@ -1,0 +1,64 @@
+"""Celery settings for pipeline's app; each says why it is set.
+
+Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RESULT_BACKEND
+(default none: outcomes live in Postgres, Flower reads them from events), PIPELINE_QUEUE
+(default "pipeline"), PIPELINE_TASK_MODULES (comma-separated modules with user tasks),
+PIPELINE_REAP_INTERVAL (seconds between reaper runs under beat, default 10).
+"""
+
+from __future__ import annotations
+
+import os
+
+broker_url = os.environ.get("PIPELINE_BROKER_URL") or "redis://127.0.0.1:6379/0"
+result_backend = os.environ.get("PIPELINE_RESULT_BACKEND") or None
+# Without a backend there is nothing to store; Flower still shows results from task events.
+task_ignore_result = result_backend is None
+
+# Modules holding the user's own tasks, imported by every worker.
+include = [m.strip() for m in os.environ.get("PIPELINE_TASK_MODULES", "").split(",") if m.strip()]
+
+task_default_queue = os.environ.get("PIPELINE_QUEUE") or "pipeline"
+
+# JSON only: a pickled message could run arbitrary code in the worker, so it is refused.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# Ack after the task ran, so a message whose worker died is delivered again...
+task_acks_late = True
+# ...including when only the pool child died (Celery acks those unless told otherwise).
+# The checkpoint's lease, not Celery's retry counter, decides whether the file gets another
+# attempt, so 5.7's task_retry_on_worker_lost (a second counter, off by default) stays off.
+task_reject_on_worker_lost = True
+# One message reserved per pool process: fewer files wait behind a busy or dying process, and a
+# SIGKILLed worker takes fewer messages down with it.
+worker_prefetch_multiplier = 1
+# A broker hiccup must not cancel running tasks: the claim already fences the redelivered copy,
+# and a cancelled task would spend one of the file's attempts for nothing.
+worker_cancel_long_running_tasks_on_connection_loss = False
+broker_connection_retry_on_startup = True
+
+broker_transport_options = {
+    # Unacked messages of a SIGKILLed worker go back to the queue after this long. It is short
+    # (the default is an hour) because a long-running task's message that comes back early is
+    # harmless: its copy finds the claim busy and waits for the lease.
+    "visibility_timeout": 30,
+    # kombu sweeps for such messages every interval x throttle seconds (10 x 10 by default,
+    # so ~100 s); every 2 s here, one ZRANGE on the unacked index.
+    "unacked_restore_interval": 2,
+    "unacked_restore_throttle": 1,
+}
+
+# Events for Flower: sent, started, retried, succeeded, failed, with arguments.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# The reaper runs under `celery beat`; see pipeline.celery_app.reap.
+beat_schedule = {
+    "pipeline-reap": {
+        "task": "pipeline.reap",
+        "schedule": float(os.environ.get("PIPELINE_REAP_INTERVAL") or 10),
+    }
+}

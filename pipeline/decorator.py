@@ -1,0 +1,319 @@
+"""`@checkpointed`: a plain function of a file URL becomes a crash-safe Celery task."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from celery import Task
+
+from pipeline import errors
+from pipeline.models import Claim, Reason, Refusal, Stats, Status
+from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, Store
+
+logger = logging.getLogger("pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base * 2**n)]."""
+
+    base: float = 2.0
+    cap: float = 300.0
+    jitter: bool = True
+
+    def delay(self, n: int) -> float:
+        ceiling = min(self.cap, self.base * (2 ** max(n, 0)))
+        return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The options of one checkpointed task."""
+
+    file_type: str
+    max_attempts: int
+    lease_seconds: float
+    retry_on: tuple[type[BaseException], ...]
+    dont_retry_on: tuple[type[BaseException], ...]
+    backoff: Backoff
+    wants_checkpoint: bool
+
+    def retryable(self, error: BaseException) -> bool:
+        if isinstance(error, (*self.dont_retry_on, errors.PermanentError)):
+            return False
+        return isinstance(error, self.retry_on)
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every lease/3 from the process running the function.
+
+    A frozen process (SIGSTOP) renews nothing and loses its lease, as it must.
+    """
+
+    def __init__(self, store: Store, claim: Claim) -> None:
+        super().__init__(name=f"pipeline-heartbeat-{claim.token}", daemon=True)
+        self.store = store
+        self.claim = claim
+        self.interval = max(claim.lease_seconds / 3.0, 0.05)
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.store.heartbeat(self.claim.file_url, self.claim.token) is None:
+                    logger.warning("lost the claim on %s", self.claim.file_url)
+                    self.lost.set()
+                    return
+            except errors.StoreUnavailable as error:
+                # Keep trying: the lease is long enough to survive a few missed beats.
+                logger.warning("heartbeat for %s failed: %s", self.claim.file_url, error)
+            except Exception:  # never let the thread die silently
+                logger.exception("heartbeat for %s crashed", self.claim.file_url)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class CheckpointContext:
+    """What the function sees as `checkpoint`: the claim and a transaction for its output."""
+
+    def __init__(self, store: Store, claim: Claim, stack: contextlib.ExitStack) -> None:
+        self._store = store
+        self._claim = claim
+        self._stack = stack
+        self._tx: Any = None
+
+    file_url = property(lambda self: self._claim.file_url)
+    token = property(lambda self: self._claim.token)
+    attempt = property(lambda self: self._claim.attempt)
+    max_attempts = property(lambda self: self._claim.max_attempts)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A connection in a transaction on the checkpoint database.
+
+        It does not commit when the block ends: the decorator marks the file completed in
+        the same transaction after the function returns, fenced by the claim's token, then
+        commits. If the claim was lost meanwhile, everything written here is rolled back.
+        """
+        if self._tx is None:
+            self._tx = self._stack.enter_context(self._store.transaction(token=self._claim.token))
+        yield self._tx.connection
+
+    @property
+    def output_transaction(self) -> Any:
+        return self._tx
+
+
+def _worker_id(task: Task) -> str:
+    return f"{task.request.hostname or 'local'}:{os.getpid()}"
+
+
+def _skipped(file_url: str, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"file_url": file_url, "skipped": True, "reason": reason, **extra}
+
+
+def run(
+    task: Task, fn: Callable[..., Any], spec: Spec, file_url: str, args: Any, kwargs: Any
+) -> Any:
+    """One execution: claim, run with heartbeat, complete or fail; Celery retries as needed."""
+    from pipeline.celery_app import get_store
+
+    resume_token = kwargs.pop("_pipeline_resume", None)
+    store = get_store()
+    try:
+        claim = store.claim(
+            file_url,
+            _worker_id(task),
+            spec.lease_seconds,
+            max_attempts=spec.max_attempts,
+            file_type=spec.file_type,
+            task_name=task.name,
+            task_id=task.request.id,
+            resume_token=resume_token,
+        )
+    except errors.StoreUnavailable as error:
+        # Never run unclaimed; waiting for the database is not an attempt.
+        raise task.retry(
+            exc=error,
+            countdown=spec.backoff.delay(task.request.retries),
+            max_retries=None,
+            kwargs={**kwargs, "_pipeline_resume": resume_token} if resume_token else kwargs,
+        ) from error
+
+    if isinstance(claim, Refusal):
+        return _refused(task, spec, claim, kwargs)
+    return _execute(task, fn, spec, store, claim, args, kwargs)
+
+
+def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
+    if refusal.reason is Reason.DONE:
+        stats = refusal.stats.as_dict() if refusal.stats else {}
+        return _skipped(refusal.file_url, "already completed", stats=stats)
+    if refusal.reason is Reason.BUSY:
+        # Another live execution holds it: come back when its lease ends (not an attempt).
+        wait = (refusal.retry_in or spec.lease_seconds) + random.uniform(0.1, 1.0)
+        raise task.retry(
+            exc=errors.FileBusy(
+                f"{refusal.file_url} is being processed elsewhere; lease ends in "
+                f"{refusal.retry_in or 0:.1f}s",
+                url=refusal.file_url,
+            ),
+            countdown=wait,
+            max_retries=None,
+            kwargs=kwargs,
+        )
+    raise errors.FileDead(f"{refusal.file_url} is dead: {refusal.error}", url=refusal.file_url)
+
+
+def _execute(
+    task: Task,
+    fn: Callable[..., Any],
+    spec: Spec,
+    store: Store,
+    claim: Claim,
+    args: Any,
+    kwargs: Any,
+) -> Any:
+    heartbeat = Heartbeat(store, claim)
+    heartbeat.start()
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            context = CheckpointContext(store, claim, stack)
+            call_kwargs = dict(kwargs)
+            if spec.wants_checkpoint:
+                call_kwargs["checkpoint"] = context
+            try:
+                result = fn(claim.file_url, *args, **call_kwargs)
+                stats = Stats.coerce(result)
+                if heartbeat.lost.is_set():
+                    raise errors.LostClaim(url=claim.file_url, token=claim.token)
+                store.complete(
+                    claim.file_url,
+                    claim.token,
+                    stats,
+                    processing_time_ms=int((time.monotonic() - started) * 1000),
+                    transaction=context.output_transaction,
+                )
+            except errors.LostClaim:
+                raise  # rolls the output back on the way out of the stack
+            except Exception as error:
+                if store.unavailable(error):
+                    raise errors.StoreUnavailable(str(error)) from error
+                raise
+        # committed: output and 'completed' together
+        return {"file_url": claim.file_url, "attempt": claim.attempt, **stats.as_dict()}
+    except errors.LostClaim:
+        # A newer claim took the file over (we were frozen or too slow): our writes were
+        # fenced off and rolled back; the new holder's result stands.
+        logger.warning("claim on %s lost; output discarded", claim.file_url)
+        return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
+    except errors.StoreUnavailable as error:
+        # The database went away mid-task: step back without spending the attempt. The retry
+        # carries our token, so it resumes this claim if nobody took it over meanwhile.
+        raise task.retry(
+            exc=error,
+            countdown=spec.backoff.delay(task.request.retries),
+            max_retries=None,
+            kwargs={**kwargs, "_pipeline_resume": claim.token},
+        ) from error
+    except Exception as error:
+        return _failed(task, spec, store, claim, error, kwargs)
+    finally:
+        heartbeat.stop()
+
+
+def _failed(
+    task: Task, spec: Spec, store: Store, claim: Claim, error: Exception, kwargs: Any
+) -> Any:
+    retryable = spec.retryable(error)
+    try:
+        outcome = store.fail(claim.file_url, claim.token, error, retryable=retryable)
+    except errors.LostClaim:
+        return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
+    except errors.StoreUnavailable as unavailable:
+        # Could not record it; step back and resume the claim later (the error will recur).
+        raise task.retry(
+            exc=unavailable,
+            countdown=spec.backoff.delay(task.request.retries),
+            max_retries=None,
+            kwargs={**kwargs, "_pipeline_resume": claim.token},
+        ) from error
+    if outcome.status is Status.FAILED:
+        raise task.retry(
+            exc=error,
+            countdown=spec.backoff.delay(outcome.attempt - 1),
+            max_retries=None,
+            kwargs=kwargs,
+        ) from error
+    raise errors.FileDead(
+        f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
+        f"{type(error).__name__}: {error}",
+        url=claim.file_url,
+        attempt=outcome.attempt,
+    ) from error
+
+
+def checkpointed(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    app: Any = None,
+    file_type: str = "unknown",
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    dont_retry_on: tuple[type[BaseException], ...] = (),
+    backoff: float | Backoff = 2.0,
+    backoff_max: float = 300.0,
+    **task_options: Any,
+) -> Any:
+    """Turn `fn(file_url, ..., *, checkpoint=None)` into a checkpointed Celery task."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+
+    def wrap(func: Callable[..., Any]) -> Any:
+        from pipeline.celery_app import app as default_app
+
+        target = app or default_app
+        spec = Spec(
+            file_type=file_type,
+            max_attempts=max_attempts,
+            lease_seconds=float(lease_seconds),
+            retry_on=tuple(retry_on),
+            dont_retry_on=tuple(dont_retry_on),
+            backoff=backoff if isinstance(backoff, Backoff) else Backoff(backoff, backoff_max),
+            wants_checkpoint="checkpoint" in inspect.signature(func).parameters,
+        )
+        options = {
+            # The crash-safe options (see pipeline/celeryconfig.py for why each).
+            "acks_late": True,
+            "reject_on_worker_lost": True,
+            "serializer": "json",
+            "max_retries": None,
+            **task_options,
+        }
+
+        @functools.wraps(func)
+        def body(self: Task, file_url: str, *args: Any, **kwargs: Any) -> Any:
+            return run(self, func, spec, file_url, args, kwargs)
+
+        task = target.task(
+            name=name or f"{func.__module__}.{func.__qualname__}", bind=True, **options
+        )(body)
+        task.checkpoint_spec = spec
+        return task
+
+    return wrap(fn) if fn is not None else wrap

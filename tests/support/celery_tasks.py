@@ -1,0 +1,65 @@
+"""Checkpointed tasks for the Celery tests; the URL's query string says how each behaves.
+
+`?sleep=S` sleeps S seconds inside the output transaction, `?raise=1` raises a retryable
+error, `?permanent=1` a non-retryable one, `?kill=1` SIGKILLs its own process, `?raise_until=N`
+raises on attempts before N. Every execution writes one row to `sink` through
+`checkpoint.transaction()`, so counting sink rows counts the effects that landed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.parse
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipeline import checkpointed, errors
+
+LEASE = float(os.environ.get("PIPELINE_TEST_LEASE") or 30)
+
+SINK_DDL = """
+CREATE TABLE IF NOT EXISTS sink (
+    id bigserial PRIMARY KEY,
+    file_url text NOT NULL,
+    token bigint NOT NULL,
+    attempt integer NOT NULL,
+    pid integer NOT NULL,
+    inserted_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+class Boom(RuntimeError):
+    """A retryable failure raised on purpose."""
+
+
+def _options(file_url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(file_url).query))
+
+
+@checkpointed(name="tests.sink", file_type="test", lease_seconds=LEASE, backoff=0.2, backoff_max=1)
+def sink(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    opts = _options(file_url)
+    if opts.get("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if opts.get("permanent"):
+        raise errors.PermanentError(f"cannot process {file_url}")
+    if opts.get("raise") or checkpoint.attempt < int(opts.get("raise_until", 0)):
+        raise Boom(f"boom on attempt {checkpoint.attempt}")
+    with checkpoint.transaction() as conn:
+        conn.execute(
+            sa.text("INSERT INTO sink (file_url, token, attempt, pid) VALUES (:u, :t, :a, :p)"),
+            {"u": file_url, "t": checkpoint.token, "a": checkpoint.attempt, "p": os.getpid()},
+        )
+        if opts.get("sleep"):
+            time.sleep(float(opts["sleep"]))
+    return {"total": 1, "filtered": 0, "persisted": 1}
+
+
+@checkpointed(name="tests.plain")
+def plain(file_url: str) -> dict[str, int]:
+    """No checkpoint parameter: completes on its own connection."""
+    return {"total": 2, "filtered": 1, "persisted": 1}
