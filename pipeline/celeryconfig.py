@@ -15,8 +15,10 @@ result_backend = os.environ.get("PIPELINE_RESULT_BACKEND") or None
 # Without a backend there is nothing to store; Flower still shows results from task events.
 task_ignore_result = result_backend is None
 
-# Modules holding the user's own tasks, imported by every worker.
-include = [m.strip() for m in os.environ.get("PIPELINE_TASK_MODULES", "").split(",") if m.strip()]
+# Modules holding tasks: the reference task, then the user's own (PIPELINE_TASK_MODULES).
+include = ["pipeline.reference"] + [
+    m.strip() for m in os.environ.get("PIPELINE_TASK_MODULES", "").split(",") if m.strip()
+]
 
 task_default_queue = os.environ.get("PIPELINE_QUEUE") or "pipeline"
 

@@ -1,34 +1,407 @@
-"""The `pipeline` command line."""
+"""The `pipeline` command line: submit, status, requeue, reap, db, worker, demo."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
+import os
+import pathlib
+import secrets
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from pipeline import config, errors
+from pipeline import config, errors, local, producer
+from pipeline.models import Overview, Status
+from pipeline.store import DEFAULT_WAITING_SECONDS, Store
+
+err = Console(stderr=True)
+out = Console()
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _store(database_url: str | None) -> Any:
+def _open_store(*, broker: bool = False) -> Store:
+    """The store on PIPELINE_DATABASE_URL, or on a private server when it is unset."""
     import pipeline
 
-    url = database_url or config.database_url()
-    if not url:
-        raise click.UsageError(f"set {config.DATABASE_URL_ENV} or pass --database-url")
-    return pipeline.open_store(url)
+    local.ensure_services(broker=broker, notify=lambda m: err.print(f"[dim]{m}[/dim]"))
+    _sync_app_broker()
+    try:
+        return pipeline.open_store(config.database_url())
+    except errors.PipelineError as error:
+        raise click.ClickException(str(error)) from error
 
 
-database_option = click.option(
-    "--database-url",
-    envvar=config.DATABASE_URL_ENV,
-    help=f"SQLAlchemy URL of the checkpoint database [env {config.DATABASE_URL_ENV}]",
-)
+def _sync_app_broker() -> None:
+    # The app read its settings at import; embedded mode may have set the URL since.
+    from pipeline.celery_app import app
+
+    if config.broker_url():
+        app.conf.broker_url = config.broker_url()
 
 
-@click.group()
+@contextlib.contextmanager
+def _handled() -> Iterator[None]:
+    """Turn the project's errors into a clear message and exit status 1, never a traceback."""
+    try:
+        yield
+    except errors.PipelineError as error:
+        err.print(f"[red]error:[/red] {error}")
+        raise SystemExit(EXIT_FAILED) from error
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
 def main() -> None:
-    """Exactly-once file processing on Celery and PostgreSQL."""
+    """Exactly-once file processing on Celery and PostgreSQL.
+
+    Configuration: PIPELINE_DATABASE_URL and PIPELINE_BROKER_URL. With neither set, private
+    PostgreSQL and Redis servers are started under .pipeline/ (PIPELINE_STATE_DIR).
+    """
+
+
+# -- submit -----------------------------------------------------------------------------------
+
+
+def _input_lines(urls: tuple[str, ...], from_file: str | None) -> Iterator[str]:
+    for url in urls:
+        if url == "-":
+            yield from sys.stdin
+        else:
+            yield url
+    if from_file:
+        with open(from_file, encoding="utf-8", errors="replace") as handle:
+            yield from handle
+
+
+@main.command()
+@click.argument("urls", nargs=-1)
+@click.option(
+    "--from", "from_file", type=click.Path(dir_okay=False), help="read URLs from FILE, one a line"
+)
+@click.option("--glob", "pattern", help="submit the files matching a glob on any fsspec filesystem")
+@click.option("--batch", "batch_id", help="batch name (default: a new one)")
+@click.option(
+    "--task",
+    "task_name",
+    default=producer.DEFAULT_TASK,
+    show_default=True,
+    help="checkpointed task to run",
+)
+@click.option("--file-type", default="events", show_default=True)
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--force", is_flag=True, help="run files again even if completed")
+@click.option("--wait", is_flag=True, help="follow the batch until every file is done")
+@click.option("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+@click.option("--no-fingerprint", is_flag=True, help="do not stat local files for change detection")
+def submit(
+    urls: tuple[str, ...],
+    from_file: str | None,
+    pattern: str | None,
+    batch_id: str | None,
+    task_name: str,
+    file_type: str,
+    max_attempts: int,
+    force: bool,
+    wait: bool,
+    timeout: float | None,
+    no_fingerprint: bool,
+) -> None:
+    """Register files and enqueue one task per file that is not already done.
+
+    URLs come as arguments, from a file (--from), from stdin (-) or a glob (--glob). Exit
+    status: 0 when every file completed, 1 when any ended dead or any input was refused.
+    """
+    if not urls and not from_file and not pattern:
+        raise click.UsageError("give URLs, --from FILE, - for stdin, or --glob PATTERN")
+    batch_id = batch_id or f"batch-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    with _handled():
+        store = _open_store(broker=True)
+        report = _submit(
+            store,
+            urls,
+            from_file,
+            pattern,
+            batch_id,
+            task_name,
+            file_type,
+            max_attempts,
+            force,
+            not no_fingerprint,
+        )
+        status = EXIT_FAILED if report.refused_count else EXIT_OK
+        if wait:
+            overview = follow(store, batch_id, timeout=timeout)
+            print_overview(overview, batch_id)
+            finished = overview.totals()
+            if finished[Status.DEAD] or _unfinished(overview):
+                status = EXIT_FAILED
+        raise SystemExit(status)
+
+
+def _submit(
+    store: Store,
+    urls: tuple[str, ...],
+    from_file: str | None,
+    pattern: str | None,
+    batch_id: str,
+    task_name: str,
+    file_type: str,
+    max_attempts: int,
+    force: bool,
+    fingerprints: bool,
+) -> producer.SubmitReport:
+    from pipeline.celery_app import app
+
+    sources: list[producer.Source] = []
+    if urls or from_file:
+        sources.append(
+            producer.from_lines(_input_lines(urls, from_file), fingerprints=fingerprints)
+        )
+    if pattern:
+        sources.append(producer.from_glob(pattern))
+    try:
+        send, close = producer.celery_sender(app)
+    except Exception as error:  # kombu raises its own errors when the broker is down
+        raise errors.PipelineError(
+            f"broker {config.mask_url(app.conf.broker_url)} unreachable: {error}"
+        ) from error
+    report = producer.SubmitReport()
+    try:
+        with Progress(
+            TextColumn("[bold]submit[/bold] {task.description}"),
+            TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            tid = bar.add_task(batch_id, seen=0, enqueued=0)
+            for source in sources:
+                part = producer.submit(
+                    store,
+                    source,
+                    send,
+                    task_name=task_name,
+                    batch_id=batch_id,
+                    file_type=file_type,
+                    max_attempts=max_attempts,
+                    force=force,
+                    progress=lambda r: bar.update(
+                        tid, seen=report.seen + r.seen, enqueued=report.enqueued + r.enqueued
+                    ),
+                )
+                _merge(report, part)
+    except errors.PipelineError:
+        raise
+    except OSError as error:
+        raise errors.PipelineError(f"submit stopped: {error}") from error
+    finally:
+        with contextlib.suppress(Exception):
+            close()
+    for line, text, reason in report.refused:
+        err.print(f"[yellow]refused[/yellow] line {line}: {reason}: {text!r}")
+    if report.refused_count > len(report.refused):
+        err.print(f"... and {report.refused_count - len(report.refused)} more refused lines")
+    err.print(
+        f"batch [bold]{batch_id}[/bold]: {report.seen} files, {report.enqueued} enqueued, "
+        f"{report.completed_before} already completed, {report.dead_before} already dead, "
+        f"{report.in_flight_before} already in flight, {report.refused_count} refused"
+    )
+    return report
+
+
+def _merge(total: producer.SubmitReport, part: producer.SubmitReport) -> None:
+    for field in (
+        "seen",
+        "enqueued",
+        "completed_before",
+        "dead_before",
+        "in_flight_before",
+        "refused_count",
+    ):
+        setattr(total, field, getattr(total, field) + getattr(part, field))
+    total.refused.extend(part.refused[: producer.MAX_REFUSED_KEPT - len(total.refused)])
+
+
+def _unfinished(overview: Overview) -> int:
+    t = overview.totals()
+    return t[Status.PENDING] + t[Status.PROCESSING] + t[Status.FAILED]
+
+
+def follow(
+    store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
+) -> Overview:
+    """Show a live progress bar until every file of the batch is completed or dead."""
+    deadline = time.monotonic() + timeout if timeout else None
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
+        TextColumn("{task.fields[running]} running"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        tid = bar.add_task(batch_id, total=None, ok=0, dead=0, running=0)
+        while True:
+            overview = store.overview(batch_id)
+            t = overview.totals()
+            done = t[Status.COMPLETED] + t[Status.DEAD]
+            bar.update(
+                tid,
+                total=sum(t.values()),
+                completed=done,
+                ok=t[Status.COMPLETED],
+                dead=t[Status.DEAD],
+                running=t[Status.PROCESSING],
+            )
+            if not _unfinished(overview):
+                return overview
+            if deadline is not None and time.monotonic() > deadline:
+                err.print(f"[yellow]gave up waiting after {timeout:.0f}s[/yellow]")
+                return overview
+            time.sleep(poll)
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def overview_json(overview: Overview) -> dict[str, Any]:
+    return {
+        "counts": {str(s): n for s, n in overview.totals().items()},
+        "batches": {
+            (batch or ""): {str(s): n for s, n in counts.items()}
+            for batch, counts in overview.counts.items()
+        },
+        "completed_last_minute": overview.completed_last_minute,
+        "oldest_live_lease_age_seconds": overview.oldest_live_lease_age,
+        "expired_leases": overview.expired_leases,
+        "dead": [
+            {
+                "file_url": d.file_url,
+                "error": d.error,
+                "at": d.when.isoformat(),
+                "attempts": d.attempts,
+            }
+            for d in overview.dead
+        ],
+        "records": overview.records.as_dict() if overview.records else None,
+    }
+
+
+def print_overview(overview: Overview, batch_id: str | None = None) -> None:
+    table = Table(title=f"batch {batch_id}" if batch_id else "all batches")
+    table.add_column("batch")
+    for status in Status:
+        table.add_column(str(status), justify="right")
+    for batch, counts in sorted(overview.counts.items(), key=lambda kv: kv[0] or ""):
+        table.add_row(batch or "(none)", *[str(counts.get(s, 0)) for s in Status])
+    if len(overview.counts) > 1:
+        t = overview.totals()
+        table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
+    out.print(table)
+    age = overview.oldest_live_lease_age
+    out.print(
+        f"throughput: {overview.completed_last_minute} files completed in the last minute "
+        f"({overview.completed_last_minute / 60:.1f}/s); oldest live claim: "
+        f"{'none' if age is None else f'{age:.1f}s'}; expired leases waiting for the reaper: "
+        f"{overview.expired_leases}"
+    )
+    if overview.records is not None:
+        r = overview.records
+        out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
+    if overview.dead:
+        dead = Table(title="latest dead files")
+        dead.add_column("file")
+        dead.add_column("attempts", justify="right")
+        dead.add_column("error")
+        for d in overview.dead:
+            dead.add_row(d.file_url, str(d.attempts), (d.error or "")[:200])
+        out.print(dead)
+
+
+@main.command()
+@click.option("--batch", "batch_id", help="only this batch")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--dead",
+    "dead_limit",
+    type=int,
+    default=10,
+    show_default=True,
+    help="how many dead files to list",
+)
+def status(batch_id: str | None, as_json: bool, dead_limit: int) -> None:
+    """Counts by status per batch, throughput, the oldest lease and the latest dead files."""
+    with _handled():
+        store = _open_store()
+        overview = store.overview(batch_id, dead_limit=dead_limit)
+    if as_json:
+        click.echo(json.dumps(overview_json(overview), indent=2))
+    else:
+        print_overview(overview, batch_id)
+
+
+# -- requeue / reap ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dead", is_flag=True, help="dead files")
+@click.option("--failed", is_flag=True, help="failed files")
+@click.option("--url", "file_url", help="one file (normalised like submit)")
+@click.option("--batch", "batch_id", help="only this batch")
+@click.option("--force", is_flag=True, help="completed files too")
+def requeue(
+    dead: bool, failed: bool, file_url: str | None, batch_id: str | None, force: bool
+) -> None:
+    """Put files back to pending in a new generation of attempts, and enqueue them."""
+    from pipeline import urls
+    from pipeline.celery_app import enqueue
+
+    chosen = [s for s, on in ((Status.DEAD, dead), (Status.FAILED, failed)) if on]
+    if force:
+        chosen.append(Status.COMPLETED)
+    if not chosen and not file_url and not batch_id:
+        raise click.UsageError("say what to requeue: --dead, --failed, --force, --url or --batch")
+    with _handled():
+        url = urls.normalize(file_url) if file_url else None
+        store = _open_store(broker=True)
+        work = store.requeue(url, batch_id=batch_id, statuses=chosen or None, force=force)
+        sent = enqueue(work, default_task=producer.DEFAULT_TASK)
+    click.echo(f"requeued {len(work)} files, enqueued {sent}")
+
+
+@main.command()
+@click.option(
+    "--waiting-seconds",
+    type=float,
+    default=DEFAULT_WAITING_SECONDS,
+    show_default=True,
+    help="re-enqueue pending/failed files that waited longer than this",
+)
+def reap(waiting_seconds: float) -> None:
+    """Move expired claims on and re-enqueue files whose message was lost (the reaper, once)."""
+    from pipeline.celery_app import reap_once
+
+    with _handled():
+        store = _open_store(broker=True)
+        counts = reap_once(store, waiting_seconds=waiting_seconds)
+    click.echo(
+        f"reaped {counts['reaped']} files: {counts['enqueued']} re-enqueued, {counts['dead']} dead"
+    )
+
+
+# -- db ---------------------------------------------------------------------------------------
 
 
 @main.group()
@@ -37,23 +410,149 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@database_option
+@click.option("--database-url", help=f"overrides {config.DATABASE_URL_ENV}")
 def db_upgrade(database_url: str | None) -> None:
     """Apply the schema migrations not yet applied (idempotent, safe to run concurrently)."""
-    store = _store(database_url)
-    try:
-        applied = store.upgrade()
-        version = store.schema_version()
-    except errors.PipelineError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    where = store.masked_url
+    if database_url:
+        os.environ[config.DATABASE_URL_ENV] = database_url
+    with _handled():
+        store = _open_store()
+        try:
+            applied = store.upgrade()
+            version = store.schema_version()
+        finally:
+            store.close()
+    where = config.mask_url(config.database_url())
     if applied:
         click.echo(f"applied {', '.join(applied)} to {where}; schema version {version}")
     else:
         click.echo(f"{where} is up to date; schema version {version}")
 
 
+# -- worker / demo ----------------------------------------------------------------------------
+
+
+def worker_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "pipeline", "worker", *args]
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Run `celery -A pipeline worker` with pipeline's settings (and private servers if unset)."""
+    with _handled():
+        _open_store(broker=True).close()
+    raise SystemExit(subprocess.call(worker_command(*celery_args)))
+
+
+def start_workers(
+    count: int, log_dir: pathlib.Path, *, concurrency: int = 2
+) -> list[subprocess.Popen[bytes]]:
+    """Start worker processes with this process's environment; returns them once ready."""
+    from pipeline.celery_app import app
+
+    procs = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, count + 1):
+        log = (log_dir / f"worker{n}.log").open("wb")
+        cmd = worker_command(
+            "-c",
+            str(concurrency),
+            "-n",
+            f"demo{n}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "info",
+        )
+        procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        if len(replies) >= count:
+            return procs
+        if any(p.poll() is not None for p in procs):
+            break
+    stop_workers(procs)
+    raise errors.PipelineError(f"workers did not start; see the logs in {log_dir}")
+
+
+def stop_workers(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    procs = list(procs)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@main.command()
+@click.option(
+    "--files", "n_files", type=int, default=300, show_default=True, help="files in the sample batch"
+)
+@click.option("--workers", "n_workers", type=int, default=2, show_default=True)
+@click.option(
+    "--data", "data_dir", type=click.Path(file_okay=False), help="where to write the sample files"
+)
+def demo(n_files: int, n_workers: int, data_dir: str | None) -> None:
+    """Generate a sample batch, run real workers on it, and show the outcome."""
+    from pipeline import sample
+
+    with _handled():
+        store = _open_store(broker=True)
+        applied = store.upgrade()
+        if applied:
+            err.print(f"schema: applied {', '.join(applied)}")
+        folder = pathlib.Path(data_dir) if data_dir else local.state_dir() / "demo-data"
+        if not folder.exists() or not any(folder.iterdir()):
+            paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
+            err.print(
+                f"wrote {len(paths)} sample files to {folder} "
+                "(some malformed lines, one poison file)"
+            )
+        batch_id = "demo"
+        report = _submit(
+            store,
+            (),
+            None,
+            str(folder / "*"),
+            batch_id,
+            producer.DEFAULT_TASK,
+            "events",
+            3,
+            False,
+            True,
+        )
+        if report.enqueued == 0 and report.in_flight_before == 0:
+            out.print(
+                f"[green]nothing to do:[/green] all {report.seen} files of batch "
+                f"{batch_id!r} are already done"
+            )
+            print_overview(store.overview(batch_id), batch_id)
+            raise SystemExit(EXIT_OK)
+        err.print(f"starting {n_workers} workers (logs in {local.state_dir() / 'logs'})")
+        procs = start_workers(n_workers, local.state_dir() / "logs")
+        try:
+            overview = follow(store, batch_id, timeout=600)
+        finally:
+            stop_workers(procs)
+        print_overview(overview, batch_id)
+        from pipeline.celery_app import app
+
+        out.print(
+            "\nWatch it in Flower: pip install flower, then\n"
+            f"  celery -A pipeline --broker '{config.mask_url(app.conf.broker_url)}' flower\n"
+            "(run `pipeline demo` again to see every file recognised as done)"
+        )
+    raise SystemExit(EXIT_OK)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -93,6 +93,8 @@ class CheckpointContext:
         self._claim = claim
         self._stack = stack
         self._tx: Any = None
+        #: Stored on the row with the stats when the file completes (e.g. example problems).
+        self.details: dict[str, Any] = {}
 
     file_url = property(lambda self: self._claim.file_url)
     token = property(lambda self: self._claim.token)
@@ -205,6 +207,7 @@ def _execute(
                     claim.token,
                     stats,
                     processing_time_ms=int((time.monotonic() - started) * 1000),
+                    details=context.details or None,
                     transaction=context.output_transaction,
                 )
             except errors.LostClaim:

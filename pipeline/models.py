@@ -180,3 +180,32 @@ class Work:
     file_url: str
     task_name: str | None
     status: Status
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadFile:
+    """A dead file and why."""
+
+    file_url: str
+    error: str | None
+    when: dt.datetime
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Overview:
+    """What `pipeline status` shows: counts, throughput, leases and the latest dead files."""
+
+    counts: Mapping[str | None, Mapping[Status, int]]
+    completed_last_minute: int
+    oldest_live_lease_age: float | None
+    expired_leases: int
+    dead: tuple[DeadFile, ...]
+    records: Stats | None = None
+
+    def totals(self) -> dict[Status, int]:
+        result = dict.fromkeys(Status, 0)
+        for per_status in self.counts.values():
+            for status, n in per_status.items():
+                result[status] += n
+        return result

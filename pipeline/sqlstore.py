@@ -25,8 +25,10 @@ from pipeline.models import (
     Checkpoint,
     Claim,
     ClaimResult,
+    DeadFile,
     FailResult,
     Outcome,
+    Overview,
     Reason,
     Refusal,
     Registration,
@@ -122,6 +124,14 @@ def translate(url: str) -> Iterator[None]:
 
 def _first_line(error: BaseException | None) -> str:
     return (str(error) or type(error).__name__).strip().splitlines()[0] if error else ""
+
+
+def execute_many(connection: sa.Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Run one statement for many parameter sets on a task's connection; rows affected."""
+    if not rows:
+        return 0
+    result = connection.execute(sa.text(sql), list(rows))
+    return max(int(result.rowcount), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,3 +449,27 @@ class PostgresStore:
         for r in self._run("summary", {"batch_id": batch_id}):
             result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
         return result
+
+    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
+        (act,) = self._run("activity", {"batch_id": batch_id})
+        dead = tuple(
+            DeadFile(r.file_url, r.error_message, r.updated_at, r.attempt)
+            for r in self._run("dead", {"batch_id": batch_id, "limit": dead_limit})
+        )
+        records = None
+        if batch_id is not None:
+            (t,) = self._run("totals", {"batch_id": batch_id})
+            records = Stats(int(t.total), int(t.filtered), int(t.persisted))
+        age = (
+            (act.db_now - act.oldest_live_start).total_seconds()
+            if act.oldest_live_start is not None
+            else None
+        )
+        return Overview(
+            counts=self.summary(batch_id),
+            completed_last_minute=int(act.completed_last_minute),
+            oldest_live_lease_age=age,
+            expired_leases=int(act.expired_leases),
+            dead=dead,
+            records=records,
+        )

@@ -10,6 +10,7 @@ from pipeline.models import (
     Checkpoint,
     ClaimResult,
     FailResult,
+    Overview,
     Registration,
     Stats,
     Status,
@@ -103,6 +104,10 @@ class Store(Protocol):
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 
+    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
+        """Counts, recent throughput, the oldest live lease and the latest dead files."""
+        ...
+
     def transaction(
         self, *, token: int | None = None
     ) -> contextlib.AbstractContextManager[OutputTransaction]:
@@ -112,6 +117,12 @@ class Store(Protocol):
     def unavailable(self, error: BaseException) -> bool:
         """Whether an exception raised while using the store means it could not be reached."""
         ...
+
+    def upgrade(self) -> list[str]:
+        """Apply the schema migrations not yet applied; the names of those applied."""
+        ...
+
+    def schema_version(self) -> int | None: ...
 
     def after_fork(self) -> None:
         """Drop connections inherited from a parent process."""

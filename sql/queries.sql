@@ -94,3 +94,32 @@ SELECT * FROM pipeline_reap_v1(:waiting_seconds, :limit)
 SELECT batch_id, status, count(*) AS n FROM file_checkpoints
  WHERE CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id
  GROUP BY batch_id, status
+
+-- activity --
+-- Recent throughput, the oldest live lease, expired leases waiting for the reaper, and the
+-- record totals, for one batch or all.
+SELECT
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'completed' AND completed_at > now() - interval '60 seconds'
+        AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)) AS completed_last_minute,
+    (SELECT min(started_at) FROM file_checkpoints
+      WHERE status = 'processing' AND lease_expires_at > now()
+        AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)) AS oldest_live_start,
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'processing' AND lease_expires_at <= now()
+        AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)) AS expired_leases,
+    now() AS db_now
+
+-- totals --
+-- Record totals of the completed files of one batch.
+SELECT coalesce(sum(records_total), 0) AS total, coalesce(sum(records_filtered), 0) AS filtered,
+       coalesce(sum(records_persisted), 0) AS persisted
+  FROM file_checkpoints
+ WHERE status = 'completed' AND batch_id = :batch_id
+
+-- dead --
+-- The latest dead files with their errors.
+SELECT file_url, error_message, updated_at, attempt FROM file_checkpoints
+ WHERE status = 'dead' AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
+ ORDER BY updated_at DESC
+ LIMIT :limit

@@ -1,0 +1,348 @@
+"""The reference ingest task's pure logic: stream a file's records and validate each one.
+
+JSON Lines (`.jsonl`, `.ndjson`, `.json`) or CSV with a header (`.csv`), optionally gzipped
+(`.gz`), read through fsspec in constant memory. A malformed line becomes a `Record` with a
+`problem` and the file goes on; a file that cannot be read as text at all raises `BadInput`
+(retrying will not help), while OSErrors such as FileNotFoundError propagate (retryable).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import gzip
+import json
+import math
+import os
+import posixpath
+import urllib.parse
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import fsspec
+
+from pipeline import urls
+from pipeline.errors import PermanentError
+from pipeline.models import Stats
+
+# Executed by the task inside the checkpoint transaction; the unique (file_url, line) makes a
+# re-run of a file (requeue --force) insert nothing twice.
+INSERT_EVENT_SQL = (
+    "INSERT INTO events (file_url, line, event_id, ts, type, payload) "
+    "VALUES (:file_url, :line, :event_id, :ts, :type, CAST(:payload AS jsonb)) "
+    "ON CONFLICT (file_url, line) DO NOTHING"
+)
+
+JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson", ".json")
+CSV_EXTENSIONS = (".csv",)
+MAX_EXAMPLES = 5
+# A "line" this long is almost surely a binary file without newlines; refusing it keeps
+# memory bounded instead of buffering the whole file.
+MAX_LINE_BYTES = 32 * 1024 * 1024
+_CHUNK_BYTES = 1024 * 1024
+_REQUIRED = ("id", "ts", "type")
+
+
+# PermanentError is what the @checkpointed decorator treats as not worth a retry.
+class BadInput(PermanentError):
+    """The file cannot be processed as it is; retrying will not help."""
+
+
+class BadContent(BadInput):
+    """The file is not UTF-8 text (binary, another encoding, or a broken gzip stream)."""
+
+
+class UnsupportedFormat(BadInput):
+    """The file's extension names no format this task reads (.jsonl, .ndjson, .json, .csv)."""
+
+
+# For the task's retry policy: everything else (OSError included) is worth another attempt.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (PermanentError,)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """A valid record: its id, an aware timestamp, its type, and every other field."""
+
+    id: str
+    ts: dt.datetime
+    type: str
+    payload: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One record of a file: an event, or the problem that filtered it out."""
+
+    line: int
+    event: Event | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.event is not None
+
+    def describe(self) -> str:
+        """`line N: problem`, as shown in examples and error messages."""
+        return f"line {self.line}: {self.problem or 'ok'}"
+
+
+@dataclasses.dataclass(slots=True)
+class Tally:
+    """Counts of one file's records, with the first few problems as examples."""
+
+    total: int = 0
+    filtered: int = 0
+    candidates: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, record: Record) -> None:
+        self.total += 1
+        if record.ok:
+            self.candidates += 1
+            return
+        self.filtered += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(record.describe())
+
+    def add_all(self, records: Iterable[Record]) -> Tally:
+        for record in records:
+            self.add(record)
+        return self
+
+    def stats(self, persisted: int | None = None) -> Stats:
+        """The task's stats; persisted defaults to the candidates (all valid records)."""
+        return Stats(
+            total=self.total,
+            filtered=self.filtered,
+            persisted=self.candidates if persisted is None else persisted,
+        )
+
+    def details(self) -> dict[str, Any]:
+        """What goes into the checkpoint's details: the example problems."""
+        return {"problems": list(self.examples)}
+
+
+def file_format(url: str) -> tuple[str, str | None]:
+    """("jsonl" or "csv", "gzip" or None) from the URL's extension; raises UnsupportedFormat."""
+    name = _file_name(url).lower()
+    compression = None
+    if name.endswith(".gz"):
+        name, compression = name[: -len(".gz")], "gzip"
+    if name.endswith(JSON_LINES_EXTENSIONS):
+        return "jsonl", compression
+    if name.endswith(CSV_EXTENSIONS):
+        return "csv", compression
+    raise UnsupportedFormat(
+        f"unsupported file extension: {_file_name(url)!r} "
+        "(expected .jsonl, .ndjson, .json or .csv, optionally .gz)",
+        url=url,
+    )
+
+
+def read_records(url: str) -> Iterator[Record]:
+    """Stream the file's records in order; the format is checked now, the file read lazily."""
+    kind, compression = file_format(url)
+    fs, path = urls.filesystem(url)
+    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+    opener = fsspec.core.OpenFile(fs, path, mode="rb", compression=compression)
+    return _records(url, opener, kind)
+
+
+def insert_params(file_url: str, record: Record) -> dict[str, Any]:
+    """The parameters of INSERT_EVENT_SQL for a valid record."""
+    if record.event is None:
+        raise ValueError(f"{record.describe()} has no event to insert")
+    event = record.event
+    return {
+        "file_url": file_url,
+        "line": record.line,
+        "event_id": event.id,
+        "ts": event.ts,
+        "type": event.type,
+        "payload": json.dumps(event.payload, ensure_ascii=False, allow_nan=False),
+    }
+
+
+def parse_event(fields: Mapping[str, Any]) -> Event | str:
+    """The event a record's fields describe, or the short reason it is not valid."""
+    values: dict[str, str] = {}
+    for key in _REQUIRED:
+        value = fields.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return f"missing {key}"
+        if not isinstance(value, str):
+            return f"{key} is not a string"
+        values[key] = value
+    ts = parse_ts(values["ts"])
+    if ts is None:
+        return "ts not ISO 8601"
+    payload = {k: v for k, v in fields.items() if k not in _REQUIRED}
+    if problem := _unstorable(values["id"], values["type"], payload):
+        return problem
+    return Event(id=values["id"], ts=ts, type=values["type"], payload=payload)
+
+
+def parse_ts(text: str) -> dt.datetime | None:
+    """An aware datetime from ISO 8601 (trailing Z accepted, naive taken as UTC), or None."""
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        ts = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _records(url: str, opener: Any, kind: str) -> Iterator[Record]:
+    try:
+        with opener as stream:
+            lines = _text_lines(url, stream)
+            yield from _json_records(lines) if kind == "jsonl" else _csv_records(lines)
+    # A broken gzip stream is content, not an outage: the next attempt reads the same bytes.
+    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+        raise BadContent(f"not a valid gzip file: {exc}", url=url) from exc
+
+
+def _text_lines(url: str, stream: Any) -> Iterator[tuple[int, str]]:
+    """(physical line number, decoded line with its newline), refusing non-UTF-8 and binary."""
+    for number, raw in enumerate(_physical_lines(url, stream), start=1):
+        if b"\x00" in raw:
+            raise BadContent(f"binary content (NUL byte) on line {number}", url=url, line=number)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadContent(
+                f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {number}",
+                url=url,
+                line=number,
+            ) from None
+        if number == 1:
+            # Spreadsheet exports start with a byte order mark; it is not part of the header.
+            text = text.removeprefix("\ufeff")
+        yield number, text
+
+
+def _physical_lines(url: str, stream: Any) -> Iterator[bytes]:
+    """The stream's lines (split on b"\\n", kept), read in chunks of bounded size."""
+    pending = bytearray()
+    number = 1
+    while chunk := stream.read(_CHUNK_BYTES):
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) != -1:
+            yield bytes(pending[start : end + 1])
+            start = end + 1
+            number += 1
+        del pending[:start]
+        if len(pending) > MAX_LINE_BYTES:
+            raise BadContent(
+                f"line {number} is longer than {MAX_LINE_BYTES // 2**20} MiB; not a text file?",
+                url=url,
+                line=number,
+            )
+    if pending:
+        yield bytes(pending)
+
+
+def _json_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
+    for number, text in lines:
+        text = text.strip()
+        if not text:
+            continue
+        try:
+            fields = json.loads(text, parse_constant=_refuse_constant)
+        except _NonFinite:
+            yield Record(number, problem="not valid JSON: NaN and Infinity are not allowed")
+            continue
+        except json.JSONDecodeError as exc:
+            yield Record(number, problem=f"not valid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        # Deep nesting and over-long integers fail inside the decoder, not as JSONDecodeError.
+        except RecursionError:
+            yield Record(number, problem="not valid JSON: nested too deeply")
+            continue
+        except ValueError as exc:
+            yield Record(number, problem=f"not valid JSON: {str(exc)[:80]}")
+            continue
+        if not isinstance(fields, dict):
+            yield Record(number, problem="not a JSON object")
+            continue
+        yield _record(number, fields)
+
+
+def _csv_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
+    reader = csv.reader(text for _, text in lines)
+    header: list[str] | None = None
+    while True:
+        # A row spans several physical lines when a quoted field holds a newline.
+        first_line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Record(first_line, problem=f"not valid CSV: {exc}")
+            continue
+        if not row:
+            continue  # blank line
+        if header is None:
+            header = [name.strip() for name in row]
+            continue
+        if len(row) != len(header):
+            yield Record(first_line, problem=f"{len(row)} fields, header has {len(header)}")
+            continue
+        yield _record(first_line, dict(zip(header, row, strict=True)))
+
+
+def _record(number: int, fields: Mapping[str, Any]) -> Record:
+    parsed = parse_event(fields)
+    if isinstance(parsed, str):
+        return Record(number, problem=parsed)
+    return Record(number, event=parsed)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    # Postgres jsonb has no NaN or Infinity: accepting them here would fail the insert later.
+    raise _NonFinite(name)
+
+
+def _unstorable(*values: Any) -> str | None:
+    """Why Postgres would reject a value (text or jsonb), or None; walks without recursion."""
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return "contains a NUL character (\\u0000)"
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, from a "\ud800" escape in JSON
+                return "contains an unpaired surrogate"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "number out of range"
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return None
+
+
+def _file_name(url: str) -> str:
+    if url.lower().startswith("file:") or "://" not in url:
+        path = urls.local_path(url) if url.lower().startswith("file:") else url
+        return os.path.basename(path)
+    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+    return posixpath.basename(path)

@@ -1,0 +1,265 @@
+"""File URLs: one normalised key per file, refusals with a reason, and the submit fingerprint.
+
+The normalised URL is the checkpoint row's primary key, so every spelling of the same file must
+give the same string: `data/a b.jsonl`, `/abs/data/a b.jsonl` and
+`file:///abs/data/a%20b.jsonl` all become the last one.
+
+fsspec does not percent-decode `file://` URLs, reads `file://localhost/x` as a relative path,
+and splits any path containing `::` into a chain; `filesystem()` is therefore the one way this
+project turns a normalised URL back into something to open.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import pathlib
+import re
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import fsspec
+
+from pipeline.errors import InvalidURL
+
+MAX_URL_LENGTH = 2048
+
+_SCHEME_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_FILE_URL = re.compile(r"^file:", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+# Spellings fsspec treats as the same filesystem; folding them keeps one key per file.
+_SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+# Schemes whose authority is a DNS host (case-insensitive), with their default ports. Other
+# schemes keep the authority as given: for s3/gs it is a bucket, for memory:// it is a path.
+_HOST_SCHEMES: Mapping[str, int | None] = {
+    "http": 80,
+    "https": 443,
+    "ftp": 21,
+    "sftp": 22,
+    "ssh": 22,
+    "smb": 445,
+    "webhdfs": None,
+}
+
+
+def normalize(raw: str, *, base: pathlib.Path | None = None) -> str:
+    """The canonical URL of a local path or URL; raises InvalidURL with the reason."""
+    text = raw.strip()
+    if not text:
+        raise _refuse(raw, "empty URL")
+    _check_control(raw, text)
+    if _FILE_URL.match(text):
+        url = _local_url(_file_url_path(raw, text))
+    elif match := _SCHEME_URL.match(text):
+        # fsspec splits a URL at every "::" into a chain (even inside "[::1]"), so such a URL
+        # would not name the file it spells.
+        if "::" in text:
+            raise _refuse(raw, "contains '::', which fsspec reads as a chain of URLs")
+        url = _remote_url(raw, text, match.group(1).lower())
+    elif any(_SCHEME_URL.match(part) for part in text.split("::")[1:]):
+        raise _refuse(raw, "chained fsspec URLs ('proto::url') are not supported")
+    else:
+        # Any other "::" is part of a local file name; filesystem() never lets fsspec chain it.
+        url = _local_url(_absolute(os.path.expanduser(text), base))
+    if len(url) > MAX_URL_LENGTH:
+        raise _refuse(
+            raw, f"longer than {MAX_URL_LENGTH} characters after normalisation ({len(url)})"
+        )
+    return url
+
+
+def iter_normalized(
+    lines: Iterable[str], *, base: pathlib.Path | None = None
+) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number from 1, url or None, reason or None) per input line; never raises InvalidURL."""
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            yield number, None, "empty line"
+            continue
+        try:
+            yield number, normalize(text, base=base), None
+        except InvalidURL as exc:
+            yield number, None, str(exc.data.get("reason", exc))
+
+
+def fingerprint(url: str) -> str | None:
+    """The content fingerprint seen at submit: the ETag, else `size:mtime`; None if unreadable."""
+    try:
+        fs, path = filesystem(url)
+        info = fs.info(path)
+        return fingerprint_from_info(info)
+    # Submit must go on whatever the backend raises (missing file, no credentials, network):
+    # without a fingerprint the row is still registered, only change detection is lost.
+    except Exception:
+        return None
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path for a URL (or a plain local path), without `::` chaining."""
+    if _FILE_URL.match(url):
+        return fsspec.filesystem("file"), local_path(url)
+    if _SCHEME_URL.match(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs, str(path)
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url))
+
+
+def local_path(url: str) -> str:
+    """The decoded local path of a `file:` URL (fsspec itself would keep `%20` literally)."""
+    parts = urllib.parse.urlsplit(url)
+    return os.fsdecode(urllib.parse.unquote_to_bytes(parts.path))
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _refuse(raw: str, reason: str) -> InvalidURL:
+    shown = raw if len(raw) <= 120 else raw[:117] + "..."
+    return InvalidURL(f"{reason}: {shown!r}", url=raw, reason=reason)
+
+
+def _check_control(raw: str, text: str) -> None:
+    if found := _CONTROL.search(text):
+        raise _refuse(
+            raw, f"contains a control character (0x{ord(found.group()):02x}) at {found.start()}"
+        )
+
+
+def _file_url_path(raw: str, text: str) -> str:
+    """The absolute local path named by a `file:` URL."""
+    parts = urllib.parse.urlsplit(text)
+    # RFC 8089: an empty authority or "localhost" is this machine; any other host is not local.
+    if parts.netloc and parts.netloc.lower() != "localhost":
+        raise _refuse(
+            raw, f"file URL names host {parts.netloc!r}; write file:///absolute/path instead"
+        )
+    if parts.query or parts.fragment:
+        raise _refuse(raw, "file URL has a query or fragment; percent-encode '?' and '#'")
+    path = local_path(text)
+    if not path:
+        raise _refuse(raw, "file URL has no path")
+    if not path.startswith("/"):
+        raise _refuse(raw, "file URL path is not absolute")
+    # A percent-encoded control character is the same file as the raw one, refused the same way.
+    _check_control(raw, path)
+    return path
+
+
+def _absolute(path: str, base: pathlib.Path | None) -> str:
+    """Join onto base (or the cwd) and resolve `.`/`..` lexically: symlinks are not followed."""
+    if base is not None:
+        path = os.path.join(os.path.abspath(os.path.expanduser(base)), path)
+    return os.path.abspath(path)
+
+
+def _local_url(path: str) -> str:
+    path = os.path.normpath(path)
+    # POSIX lets normpath keep a leading "//"; on Linux it is the same directory as "/".
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    # Encoded exactly as pathlib's as_uri() does, so the two always agree.
+    return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
+
+
+def _remote_url(raw: str, text: str, scheme: str) -> str:
+    scheme = _SCHEME_ALIASES.get(scheme, scheme)
+    parts = urllib.parse.urlsplit(text)
+    netloc, path, query = parts.netloc, parts.path, parts.query
+    if not netloc and scheme in _HOST_SCHEMES:
+        raise _refuse(raw, "URL has no host")
+    if scheme in _HOST_SCHEMES:
+        netloc = _host_netloc(raw, parts, _HOST_SCHEMES[scheme])
+    if scheme in ("http", "https"):
+        path = _upper_escapes(path) or "/"
+        query = _upper_escapes(query)
+    if problem := _filesystem_problem(scheme):
+        raise _refuse(raw, problem)
+    # Built by hand: urlunsplit drops the "//" of an empty authority ("memory:///a").
+    url = f"{scheme}://{netloc}{path}"
+    if query:
+        url += f"?{query}"
+    if parts.fragment:
+        url += f"#{parts.fragment}"
+    return url
+
+
+def _host_netloc(raw: str, parts: urllib.parse.SplitResult, default_port: int | None) -> str:
+    """user:password@host:port with the host lower-cased and a default port dropped."""
+    try:
+        port = parts.port
+    except ValueError:
+        raise _refuse(raw, "invalid port") from None
+    host = parts.hostname or ""
+    if not host:
+        raise _refuse(raw, "URL has no host")
+    if ":" in host:  # IPv6 literal: urlsplit dropped the brackets
+        host = f"[{host}]"
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}{at}{host}"
+    if port is not None and port != default_port:
+        netloc += f":{port}"
+    return netloc
+
+
+def _upper_escapes(text: str) -> str:
+    # RFC 3986 6.2.2.1: %2f and %2F are the same octet.
+    return _PERCENT_ESCAPE.sub(lambda m: m.group().upper(), text)
+
+
+@functools.cache
+def _filesystem_problem(scheme: str) -> str | None:
+    """Why no installed fsspec filesystem serves the scheme, or None when one does."""
+    # Cached: a refused scheme would otherwise retry a failing import for every URL.
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        return f"no fsspec filesystem serves scheme {scheme!r}"
+    except ImportError as exc:
+        # fsspec's message names the package to install, e.g. "Install s3fs to access S3".
+        return f"scheme {scheme!r} needs a package that is not installed ({exc})"
+    return None
+
+
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    if info.get("type") == "directory":
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag)
+    size = info.get("size")
+    mtime = _timestamp(info.get("mtime") or info.get("LastModified") or info.get("created"))
+    if size is None or mtime is None:
+        return None
+    return f"{size}:{mtime:.6f}".rstrip("0").rstrip(".")
+
+
+def _timestamp(value: object) -> float | None:
+    """Seconds since the epoch from a number, a datetime or an ISO 8601 string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.timestamp()
+    return None
+
+
+__all__ = [
+    "MAX_URL_LENGTH",
+    "filesystem",
+    "fingerprint",
+    "iter_normalized",
+    "local_path",
+    "normalize",
+]
