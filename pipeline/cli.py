@@ -16,7 +16,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
+import kombu.exceptions
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +36,7 @@ def _open_store(*, broker: bool = False) -> Store:
     """The store on PIPELINE_DATABASE_URL, or on a private server when it is unset."""
     import pipeline
 
-    local.ensure_services(broker=broker, notify=lambda m: err.print(f"[dim]{m}[/dim]"))
+    local.ensure_services(broker=broker, notify=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     _sync_app_broker()
     try:
         return pipeline.open_store(config.database_url())
@@ -56,7 +58,16 @@ def _handled() -> Iterator[None]:
     try:
         yield
     except errors.PipelineError as error:
-        err.print(f"[red]error:[/red] {error}")
+        # escape(): user text (URLs, batch names) may hold "[...]", which rich reads as markup.
+        err.print(f"[red]error:[/red] {escape(str(error))}")
+        raise SystemExit(EXIT_FAILED) from error
+    except kombu.exceptions.OperationalError as error:
+        # The broker went away while sending; rows already moved to pending are handed back
+        # by the reaper once they have waited long enough.
+        from pipeline.celery_app import app
+
+        broker = config.mask_url(app.conf.broker_url)
+        err.print(f"[red]error:[/red] broker {escape(broker)}: {escape(str(error))}")
         raise SystemExit(EXIT_FAILED) from error
 
 
@@ -185,7 +196,7 @@ def _submit(
             console=err,
             transient=True,
         ) as bar:
-            tid = bar.add_task(batch_id, seen=0, enqueued=0)
+            tid = bar.add_task(escape(batch_id), seen=0, enqueued=0)
             for source in sources:
                 part = producer.submit(
                     store,
@@ -209,11 +220,11 @@ def _submit(
         with contextlib.suppress(Exception):
             close()
     for line, text, reason in report.refused:
-        err.print(f"[yellow]refused[/yellow] line {line}: {reason}: {text!r}")
+        err.print(f"[yellow]refused[/yellow] line {line}: {escape(reason)}: {escape(repr(text))}")
     if report.refused_count > len(report.refused):
         err.print(f"... and {report.refused_count - len(report.refused)} more refused lines")
     err.print(
-        f"batch [bold]{batch_id}[/bold]: {report.seen} files, {report.enqueued} enqueued, "
+        f"batch [bold]{escape(batch_id)}[/bold]: {report.seen} files, {report.enqueued} enqueued, "
         f"{report.completed_before} already completed, {report.dead_before} already dead, "
         f"{report.in_flight_before} already in flight, {report.refused_count} refused"
     )
@@ -252,7 +263,7 @@ def follow(
         TimeElapsedColumn(),
         console=err,
     ) as bar:
-        tid = bar.add_task(batch_id, total=None, ok=0, dead=0, running=0)
+        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0)
         while True:
             overview = store.overview(batch_id)
             t = overview.totals()
@@ -300,12 +311,12 @@ def overview_json(overview: Overview) -> dict[str, Any]:
 
 
 def print_overview(overview: Overview, batch_id: str | None = None) -> None:
-    table = Table(title=f"batch {batch_id}" if batch_id else "all batches")
+    table = Table(title=f"batch {escape(batch_id)}" if batch_id else "all batches")
     table.add_column("batch")
     for status in Status:
         table.add_column(str(status), justify="right")
     for batch, counts in sorted(overview.counts.items(), key=lambda kv: kv[0] or ""):
-        table.add_row(batch or "(none)", *[str(counts.get(s, 0)) for s in Status])
+        table.add_row(escape(batch or "(none)"), *[str(counts.get(s, 0)) for s in Status])
     if len(overview.counts) > 1:
         t = overview.totals()
         table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
@@ -326,7 +337,7 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
         dead.add_column("attempts", justify="right")
         dead.add_column("error")
         for d in overview.dead:
-            dead.add_row(d.file_url, str(d.attempts), (d.error or "")[:200])
+            dead.add_row(escape(d.file_url), str(d.attempts), escape((d.error or "")[:200]))
         out.print(dead)
 
 
@@ -494,6 +505,62 @@ def stop_workers(procs: Iterable[subprocess.Popen[bytes]]) -> None:
 
 
 @main.command()
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--addr", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option(
+    "--interval",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="seconds between reads of the checkpoint table",
+)
+def metrics(port: int, addr: str, interval: float) -> None:
+    """Serve Prometheus metrics of the checkpoint table on http://ADDR:PORT/metrics."""
+    from pipeline import metrics as exporter
+
+    with _handled():
+        store = _open_store()
+        _, stop = exporter.serve(store, port=port, addr=addr, interval=interval)
+    where = config.mask_url(config.database_url())
+    err.print(f"metrics of {where} on http://{addr}:{port}/metrics")
+    # As PID 1 in a container a signal without a handler is ignored: stop cleanly on SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
+
+
+def flower_command(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "pipeline", "flower", f"--port={port}", *extra]
+
+
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--basic-auth", envvar=FLOWER_AUTH_ENV, help=f"user:password [env {FLOWER_AUTH_ENV}]")
+@click.option("--no-auth", is_flag=True, help="serve without a password (local use only)")
+def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
+    """Start Flower on the configured broker, behind basic auth."""
+    if not basic_auth and not no_auth:
+        raise click.UsageError(f"set {FLOWER_AUTH_ENV}=user:password (or --no-auth for local use)")
+    with _handled():
+        _open_store(broker=True).close()
+    env = dict(os.environ)
+    if basic_auth:
+        # Passed through the environment, never argv: a command line is visible to every user.
+        env[FLOWER_AUTH_ENV] = basic_auth
+    proc = subprocess.Popen(flower_command(port), env=env)
+    # Hand a SIGTERM (docker stop, a supervisor) on to Flower: unhandled, it would end only
+    # this wrapper (or nothing, as PID 1) and leave Flower serving the port as an orphan.
+    signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum))
+    raise SystemExit(proc.wait())
+
+
+@main.command()
 @click.option(
     "--files", "n_files", type=int, default=300, show_default=True, help="files in the sample batch"
 )
@@ -514,7 +581,7 @@ def demo(n_files: int, n_workers: int, data_dir: str | None) -> None:
         if not folder.exists() or not any(folder.iterdir()):
             paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
             err.print(
-                f"wrote {len(paths)} sample files to {folder} "
+                f"wrote {len(paths)} sample files to {escape(str(folder))} "
                 "(some malformed lines, one poison file)"
             )
         batch_id = "demo"
@@ -537,7 +604,8 @@ def demo(n_files: int, n_workers: int, data_dir: str | None) -> None:
             )
             print_overview(store.overview(batch_id), batch_id)
             raise SystemExit(EXIT_OK)
-        err.print(f"starting {n_workers} workers (logs in {local.state_dir() / 'logs'})")
+        logs = escape(str(local.state_dir() / "logs"))
+        err.print(f"starting {n_workers} workers (logs in {logs})")
         procs = start_workers(n_workers, local.state_dir() / "logs")
         try:
             overview = follow(store, batch_id, timeout=600)

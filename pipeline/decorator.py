@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery import Task
+from celery.worker.request import Request
 
 from pipeline import errors
 from pipeline.models import Claim, Reason, Refusal, Stats, Status
@@ -116,6 +118,36 @@ class CheckpointContext:
     @property
     def output_transaction(self) -> Any:
         return self._tx
+
+
+class CheckpointRequest(Request):  # type: ignore[misc]
+    """A task request that releases its file at once when its pool process dies.
+
+    Runs in the worker's main process, which saw the child die: the claim that child held
+    for this task is released (attempt recorded lost) before Celery requeues the message, so
+    the redelivered task is granted the file without waiting for the lease to run out.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = exc_info.exception
+        # billiard wraps the error it reports for a dead child
+        exc = getattr(exc, "exc", exc) if type(exc).__name__ == "ExceptionWithTraceback" else exc
+        if isinstance(exc, WorkerLostError) and self.worker_pid and self.args:
+            worker_id = f"{self.hostname or 'local'}:{self.worker_pid}"
+            try:
+                from pipeline.celery_app import get_store
+
+                status = get_store().abandon(str(self.args[0]), worker_id, self.id)
+                if status is not None:
+                    logger.warning(
+                        "%s died on %s; released it (now %s)", worker_id, self.args[0], status
+                    )
+            except Exception:
+                # Never break the worker's main loop: the lease expiry still frees the file.
+                logger.exception("could not release %s after its process died", self.args[0])
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 def _worker_id(task: Task) -> str:
@@ -224,6 +256,12 @@ def _execute(
         logger.warning("claim on %s lost; output discarded", claim.file_url)
         return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
     except errors.StoreUnavailable as error:
+        if _raised_during(error, errors.LostClaim):
+            # The rollback on the way out of a lost claim failed because the takeover ended
+            # our output transaction's session (pipeline_fence_v1): still a lost claim, not
+            # an outage, and nothing of ours was committed.
+            logger.warning("claim on %s lost; output discarded", claim.file_url)
+            return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
         # The database went away mid-task: step back without spending the attempt. The retry
         # carries our token, so it resumes this claim if nobody took it over meanwhile.
         raise task.retry(
@@ -236,6 +274,18 @@ def _execute(
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
         heartbeat.stop()
+
+
+def _raised_during(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error` was raised while handling an exception of type `kind`."""
+    seen: set[int] = set()
+    context = error.__context__
+    while context is not None and id(context) not in seen:
+        if isinstance(context, kind):
+            return True
+        seen.add(id(context))
+        context = context.__context__
+    return False
 
 
 def _failed(
@@ -306,6 +356,7 @@ def checkpointed(
             "reject_on_worker_lost": True,
             "serializer": "json",
             "max_retries": None,
+            "Request": CheckpointRequest,
             **task_options,
         }
 

@@ -134,6 +134,9 @@ def submit(
 def celery_sender(app: Any) -> tuple[Callable[[str, str], None], Callable[[], None]]:
     """A send function reusing one broker connection, and the function that releases it."""
     connection = app.connection_for_write()
+    # Connect now, with one retry: kombu connects lazily on the first publish and then
+    # retries for ever, so a down broker would surface mid-submit, after rows were registered.
+    connection.ensure_connection(max_retries=1)
     producer = app.amqp.Producer(connection)
 
     def send(task_name: str, url: str) -> None:

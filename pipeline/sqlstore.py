@@ -377,6 +377,10 @@ class PostgresStore:
         row = rows[0]
         return FailResult(Status(row.status), row.attempt, row.max_attempts)
 
+    def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
+        rows = self._run("abandon", {"file_url": file_url, "worker": worker_id, "task_id": task_id})
+        return Status(rows[0].status) if rows else None
+
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
         rows = self._run("get", {"file_url": file_url})
         if not rows:
@@ -473,3 +477,7 @@ class PostgresStore:
             dead=dead,
             records=records,
         )
+
+    def attempt_outcomes(self) -> dict[str, int]:
+        """Executions by outcome (running, completed, failed, lost)."""
+        return {r.outcome: int(r.n) for r in self._run("attempt_outcomes", {})}

@@ -77,6 +77,12 @@ class Store(Protocol):
         """Record a failed execution; raises LostClaim when the token is stale."""
         ...
 
+    def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
+        """Release the claim held by `worker_id` (a process known to be dead) for `task_id`:
+        its attempt is recorded lost and the file moves on as if its lease had expired.
+        Returns the new status, or None when that process held no claim on the file."""
+        ...
+
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
 
     def register(
@@ -116,6 +122,10 @@ class Store(Protocol):
 
     def unavailable(self, error: BaseException) -> bool:
         """Whether an exception raised while using the store means it could not be reached."""
+        ...
+
+    def attempt_outcomes(self) -> dict[str, int]:
+        """Executions by outcome (running, completed, failed, lost)."""
         ...
 
     def upgrade(self) -> list[str]:

@@ -122,6 +122,14 @@ def _refuse(raw: str, reason: str) -> InvalidURL:
     return InvalidURL(f"{reason}: {shown!r}", url=raw, reason=reason)
 
 
+def _split(raw: str, text: str) -> urllib.parse.SplitResult:
+    # urlsplit raises ValueError on a malformed bracketed host ("x://[/a]", "x://[y]/a").
+    try:
+        return urllib.parse.urlsplit(text)
+    except ValueError as error:
+        raise _refuse(raw, f"not a valid URL ({error})") from None
+
+
 def _check_control(raw: str, text: str) -> None:
     if found := _CONTROL.search(text):
         raise _refuse(
@@ -131,7 +139,7 @@ def _check_control(raw: str, text: str) -> None:
 
 def _file_url_path(raw: str, text: str) -> str:
     """The absolute local path named by a `file:` URL."""
-    parts = urllib.parse.urlsplit(text)
+    parts = _split(raw, text)
     # RFC 8089: an empty authority or "localhost" is this machine; any other host is not local.
     if parts.netloc and parts.netloc.lower() != "localhost":
         raise _refuse(
@@ -167,7 +175,7 @@ def _local_url(path: str) -> str:
 
 def _remote_url(raw: str, text: str, scheme: str) -> str:
     scheme = _SCHEME_ALIASES.get(scheme, scheme)
-    parts = urllib.parse.urlsplit(text)
+    parts = _split(raw, text)
     netloc, path, query = parts.netloc, parts.path, parts.query
     if not netloc and scheme in _HOST_SCHEMES:
         raise _refuse(raw, "URL has no host")

@@ -123,3 +123,11 @@ SELECT file_url, error_message, updated_at, attempt FROM file_checkpoints
  WHERE status = 'dead' AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
  ORDER BY updated_at DESC
  LIMIT :limit
+
+-- attempt_outcomes --
+-- Executions by outcome, for the metrics.
+SELECT outcome, count(*) AS n FROM file_attempts GROUP BY outcome
+
+-- abandon --
+-- Release the claim of a process known to be dead; see pipeline_abandon_v1.
+SELECT * FROM pipeline_abandon_v1(:file_url, :worker, :task_id)

@@ -1,0 +1,125 @@
+"""Prometheus metrics of the checkpoint table, for alerts Flower cannot give.
+
+The table is read by a background refresh every `interval` seconds, not per scrape: a scrape
+only serves the last snapshot, so any number of scrapers costs the database nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from pipeline import errors
+from pipeline.models import Overview, Status
+from pipeline.store import Store
+
+logger = logging.getLogger("pipeline.metrics")
+
+
+class CheckpointCollector(Collector):
+    """Serves the latest snapshot of the checkpoint table; `refresh()` takes a new one."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._overview: Overview | None = None
+        self._attempts: dict[str, int] = {}
+        self._refreshed_at = 0.0
+        self._refresh_seconds = 0.0
+        self._up = 0
+
+    def refresh(self) -> None:
+        started = time.monotonic()
+        try:
+            overview = self.store.overview(dead_limit=0)
+            attempts = self.store.attempt_outcomes()
+        except Exception as error:
+            # Any error, not only the store's own: one escaping here would end the refresh
+            # thread, and the last snapshot would be served as current (with up = 1) forever.
+            expected = isinstance(error, errors.PipelineError)
+            logger.warning("metrics refresh failed: %s", error, exc_info=not expected)
+            with self._lock:
+                self._up = 0
+            return
+        with self._lock:
+            self._overview, self._attempts = overview, attempts
+            self._refreshed_at = time.time()
+            self._refresh_seconds = time.monotonic() - started
+            self._up = 1
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            overview, attempts, up = self._overview, dict(self._attempts), self._up
+            refreshed_at, took = self._refreshed_at, self._refresh_seconds
+        yield GaugeMetricFamily(
+            "pipeline_up", "1 when the last refresh of the checkpoint table worked", value=up
+        )
+        yield GaugeMetricFamily(
+            "pipeline_snapshot_timestamp_seconds",
+            "When the served figures were read from the database (Unix time)",
+            value=refreshed_at,
+        )
+        yield GaugeMetricFamily(
+            "pipeline_snapshot_duration_seconds", "How long the last refresh took", value=took
+        )
+        if overview is None:
+            return
+        files = GaugeMetricFamily(
+            "pipeline_files", "Files by batch and status", labels=["batch", "status"]
+        )
+        for batch, counts in overview.counts.items():
+            for status in Status:
+                files.add_metric([batch or "", str(status)], counts.get(status, 0))
+        yield files
+        totals = overview.totals()
+        yield GaugeMetricFamily(
+            "pipeline_dead_files",
+            "Files that ended dead (alert on increase)",
+            value=totals[Status.DEAD],
+        )
+        outcomes = GaugeMetricFamily(
+            "pipeline_attempts", "Executions started, by outcome", labels=["outcome"]
+        )
+        for outcome in ("running", "completed", "failed", "lost"):
+            outcomes.add_metric([outcome], attempts.get(outcome, 0))
+        yield outcomes
+        yield GaugeMetricFamily(
+            "pipeline_oldest_live_lease_age_seconds",
+            "Age of the oldest claim whose lease is live (a stuck file shows here)",
+            value=overview.oldest_live_lease_age or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "pipeline_expired_leases",
+            "Claims whose lease expired, waiting for the reaper (alert when it stays above 0)",
+            value=overview.expired_leases,
+        )
+        yield GaugeMetricFamily(
+            "pipeline_completions_per_second",
+            "Files completed per second over the last minute (a stalled batch shows 0)",
+            value=overview.completed_last_minute / 60.0,
+        )
+
+
+def serve(
+    store: Store, *, port: int, addr: str = "0.0.0.0", interval: float = 15.0
+) -> tuple[CheckpointCollector, threading.Event]:
+    """Start the HTTP server and the refresh thread; returns the collector and a stop event."""
+    collector = CheckpointCollector(store)
+    collector.refresh()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(port, addr=addr, registry=registry)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            collector.refresh()
+
+    threading.Thread(target=loop, name="pipeline-metrics-refresh", daemon=True).start()
+    return collector, stop
