@@ -56,35 +56,82 @@ class Spec:
         return isinstance(error, self.retry_on)
 
 
-class Heartbeat(threading.Thread):
-    """Renews the lease every lease/3 from the process running the function.
+class Held:
+    """A claim whose lease the keeper renews; `lost` is set when a renewal finds it gone."""
 
-    A frozen process (SIGSTOP) renews nothing and loses its lease, as it must.
-    """
+    __slots__ = ("claim", "due", "interval", "lost", "store")
 
     def __init__(self, store: Store, claim: Claim) -> None:
-        super().__init__(name=f"pipeline-heartbeat-{claim.token}", daemon=True)
         self.store = store
         self.claim = claim
         self.interval = max(claim.lease_seconds / 3.0, 0.05)
+        self.due = time.monotonic() + self.interval
         self.lost = threading.Event()
-        self._stop = threading.Event()
 
-    def run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if self.store.heartbeat(self.claim.file_url, self.claim.token) is None:
-                    logger.warning("lost the claim on %s", self.claim.file_url)
-                    self.lost.set()
-                    return
-            except errors.StoreUnavailable as error:
-                # Keep trying: the lease is long enough to survive a few missed beats.
-                logger.warning("heartbeat for %s failed: %s", self.claim.file_url, error)
-            except Exception:  # never let the thread die silently
-                logger.exception("heartbeat for %s crashed", self.claim.file_url)
 
-    def stop(self) -> None:
-        self._stop.set()
+class LeaseKeeper:
+    """One thread per process renews the lease of every claim it runs, every lease/3.
+
+    It runs in the process that runs the function, so a frozen process (SIGSTOP) renews
+    nothing and loses its leases, as it must. One thread, not one per task: starting a
+    thread per task costs more than the claim itself.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # A fork copies neither the thread nor a usable lock: start afresh in the child.
+        self._cond = threading.Condition()
+        self._held: dict[int, Held] = {}
+        self._thread: threading.Thread | None = None
+
+    def hold(self, store: Store, claim: Claim) -> Held:
+        held = Held(store, claim)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="pipeline-lease-keeper", daemon=True
+                )
+                self._thread.start()
+            self._held[claim.token] = held
+            self._cond.notify()
+        return held
+
+    def release(self, held: Held) -> None:
+        with self._cond:
+            self._held.pop(held.claim.token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [h for h in self._held.values() if h.due <= now]
+                if not due:
+                    soonest = min((h.due for h in self._held.values()), default=None)
+                    self._cond.wait(None if soonest is None else soonest - now)
+                    continue
+                for h in due:
+                    h.due = now + h.interval
+            for h in due:
+                self._renew(h)
+
+    def _renew(self, held: Held) -> None:
+        url, token = held.claim.file_url, held.claim.token
+        try:
+            if held.store.heartbeat(url, token) is None:
+                logger.warning("lost the claim on %s (token %s)", url, token)
+                held.lost.set()
+                self.release(held)
+        except errors.StoreUnavailable as error:
+            # Keep trying: the lease is long enough to survive a missed beat or two.
+            logger.warning("heartbeat for %s failed: %s", url, error)
+        except Exception:  # never let the keeper die
+            logger.exception("heartbeat for %s crashed", url)
+
+
+keeper = LeaseKeeper()
 
 
 class CheckpointContext:
@@ -220,8 +267,7 @@ def _execute(
     args: Any,
     kwargs: Any,
 ) -> Any:
-    heartbeat = Heartbeat(store, claim)
-    heartbeat.start()
+    heartbeat = keeper.hold(store, claim)
     started = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
@@ -273,7 +319,7 @@ def _execute(
     except Exception as error:
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
-        heartbeat.stop()
+        keeper.release(heartbeat)
 
 
 def _raised_during(error: BaseException, kind: type[BaseException]) -> bool:

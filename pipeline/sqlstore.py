@@ -13,10 +13,13 @@ import importlib.resources
 import json
 import pathlib
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from sqlalchemy import exc as sa_exc
 
 from pipeline import config, errors
@@ -73,6 +76,16 @@ def queries() -> dict[str, sa.TextClause]:
     return found
 
 
+# `:name` parameters (not `::type` casts) in psycopg's `%(name)s` style.
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+@functools.cache
+def driver_queries() -> dict[str, str]:
+    """The named queries for psycopg itself (the hot path skips SQLAlchemy's layers)."""
+    return {name: _PARAM.sub(r"%(\1)s", clause.text) for name, clause in queries().items()}
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration, in order."""
     result = []
@@ -89,35 +102,31 @@ def engine_url(url: str) -> sa.URL:
     return parsed
 
 
-def _sqlstate(error: BaseException) -> str:
-    orig = getattr(error, "orig", None)
-    return str(getattr(orig, "sqlstate", "") or "")
-
-
 @contextlib.contextmanager
 def translate(url: str) -> Iterator[None]:
     """Turn driver errors into the project's own, at this one boundary."""
     try:
         yield
-    except sa_exc.DBAPIError as error:
-        state = _sqlstate(error)
+    except (sa_exc.DBAPIError, psycopg.Error) as error:
+        orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+        state = str(getattr(orig, "sqlstate", "") or "")
+        invalidated = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
         if (
-            error.connection_invalidated
+            invalidated
             or (
-                isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+                isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
                 and not state.startswith("4")
             )
             or state.startswith(_UNAVAILABLE_SQLSTATES)
         ):
             raise errors.StoreUnavailable(
-                f"checkpoint database {config.mask_url(url)} unreachable: "
-                f"{_first_line(error.orig)}",
+                f"checkpoint database {config.mask_url(url)} unreachable: {_first_line(orig)}",
                 url=config.mask_url(url),
             ) from error
         if state in _MISSING_SQLSTATES:
             raise errors.SchemaMissing(
                 f"checkpoint schema missing in {config.mask_url(url)}: run `pipeline db upgrade` "
-                f"({_first_line(error.orig)})"
+                f"({_first_line(orig)})"
             ) from error
         raise
 
@@ -166,12 +175,53 @@ class PostgresStore:
             },
         )
         self._q = queries()
+        self._dq = driver_queries()
+        self._dsn = self._engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[psycopg.Connection[Any]] = []
+        # Connections inherited over fork: kept referenced, never closed or collected, since
+        # closing (or a finaliser) would end the parent's session on the shared socket.
+        self._orphans: list[psycopg.Connection[Any]] = []
 
     # -- plumbing ---------------------------------------------------------------------------
 
     @property
     def masked_url(self) -> str:
         return config.mask_url(self.url)
+
+    def _driver(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                row_factory=namedtuple_row,
+                connect_timeout=5,
+                options="-c plan_cache_mode=force_custom_plan",
+                application_name="pipeline",
+            )
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
+        """Run a hot-path query on this thread's own connection (prepared after a few uses)."""
+        with translate(self.url):
+            conn = self._driver()
+            try:
+                return conn.execute(self._dq[name], params).fetchall()
+            except psycopg.Error:
+                if conn.broken or conn.closed:
+                    # Reconnect on the next call; the caller retries (StoreUnavailable).
+                    self._local.conn = None
+                    with self._lock, contextlib.suppress(ValueError):
+                        self._conns.remove(conn)
+                    conn.close()
+                raise
 
     def _run(self, name: str, params: Mapping[str, Any]) -> list[sa.Row[Any]]:
         with translate(self.url), self._engine.connect() as conn:
@@ -206,9 +256,18 @@ class PostgresStore:
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
         self._engine.dispose(close=False)
+        with self._lock:
+            self._orphans.extend(self._conns)
+            self._conns = []
+        self._local = threading.local()
 
     def close(self) -> None:
         self._engine.dispose()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
 
     def execute_script(self, sql: str) -> None:
         """Run a multi-statement script (tests and tools)."""
@@ -284,7 +343,7 @@ class PostgresStore:
         resume_token: int | None = None,
     ) -> ClaimResult:
         lease = float(lease_seconds or DEFAULT_LEASE_SECONDS)
-        (row,) = self._run(
+        (row,) = self._fast(
             "claim",
             {
                 "file_url": file_url,
@@ -314,7 +373,7 @@ class PostgresStore:
         return Refusal(file_url, Reason.DEAD, error=row.error_message)
 
     def heartbeat(self, file_url: str, token: int) -> float | None:
-        rows = self._run("heartbeat", {"file_url": file_url, "token": token})
+        rows = self._fast("heartbeat", {"file_url": file_url, "token": token})
         return float(rows[0].lease_left) if rows else None
 
     def complete(
@@ -341,7 +400,7 @@ class PostgresStore:
             with translate(self.url):
                 ok = transaction.connection.execute(self._q["complete"], params).scalar()
         else:
-            ok = self._run("complete", params)[0].ok
+            ok = self._fast("complete", params)[0].ok
         if not ok:
             raise errors.LostClaim(
                 f"claim on {file_url} (token {token}) was lost; completion not applied",
@@ -358,7 +417,7 @@ class PostgresStore:
         retryable: bool = True,
     ) -> FailResult:
         error_class, message = error_text(error)
-        rows = self._run(
+        rows = self._fast(
             "fail",
             {
                 "file_url": file_url,
@@ -378,7 +437,9 @@ class PostgresStore:
         return FailResult(Status(row.status), row.attempt, row.max_attempts)
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
-        rows = self._run("abandon", {"file_url": file_url, "worker": worker_id, "task_id": task_id})
+        rows = self._fast(
+            "abandon", {"file_url": file_url, "worker": worker_id, "task_id": task_id}
+        )
         return Status(rows[0].status) if rows else None
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
