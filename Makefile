@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := all
-.PHONY: install test lint format typecheck all clean
+.PHONY: install demo test lint format typecheck all bench flower up down logs clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# The zero-setup path: with PIPELINE_DATABASE_URL / PIPELINE_BROKER_URL unset, private
+# PostgreSQL and Redis servers run under .pipeline/ for the length of the demo.
+demo: install
+	$(VENV)/bin/pipeline demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -30,6 +35,23 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 all: lint typecheck test
+
+bench: install
+	$(PY) bench/run_all.py
+
+# Flower on the configured broker; set FLOWER_BASIC_AUTH=user:password first.
+flower: install
+	$(VENV)/bin/pipeline flower
+
+# The docker-compose stack (needs a Docker engine).
+up:
+	docker compose up -d --build
+
+down:
+	docker compose down
+
+logs:
+	docker compose logs -f --tail=100
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -553,6 +553,9 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     if basic_auth:
         # Passed through the environment, never argv: a command line is visible to every user.
         env[FLOWER_AUTH_ENV] = basic_auth
+    # Flower's task list hides arguments and results by default; the file URL and the outcome
+    # (stats, or why a duplicate was skipped) are what a pipeline operator looks for.
+    env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,result,exception,received,runtime")
     proc = subprocess.Popen(flower_command(port), env=env)
     # Hand a SIGTERM (docker stop, a supervisor) on to Flower: unhandled, it would end only
     # this wrapper (or nothing, as PID 1) and leave Flower serving the port as an orphan.
