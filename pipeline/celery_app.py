@@ -42,31 +42,37 @@ class PoolMaintenance(bootsteps.StartStopStep):  # type: ignore[misc]
 app.steps["worker"].add(PoolMaintenance)
 
 _store: Store | None = None
+# The process that opened or set _store: only a forked child must let go of its connections.
+_store_pid: int | None = None
 _store_lock = threading.Lock()
 
 
 def get_store() -> Store:
     """This process's store on PIPELINE_DATABASE_URL, opened on first use."""
-    global _store
+    global _store, _store_pid
     if _store is None:
         with _store_lock:
             if _store is None:
                 import pipeline
 
                 _store = pipeline.open_store()
+                _store_pid = os.getpid()
     return _store
 
 
 def set_store(store: Store | None) -> None:
     """Use this store in this process (tests, embedded mode)."""
-    global _store
+    global _store, _store_pid
     _store = store
+    _store_pid = os.getpid()
 
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    # A prefork child inherits the parent's pool: its sockets must not be shared.
-    if _store is not None:
+    # A prefork child inherits the parent's pool: its sockets must not be shared. The solo
+    # pool sends this signal too, in the process that opened the store: nothing was forked,
+    # and letting go of its connections (without closing them) would only leak them.
+    if _store is not None and _store_pid != os.getpid():
         _store.after_fork()
 
 
@@ -109,10 +115,10 @@ def reap_once(
 
 
 @app.task(name="pipeline.reap", ignore_result=True, acks_late=False)
-def reap() -> dict[str, int]:
+def reap(waiting_seconds: float | None = None) -> dict[str, int]:
     """Beat task: the safety net for files whose message was acked or lost."""
     try:
-        return reap_once()
+        return reap_once(waiting_seconds=waiting_seconds)
     except errors.StoreUnavailable as error:
         # Next beat tick tries again; nothing was changed.
         logger.warning("reaper skipped: %s", error)

@@ -3,7 +3,9 @@
 Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RESULT_BACKEND
 (default none: outcomes live in Postgres, Flower reads them from events), PIPELINE_QUEUE
 (default "pipeline"), PIPELINE_TASK_MODULES (comma-separated modules with user tasks),
-PIPELINE_REAP_INTERVAL (seconds between reaper runs under beat, default 5).
+PIPELINE_REAP_INTERVAL (seconds between reaper runs under beat, default 5),
+PIPELINE_REAP_WAITING_SECONDS (how long a pending row waits for its task before the reaper
+re-enqueues it, default 120; read by beat, or by the worker when beat does not set it).
 """
 
 from __future__ import annotations
@@ -67,5 +69,12 @@ beat_schedule = {
     "pipeline-reap": {
         "task": "pipeline.reap",
         "schedule": float(os.environ.get("PIPELINE_REAP_INTERVAL") or 5),
+        # The task runs on whichever worker takes it, so PIPELINE_REAP_WAITING_SECONDS set for
+        # beat travels with the message; unset, each worker's own setting (or 120 s) applies.
+        "kwargs": (
+            {"waiting_seconds": float(os.environ["PIPELINE_REAP_WAITING_SECONDS"])}
+            if os.environ.get("PIPELINE_REAP_WAITING_SECONDS")
+            else {}
+        ),
     }
 }

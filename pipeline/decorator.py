@@ -16,6 +16,7 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Task
+from celery.exceptions import Retry
 from celery.worker.request import Request
 
 from pipeline import errors
@@ -226,11 +227,11 @@ def run(
         )
     except errors.StoreUnavailable as error:
         # Never run unclaimed; waiting for the database is not an attempt.
-        raise task.retry(
-            exc=error,
-            countdown=spec.backoff.delay(task.request.retries),
-            max_retries=None,
-            kwargs={**kwargs, "_pipeline_resume": resume_token} if resume_token else kwargs,
+        raise _retry_later(
+            task,
+            error,
+            spec.backoff.delay(task.request.retries),
+            {**kwargs, "_pipeline_resume": resume_token} if resume_token else kwargs,
         ) from error
 
     if isinstance(claim, Refusal):
@@ -245,15 +246,15 @@ def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
     if refusal.reason is Reason.BUSY:
         # Another live execution holds it: come back when its lease ends (not an attempt).
         wait = (refusal.retry_in or spec.lease_seconds) + random.uniform(0.1, 1.0)
-        raise task.retry(
-            exc=errors.FileBusy(
+        raise _retry_later(
+            task,
+            errors.FileBusy(
                 f"{refusal.file_url} is being processed elsewhere; lease ends in "
                 f"{refusal.retry_in or 0:.1f}s",
                 url=refusal.file_url,
             ),
-            countdown=wait,
-            max_retries=None,
-            kwargs=kwargs,
+            wait,
+            kwargs,
         )
     raise errors.FileDead(f"{refusal.file_url} is dead: {refusal.error}", url=refusal.file_url)
 
@@ -310,16 +311,28 @@ def _execute(
             return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
         # The database went away mid-task: step back without spending the attempt. The retry
         # carries our token, so it resumes this claim if nobody took it over meanwhile.
-        raise task.retry(
-            exc=error,
-            countdown=spec.backoff.delay(task.request.retries),
-            max_retries=None,
-            kwargs={**kwargs, "_pipeline_resume": claim.token},
+        raise _retry_later(
+            task,
+            error,
+            spec.backoff.delay(task.request.retries),
+            {**kwargs, "_pipeline_resume": claim.token},
         ) from error
     except Exception as error:
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
         keeper.release(heartbeat)
+
+
+def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: Any) -> Retry:
+    """Retry after `countdown` seconds of waiting (for a lease or the database): not an attempt.
+
+    Celery runs an eager task's retry at once, ignoring the countdown, so under `apply()` or
+    task_always_eager this wait would re-run the task without pause until the stack overflows
+    (RecursionError). The eager caller gets the RETRY state and the reason back instead.
+    """
+    if task.request.is_eager:
+        return Retry(str(exc), exc=exc, when=countdown)
+    return task.retry(exc=exc, countdown=countdown, max_retries=None, kwargs=kwargs)
 
 
 def _raised_during(error: BaseException, kind: type[BaseException]) -> bool:
@@ -344,11 +357,11 @@ def _failed(
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
     except errors.StoreUnavailable as unavailable:
         # Could not record it; step back and resume the claim later (the error will recur).
-        raise task.retry(
-            exc=unavailable,
-            countdown=spec.backoff.delay(task.request.retries),
-            max_retries=None,
-            kwargs={**kwargs, "_pipeline_resume": claim.token},
+        raise _retry_later(
+            task,
+            unavailable,
+            spec.backoff.delay(task.request.retries),
+            {**kwargs, "_pipeline_resume": claim.token},
         ) from error
     if outcome.status is Status.FAILED:
         raise task.retry(

@@ -34,6 +34,10 @@ INSERT_EVENT_SQL = (
     "VALUES (:file_url, :line, :event_id, :ts, :type, CAST(:payload AS jsonb)) "
     "ON CONFLICT (file_url, line) DO NOTHING"
 )
+# Run first, in the same transaction: a file's events are those of its latest run only. A new
+# generation (changed content, requeue --force) would otherwise keep the old records and, by
+# the DO NOTHING above, drop the new ones on every line number the two share.
+DELETE_EVENTS_SQL = "DELETE FROM events WHERE file_url = :file_url"
 
 JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson", ".json")
 CSV_EXTENSIONS = (".csv",)

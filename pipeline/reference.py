@@ -19,6 +19,7 @@ def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
     persisted = 0
     pending: list[dict[str, Any]] = []
     with checkpoint.transaction() as conn:
+        sqlstore.execute_many(conn, ingest.DELETE_EVENTS_SQL, [{"file_url": file_url}])
         for record in ingest.read_records(file_url):
             tally.add(record)
             if record.ok:

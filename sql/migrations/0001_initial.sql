@@ -142,6 +142,13 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A holder whose lease ran out may be a zombie frozen inside its output transaction,
+    -- after its completion but before COMMIT: that transaction holds the row lock we are
+    -- about to wait for. End its session first (read without a lock; its writes could only
+    -- land if nobody took the file over, and we are about to).
+    PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
+      WHERE c.file_url = p_file_url AND c.status = 'processing' AND c.lease_expires_at <= now();
+
     -- The row exists (rows are never deleted while workers run): decide under its lock, so
     -- two claimants are serialised here and the second sees the first one's result.
     SELECT * INTO STRICT r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
@@ -273,6 +280,11 @@ CREATE FUNCTION pipeline_reap_v1(p_waiting_seconds double precision, p_limit int
 RETURNS TABLE (file_url text, task_name text, status text)
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- End zombie sessions first (see pipeline_claim_v1): a row locked by one would otherwise
+    -- be skipped below until that zombie wakes up.
+    PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
+      WHERE c.status = 'processing' AND c.lease_expires_at <= now();
+
     RETURN QUERY
     WITH expired AS (
         -- pipeline_fence_v1 runs once per row locked here (the CTE is evaluated once).
@@ -305,7 +317,9 @@ BEGIN
         SELECT c.file_url
           FROM file_checkpoints c
          WHERE c.status IN ('pending', 'failed')
-           AND c.updated_at <= now() - make_interval(secs => p_waiting_seconds)
+           -- strictly before: rows moved by the first statement (updated_at = now()) are
+           -- already handed back, even with p_waiting_seconds = 0
+           AND c.updated_at < now() - make_interval(secs => p_waiting_seconds)
          ORDER BY c.updated_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED

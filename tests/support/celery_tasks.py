@@ -1,9 +1,10 @@
 """Checkpointed tasks for the Celery tests; the URL's query string says how each behaves.
 
-`?sleep=S` sleeps S seconds inside the output transaction, `?raise=1` raises a retryable
-error, `?permanent=1` a non-retryable one, `?kill=1` SIGKILLs its own process, `?raise_until=N`
-raises on attempts before N. Every execution writes one row to `sink` through
-`checkpoint.transaction()`, so counting sink rows counts the effects that landed.
+`?sleep=S` sleeps S seconds inside the output transaction (with `&sleep_until=N`, only on
+attempts before N), `?raise=1` raises a retryable error, `?permanent=1` a non-retryable one,
+`?kill=1` SIGKILLs its own process, `?raise_until=N` raises on attempts before N. Every
+execution writes one row to `sink` through `checkpoint.transaction()`, so counting sink rows
+counts the effects that landed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipeline import checkpointed, errors
+from pipeline import app, checkpointed, errors
+
+# `celery -A tests.support.celery_tasks worker` finds the app under this name.
+__all__ = ["SINK_DDL", "Boom", "app", "plain", "sink"]
 
 LEASE = float(os.environ.get("PIPELINE_TEST_LEASE") or 30)
 
@@ -54,7 +58,8 @@ def sink(file_url: str, *, checkpoint: Any) -> dict[str, int]:
             sa.text("INSERT INTO sink (file_url, token, attempt, pid) VALUES (:u, :t, :a, :p)"),
             {"u": file_url, "t": checkpoint.token, "a": checkpoint.attempt, "p": os.getpid()},
         )
-        if opts.get("sleep"):
+        sleep_until = int(opts.get("sleep_until", 0))
+        if opts.get("sleep") and (not sleep_until or checkpoint.attempt < sleep_until):
             time.sleep(float(opts["sleep"]))
     return {"total": 1, "filtered": 0, "persisted": 1}
 

@@ -1,0 +1,127 @@
+"""The wheel carries its SQL and works from any folder, installed in a fresh environment."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import uuid
+import zipfile
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from pipeline import sqlstore
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str | pathlib.Path, cwd: pathlib.Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The project built as a wheel (with the build backend already installed here)."""
+    out = tmp_path_factory.mktemp("dist")
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        out,
+        ROOT,
+        cwd=out,
+    )
+    (built,) = out.glob("pipeline-*.whl")
+    return built
+
+
+@pytest.fixture
+def empty_database_url(database_url: str) -> Iterator[str]:
+    """A database with nothing in it, dropped afterwards."""
+    name = f"pipeline_wheel_{uuid.uuid4().hex[:10]}"
+    admin = (
+        sa.make_url(database_url)
+        .set(database="postgres", drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield sa.make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_wheel__contains_the_sql(wheel: pathlib.Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "pipeline/sql/queries.sql" in names
+    for _, name, _ in sqlstore.migrations():
+        assert f"pipeline/sql/migrations/{name}.sql" in names
+    assert "pipeline/__init__.py" in names
+    assert not any(n.startswith(("tests/", "sql/")) for n in names)
+
+
+@pytest.mark.slow
+def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
+    wheel: pathlib.Path, empty_database_url: str, tmp_path: pathlib.Path
+) -> None:
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    pip = (sys.executable, "-m", "pip", "--python", python)
+    _run(*pip, "install", "-q", "--no-deps", wheel, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The dependencies come from this environment's site-packages; the project must not
+    # (that folder only holds an editable install's path hook, which PYTHONPATH ignores).
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+        "HOME": str(tmp_path),
+    }
+    where = _run(
+        python,
+        "-c",
+        "import pipeline, pipeline.sqlstore as s; print(pipeline.__file__); print(s.sql_dir())",
+        cwd=elsewhere,
+        env=env,
+    ).split()
+    site = str(venv.resolve())
+    assert where[0].startswith(site), f"pipeline imported from {where[0]}, not the wheel"
+    assert where[1].startswith(site), f"SQL read from {where[1]}, not the wheel"
+
+    out = _run(
+        python,
+        "-m",
+        "pipeline.cli",
+        "db",
+        "upgrade",
+        "--database-url",
+        empty_database_url,
+        cwd=elsewhere,
+        env=env,
+    )
+    latest = sqlstore.migrations()[-1][0]
+    assert f"schema version {latest}" in out
+    dsn = sa.make_url(empty_database_url).set(drivername="postgresql")
+    with psycopg.connect(dsn.render_as_string(hide_password=False)) as conn:
+        row = conn.execute(
+            "SELECT to_regclass('file_checkpoints') IS NOT NULL,"
+            " EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'pipeline_claim_v1'),"
+            " (SELECT max(version) FROM pipeline_schema_version)"
+        ).fetchone()
+    assert row == (True, True, latest)
