@@ -106,12 +106,34 @@ def reap_once(
         if waiting_seconds is not None
         else float(os.environ.get("PIPELINE_REAP_WAITING_SECONDS") or DEFAULT_WAITING_SECONDS)
     )
-    work = store.reap(waiting_seconds=waiting)
+    depth = queue_depth(celery_app or app)
+    if depth:
+        # Messages are still queued: a row that waited long may simply be behind them (a big
+        # batch drains slower than any threshold), and re-enqueueing it would flood the broker
+        # with duplicates. Rows whose message was lost are handed back once the queue drains.
+        logger.info("reaper: %d messages queued; waiting rows left for later", depth)
+    work = store.reap(waiting_seconds=None if depth else waiting)
     dead = sum(1 for w in work if w.status.terminal)
     sent = enqueue(work, celery_app=celery_app)
     if work:
         logger.info("reaper: %d rows moved on, %d re-enqueued, %d dead", len(work), sent, dead)
-    return {"reaped": len(work), "enqueued": sent, "dead": dead}
+    return {"reaped": len(work), "enqueued": sent, "dead": dead, "queued": depth or 0}
+
+
+def queue_depth(celery_app: Any, queue: str | None = None) -> int | None:
+    """Messages waiting in the queue (0 when it does not exist), None when the broker cannot
+    be asked."""
+    name = queue or celery_app.conf.task_default_queue
+    try:
+        with celery_app.connection_for_read() as conn:
+            channel = conn.default_channel
+            try:
+                return int(channel.queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:
+                return 0  # no such queue: nothing waiting (e.g. the broker was flushed)
+    except Exception as error:  # broker down: the re-enqueue below would fail anyway
+        logger.warning("reaper: cannot read the depth of queue %s: %s", name, error)
+        return None
 
 
 @app.task(name="pipeline.reap", ignore_result=True, acks_late=False)
@@ -122,7 +144,7 @@ def reap(waiting_seconds: float | None = None) -> dict[str, int]:
     except errors.StoreUnavailable as error:
         # Next beat tick tries again; nothing was changed.
         logger.warning("reaper skipped: %s", error)
-        return {"reaped": 0, "enqueued": 0, "dead": 0}
+        return {"reaped": 0, "enqueued": 0, "dead": 0, "queued": 0}
 
 
 def describe() -> str:

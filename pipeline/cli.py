@@ -36,7 +36,14 @@ def _open_store(*, broker: bool = False) -> Store:
     """The store on PIPELINE_DATABASE_URL, or on a private server when it is unset."""
     import pipeline
 
-    local.ensure_services(broker=broker, notify=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+    try:
+        local.ensure_services(broker=broker, notify=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+    # The private servers fail in their own ways (no `local` extra, a state folder that cannot
+    # be written, pg_ctl or redis-server not starting): a clear message, not a traceback.
+    except Exception as error:
+        raise errors.PipelineError(
+            f"could not start the private servers under {local.state_dir()}: {error}"
+        ) from error
     _sync_app_broker()
     try:
         return pipeline.open_store(config.database_url())

@@ -155,29 +155,17 @@ class PostgresStore:
 
     def __init__(self, database_url: str, *, pool_size: int = 2, echo: bool = False) -> None:
         self.url = database_url
-        self._engine = sa.create_engine(
-            engine_url(database_url),
-            # Single calls run in autocommit: each transition is one statement, so a
-            # BEGIN/COMMIT pair would only add round trips.
-            isolation_level="AUTOCOMMIT",
-            pool_size=pool_size,
-            max_overflow=4,
-            # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
-            # invalidates the pool, the caller retries with a fresh one.
-            pool_pre_ping=False,
-            echo=echo,
-            connect_args={
-                # Generic plans cached while the table was small keep seq scans as it grows
-                # (measured in BASELINE.md); custom plans keep the primary-key lookups.
-                "options": "-c plan_cache_mode=force_custom_plan",
-                "connect_timeout": 5,
-                "application_name": "pipeline",
-            },
-        )
+        self._pool_size = pool_size
+        self._echo = echo
+        # Created on first use: only output transactions and migrations need SQLAlchemy, and
+        # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
+        self._sa_engine: sa.Engine | None = None
         self._q = queries()
         self._dq = driver_queries()
-        self._dsn = self._engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
+        self._dsn = (
+            engine_url(database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
         )
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -187,6 +175,30 @@ class PostgresStore:
         self._orphans: list[psycopg.Connection[Any]] = []
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def _engine(self) -> sa.Engine:
+        if self._sa_engine is None:
+            self._sa_engine = sa.create_engine(
+                engine_url(self.url),
+                # Single calls run in autocommit: each transition is one statement, so a
+                # BEGIN/COMMIT pair would only add round trips.
+                isolation_level="AUTOCOMMIT",
+                pool_size=self._pool_size,
+                max_overflow=4,
+                # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
+                # invalidates the pool, the caller retries with a fresh one.
+                pool_pre_ping=False,
+                echo=self._echo,
+                connect_args={
+                    # Generic plans cached while the table was small keep seq scans as it
+                    # grows (measured in BASELINE.md); custom plans keep primary-key lookups.
+                    "options": "-c plan_cache_mode=force_custom_plan",
+                    "connect_timeout": 5,
+                    "application_name": "pipeline",
+                },
+            )
+        return self._sa_engine
 
     @property
     def masked_url(self) -> str:
@@ -223,10 +235,6 @@ class PostgresStore:
                     conn.close()
                 raise
 
-    def _run(self, name: str, params: Mapping[str, Any]) -> list[sa.Row[Any]]:
-        with translate(self.url), self._engine.connect() as conn:
-            return list(conn.execute(self._q[name], params))
-
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
         with translate(self.url), self._engine.connect() as conn:
@@ -255,14 +263,16 @@ class PostgresStore:
     def after_fork(self) -> None:
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
-        self._engine.dispose(close=False)
+        if self._sa_engine is not None:
+            self._sa_engine.dispose(close=False)
         with self._lock:
             self._orphans.extend(self._conns)
             self._conns = []
         self._local = threading.local()
 
     def close(self) -> None:
-        self._engine.dispose()
+        if self._sa_engine is not None:
+            self._sa_engine.dispose()
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
@@ -443,7 +453,7 @@ class PostgresStore:
         return Status(rows[0].status) if rows else None
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
-        rows = self._run("get", {"file_url": file_url})
+        rows = self._fast("get", {"file_url": file_url})
         if not rows:
             return None
         data = rows[0]._asdict()
@@ -452,7 +462,7 @@ class PostgresStore:
         if with_attempts:
             attempts = tuple(
                 Attempt(**{**r._asdict(), "outcome": Outcome(r.outcome)})
-                for r in self._run("attempts", {"file_url": file_url})
+                for r in self._fast("attempts", {"file_url": file_url})
             )
         return Checkpoint(**data, attempts=attempts)
 
@@ -468,7 +478,7 @@ class PostgresStore:
         pairs = list(split_registrations(urls))
         if not pairs:
             return []
-        rows = self._run(
+        rows = self._fast(
             "register",
             {
                 "urls": [u for u, _ in pairs],
@@ -492,7 +502,7 @@ class PostgresStore:
         statuses: Sequence[Status] | None = None,
         force: bool = False,
     ) -> list[Work]:
-        rows = self._run(
+        rows = self._fast(
             "requeue",
             {
                 "file_url": file_url,
@@ -504,26 +514,27 @@ class PostgresStore:
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
 
     def reap(
-        self, *, waiting_seconds: float = DEFAULT_WAITING_SECONDS, limit: int = 1000
+        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
     ) -> list[Work]:
-        rows = self._run("reap", {"waiting_seconds": float(waiting_seconds), "limit": limit})
+        waiting = None if waiting_seconds is None else float(waiting_seconds)
+        rows = self._fast("reap", {"waiting_seconds": waiting, "limit": limit})
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]:
         result: dict[str | None, dict[Status, int]] = {}
-        for r in self._run("summary", {"batch_id": batch_id}):
+        for r in self._fast("summary", {"batch_id": batch_id}):
             result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
         return result
 
     def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
-        (act,) = self._run("activity", {"batch_id": batch_id})
+        (act,) = self._fast("activity", {"batch_id": batch_id})
         dead = tuple(
             DeadFile(r.file_url, r.error_message, r.updated_at, r.attempt)
-            for r in self._run("dead", {"batch_id": batch_id, "limit": dead_limit})
+            for r in self._fast("dead", {"batch_id": batch_id, "limit": dead_limit})
         )
         records = None
         if batch_id is not None:
-            (t,) = self._run("totals", {"batch_id": batch_id})
+            (t,) = self._fast("totals", {"batch_id": batch_id})
             records = Stats(int(t.total), int(t.filtered), int(t.persisted))
         age = (
             (act.db_now - act.oldest_live_start).total_seconds()
@@ -541,4 +552,4 @@ class PostgresStore:
 
     def attempt_outcomes(self) -> dict[str, int]:
         """Executions by outcome (running, completed, failed, lost)."""
-        return {r.outcome: int(r.n) for r in self._run("attempt_outcomes", {})}
+        return {r.outcome: int(r.n) for r in self._fast("attempt_outcomes", {})}

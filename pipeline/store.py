@@ -105,8 +105,11 @@ class Store(Protocol):
     ) -> list[Work]: ...
 
     def reap(
-        self, *, waiting_seconds: float = DEFAULT_WAITING_SECONDS, limit: int = 1000
-    ) -> list[Work]: ...
+        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
+    ) -> list[Work]:
+        """Move expired claims on; with `waiting_seconds`, also hand back the pending and
+        failed rows that waited longer than that (None: expired claims only)."""
+        ...
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 

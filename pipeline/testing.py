@@ -670,7 +670,7 @@ class MemoryStore:
         return result
 
     def reap(
-        self, *, waiting_seconds: float = DEFAULT_WAITING_SECONDS, limit: int = 1000
+        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
     ) -> list[Work]:
         """pipeline_reap_v1: expired claims move on; rows waiting too long are handed back."""
         result: list[Work] = []
@@ -702,6 +702,8 @@ class MemoryStore:
 
             # A second statement in the SQL, which skips the rows just moved (their updated_at
             # is the statement's now()), so nothing is handed back twice.
+            if waiting_seconds is None:
+                return result
             moved = {id(r) for r in expired}
             cutoff = now - dt.timedelta(seconds=waiting_seconds)
             waiting = sorted(

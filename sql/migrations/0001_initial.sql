@@ -316,7 +316,8 @@ BEGIN
     WITH waiting AS (
         SELECT c.file_url
           FROM file_checkpoints c
-         WHERE c.status IN ('pending', 'failed')
+         WHERE p_waiting_seconds IS NOT NULL  -- NULL: expired leases only
+           AND c.status IN ('pending', 'failed')
            -- strictly before: rows moved by the first statement (updated_at = now()) are
            -- already handed back, even with p_waiting_seconds = 0
            AND c.updated_at < now() - make_interval(secs => p_waiting_seconds)

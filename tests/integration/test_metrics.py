@@ -176,9 +176,19 @@ def test_metrics__no_live_lease_reads_zero_age(pg_store: PostgresStore) -> None:
     assert value(figures, "pipeline_files", batch="", status="completed") == 1
 
 
-def test_metrics__scrapes_serve_the_snapshot_without_querying(filled: PostgresStore) -> None:
+def test_metrics__scrapes_serve_the_snapshot_without_querying(
+    filled: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every query of the store goes through _fast (its psycopg path); count them there. If
+    # queries ever went another way, "the first refresh read nothing" below fails loudly.
     statements: list[str] = []
-    sa.event.listen(filled._engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    real = filled._fast
+
+    def counting(name: str, params: Any) -> Any:
+        statements.append(name)
+        return real(name, params)
+
+    monkeypatch.setattr(filled, "_fast", counting)
     port = free_port()
     # No background refresh during the test: only the one serve() takes at start.
     collector, stop = metrics.serve(filled, port=port, addr="127.0.0.1", interval=3600)
