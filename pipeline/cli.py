@@ -157,7 +157,9 @@ def submit(
             force,
             not no_fingerprint,
         )
-        status = EXIT_FAILED if report.refused_count else EXIT_OK
+        # Non-zero when any input was refused or any file is known to have ended dead (a
+        # resubmission finds it so); with --wait, also when one ends dead now.
+        status = EXIT_FAILED if report.refused_count or report.dead_before else EXIT_OK
         if wait:
             overview = follow(store, batch_id, timeout=timeout)
             print_overview(overview, batch_id)

