@@ -227,12 +227,7 @@ def run(
         )
     except errors.StoreUnavailable as error:
         # Never run unclaimed; waiting for the database is not an attempt.
-        raise _retry_later(
-            task,
-            error,
-            spec.backoff.delay(task.request.retries),
-            {**kwargs, "_pipeline_resume": resume_token} if resume_token else kwargs,
-        ) from error
+        raise _wait_for_database(task, spec, error, kwargs, resume_token) from error
 
     if isinstance(claim, Refusal):
         return _refused(task, spec, claim, kwargs)
@@ -311,16 +306,20 @@ def _execute(
             return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
         # The database went away mid-task: step back without spending the attempt. The retry
         # carries our token, so it resumes this claim if nobody took it over meanwhile.
-        raise _retry_later(
-            task,
-            error,
-            spec.backoff.delay(task.request.retries),
-            {**kwargs, "_pipeline_resume": claim.token},
-        ) from error
+        raise _wait_for_database(task, spec, error, kwargs, claim.token) from error
     except Exception as error:
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
         keeper.release(heartbeat)
+
+
+def _wait_for_database(
+    task: Task, spec: Spec, error: BaseException, kwargs: Any, token: int | None
+) -> Retry:
+    """Back off until the database answers (not an attempt); the retry carries `token`, so it
+    resumes that claim under a new token if nobody took the file over meanwhile."""
+    resume = {**kwargs, "_pipeline_resume": token} if token is not None else kwargs
+    return _retry_later(task, error, spec.backoff.delay(task.request.retries), resume)
 
 
 def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: Any) -> Retry:
@@ -357,12 +356,7 @@ def _failed(
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
     except errors.StoreUnavailable as unavailable:
         # Could not record it; step back and resume the claim later (the error will recur).
-        raise _retry_later(
-            task,
-            unavailable,
-            spec.backoff.delay(task.request.retries),
-            {**kwargs, "_pipeline_resume": claim.token},
-        ) from error
+        raise _wait_for_database(task, spec, unavailable, kwargs, claim.token) from error
     if outcome.status is Status.FAILED:
         raise task.retry(
             exc=error,
