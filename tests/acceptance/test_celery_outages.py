@@ -1,0 +1,150 @@
+"""Broker and database outages under real `celery worker` subprocesses."""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support.tcpproxy import TcpProxy
+from tests.support.workers import Cluster
+
+pytestmark = pytest.mark.slow
+
+# Not the suite's db 14: this test flushes its broker, so it gets a database of its own.
+FLUSHED_REDIS_DB = 12
+
+
+def test_redis_flushed_mid_batch__reaper_brings_every_file_to_completed(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(redis_db=FLUSHED_REDIS_DB)
+    urls = [f"file:///flush/{i:03d}?sleep=0.3" for i in range(100)]
+    cluster.start_worker()
+    cluster.start_worker()
+    cluster.start_beat(interval=1, waiting_seconds=2)
+    # The reaper only knows rows: register the batch first, as `pipeline submit` does.
+    cluster.store.register(urls, task_name="tests.sink", batch_id=f"flush-{uuid.uuid4().hex[:6]}")
+    for url in urls:
+        cluster.send(url)
+    cluster.wait_sql(
+        "SELECT count(*) >= 10 FROM file_checkpoints WHERE status = 'completed'",
+        timeout=30,
+        what="the batch to be under way",
+    )
+
+    before = cluster.status_counts()
+    queued = cluster.queue_length()
+    cluster.redis.flushdb()  # this test's own db number only
+    flushed_at = cluster.db_now()
+    print(f"\nFLUSH with {queued} messages queued; rows then: {before}")
+    assert before.get("completed", 0) < 100, "the flush came too late to lose anything"
+
+    cluster.wait_all_terminal(100, timeout=60)
+    recovery = cluster.scalar(
+        "SELECT extract(epoch FROM max(completed_at) - :t) FROM file_checkpoints", t=flushed_at
+    )
+    print(f"RECOVERY redis_flush={float(recovery):.1f}s (100 files, reaper every 1s, waiting 2s)")
+    assert cluster.status_counts() == {"completed": 100}
+    assert cluster.scalar("SELECT count(*) FROM sink") == 100
+    assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == 100
+    # Losing the broker's messages loses no execution: nothing was retried.
+    assert cluster.scalar("SELECT max(attempt) FROM file_checkpoints") == 1
+    assert cluster.scalar("SELECT count(*) FROM file_attempts") == 100
+
+
+@pytest.mark.parametrize(
+    ("lease", "reaper"),
+    [
+        # The outage outlasts the lease: only the resume token keeps the attempt. A reaper
+        # would race it after the restore (see the note below), so none runs here.
+        pytest.param(3.0, False, id="lease-3s-no-reaper"),
+        # Production-like: beat reaps every second, and the lease outlasts the outage.
+        pytest.param(10.0, True, id="lease-10s-reaper"),
+    ],
+)
+def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attempt(
+    make_cluster: Callable[..., Cluster], lease: float, reaper: bool
+) -> None:
+    # A task whose database goes away steps back (Celery retry) carrying its claim's token, and
+    # resumes the same attempt once the database is back (pipeline_claim_v1's resume path).
+    # Its lease keeps running meanwhile: a reaper that finds it expired before the resume
+    # arrives records the attempt as lost (the holder looks dead), so with a reaper running an
+    # outage spends no attempt only while it is shorter than the lease.
+    cluster = make_cluster(lease=lease)
+    direct = sa.make_url(cluster.database_url)
+    with TcpProxy(upstream_port=direct.port or 5432, upstream_host=direct.host) as proxy:
+        via_proxy = direct.set(host="127.0.0.1", port=proxy.port)
+        proxied_url = via_proxy.render_as_string(hide_password=False)
+        urls = [f"file:///outage/{i:02d}?sleep=0.2" for i in range(60)]
+        cluster.start_worker(database_url=proxied_url)
+        cluster.start_worker(database_url=proxied_url)
+        if reaper:
+            cluster.start_beat(interval=1, database_url=proxied_url)
+        for url in urls:
+            cluster.send(url)
+        cluster.wait_sql(
+            "SELECT count(*) >= 10 FROM file_checkpoints WHERE status = 'completed'",
+            timeout=30,
+            what="the batch to be under way",
+        )
+
+        cut_from = cluster.db_now()
+        cut = proxy.cut()
+        cut_to = cluster.db_now()
+        before = cluster.status_counts()
+        time.sleep(4)  # the outage itself
+        proxy.restore()
+        restored_at = cluster.db_now()
+        print(f"\nOUTAGE 4s (lease {lease:g}s): {cut} connections cut; rows then: {before}")
+        assert before.get("completed", 0) < 60, "the outage came too late to matter"
+
+        cluster.wait_all_terminal(60, timeout=60)
+    recovery = cluster.scalar(
+        "SELECT extract(epoch FROM max(completed_at) - :t) FROM file_checkpoints", t=restored_at
+    )
+    retried = sum(p.log().count("StoreUnavailable") for p in cluster.procs if p.kind == "worker")
+    print(f"RECOVERY db_outage={float(recovery):.1f}s after restore; {retried} unavailable retries")
+    assert cluster.status_counts() == {"completed": 60}
+    assert cluster.scalar("SELECT count(*) FROM sink") == 60
+    assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == 60
+    # One window is inherent: a claim that committed just as the link was cut, whose reply
+    # never came back. Its task cannot know it holds the claim, so it steps back without a
+    # resume token, finds its own orphaned claim busy until the lease ends, and takes it over
+    # as attempt 2 (attempt 1 recorded lost). Such a claim started at the cut, never earlier
+    # than a claim's round trip before it; any other spent attempt is a bug.
+    spent = cluster.rows(
+        "SELECT c.file_url, c.attempt, a.started_at AS lost_started_at"
+        "  FROM file_checkpoints c"
+        "  LEFT JOIN file_attempts a ON a.file_url = c.file_url AND a.attempt = 1"
+        " WHERE c.attempt <> 1"
+    )
+    history = {
+        r.file_url: [(a.attempt, a.outcome) for a in cluster.attempts(r.file_url)] for r in spent
+    }
+    print(f"SPENT {len(spent)} attempt(s) to claims whose reply the cut swallowed: {history}")
+    window = (cut_from - datetime.timedelta(seconds=1), cut_to)
+    unexplained = [
+        (r.file_url, r.attempt, r.lost_started_at)
+        for r in spent
+        if history[r.file_url] != [(1, "lost"), (2, "completed")]
+        or not window[0] <= r.lost_started_at <= window[1]
+    ]
+    assert unexplained == [], f"waiting for the database is not an attempt (cut {window})"
+    assert len(spent) <= cut, "at most one claim per cut connection can lose its reply"
+    assert cluster.scalar("SELECT count(*) FROM file_attempts") == 60 + len(spent)
+    assert retried > 0, "the outage hit no task"
+    # Tasks caught inside their output transaction by the cut kept attempt 1 across it.
+    resumed = cluster.scalar(
+        "SELECT count(*) FROM file_checkpoints c"
+        "  JOIN file_attempts a ON a.file_url = c.file_url AND a.attempt = 1"
+        " WHERE c.attempt = 1 AND a.started_at <= :cut AND c.completed_at >= :restored",
+        cut=cut_to,
+        restored=restored_at,
+    )
+    print(f"RESUMED {resumed} claim(s) held across the outage, same attempt")
+    assert resumed >= 1, "no task was caught mid-claim: the resume path was not exercised"
