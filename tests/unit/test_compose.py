@@ -250,7 +250,11 @@ def test_compose__config_is_valid_for_the_compose_cli() -> None:
 
 def test_makefile__stack_targets_run_docker_compose() -> None:
     result = subprocess.run(
-        ["make", "-n", "up", "down", "logs"], cwd=REPO, capture_output=True, text=True, timeout=30
+        ["make", "--no-print-directory", "-n", "up", "down", "logs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
