@@ -20,14 +20,15 @@ import redis
 from bench import common
 
 
-def drain_rate(variant: str, n: int, database_url: str) -> float:
+def drain_rate(variant: str, n: int, database_url: str, prefetch: int | None = None) -> float:
     from pipeline import app
 
     queue = f"bench-{variant}-{uuid.uuid4().hex[:6]}"
     idle = f"idle-{uuid.uuid4().hex[:6]}"
     env = common.env_for(database_url, idle)
     common.flush_redis()
-    proc = common.start_worker("bench.tasks_app", idle, env, "-c", "2", "--pool", "prefork")
+    extra = ["--prefetch-multiplier", str(prefetch)] if prefetch else []
+    proc = common.start_worker("bench.tasks_app", idle, env, "-c", "2", "--pool", "prefork", *extra)
     try:
         (node,) = common.wait_ready(app)
         os.environ["PIPELINE_BROKER_URL"] = common.REDIS_URL
@@ -56,6 +57,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="raw,checkpointed,once")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        help="override worker_prefetch_multiplier (not the shipped settings: a side measurement,"
+        " saved as results/tasks-prefetch<N>.md)",
+    )
     args = parser.parse_args()
     from pipeline import app
 
@@ -63,7 +70,7 @@ def main() -> None:
     variants = args.variants.split(",")
     with common.fresh_database() as db:
         results = common.interleave(
-            {v: (lambda r, v=v: drain_rate(v, args.tasks, db)) for v in variants},
+            {v: (lambda r, v=v: drain_rate(v, args.tasks, db, args.prefetch)) for v in variants},
             args.rounds,
         )
     raw = common.median(results["raw"]) if "raw" in results else None
@@ -71,7 +78,10 @@ def main() -> None:
     for v in variants:
         ratio = f"{common.median(results[v]) / raw:.2f}" if raw else "-"
         rows.append([v, common.spread(results[v]), ratio])
-    md = common.header(f"Task overhead: {args.tasks:,} tasks, prefork -c 2, {args.rounds} rounds")
+    title = f"Task overhead: {args.tasks:,} tasks, prefork -c 2, {args.rounds} rounds"
+    if args.prefetch:
+        title += f", prefetch multiplier {args.prefetch} (NOT the shipped settings)"
+    md = common.header(title)
     md += "\n" + common.table(["task", "tasks/s median [min..max]", "ratio to raw"], rows)
     if raw and "checkpointed" in results:
         ck = common.median(results["checkpointed"])
@@ -81,7 +91,8 @@ def main() -> None:
             once_ok = ck >= common.median(results["once"])
             md += f"; checkpointed >= celery-once: {'met' if once_ok else 'NOT met'}"
         md += "\n"
-    common.save("tasks", md, {"results": results, "tasks": args.tasks})
+    name = f"tasks-prefetch{args.prefetch}" if args.prefetch else "tasks"
+    common.save(name, md, {"results": results, "tasks": args.tasks, "prefetch": args.prefetch})
 
 
 if __name__ == "__main__":
