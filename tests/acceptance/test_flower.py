@@ -15,14 +15,9 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support.flower_helpers import (
-    FLOWER_REDIS_DB,
-    FlowerStack,
-    free_port,
-    process_tree,
-    redis_url_on_db,
-    wait_until,
-)
+from tests.support.flower_helpers import FLOWER_REDIS_DB, FlowerStack, process_tree
+from tests.support.tcpproxy import free_port
+from tests.support.workers import redis_url_on_db, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline import metrics
 from pipeline.models import Claim
 from pipeline.sqlstore import PostgresStore
-from tests.support.flower_helpers import REPO, free_port, pipeline_executable, wait_until
+from tests.support.flower_helpers import REPO, pipeline_executable
+from tests.support.tcpproxy import free_port
+from tests.support.workers import wait_until
 
 LEASE = 600.0
 STATUSES = ("pending", "processing", "completed", "failed", "dead")

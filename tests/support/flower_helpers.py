@@ -15,13 +15,10 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import kombu.pools
@@ -33,45 +30,13 @@ import sqlalchemy as sa
 import pipeline
 from pipeline.sqlstore import engine_url
 from tests.support.celery_tasks import SINK_DDL
+from tests.support.workers import wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Redis database for these processes: the rest of the suite uses 14 (tests/conftest.py).
 FLOWER_REDIS_DB = 12
 READY_TIMEOUT = 45.0
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED"})
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_url_on_db(url: str, db: int) -> str:
-    """The same Redis server, another database number."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.2,
-    describe: Callable[[], str] | None = None,
-) -> Any:
-    """Poll until `predicate()` is truthy and return its value; fail with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe else ""
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 def pipeline_executable() -> str:

@@ -29,11 +29,8 @@ import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from pipeline.sqlstore import PostgresStore  # noqa: E402
-from tests.support.flower_helpers import (  # noqa: E402
-    FLOWER_REDIS_DB,
-    FlowerStack,
-    free_port,
-)
+from tests.support.flower_helpers import FLOWER_REDIS_DB, FlowerStack  # noqa: E402
+from tests.support.tcpproxy import free_port  # noqa: E402
 
 # Outcome columns first; `received` last, so the newest task is on top (Flower sorts by it)
 # without its timestamp taking the room the results need.
