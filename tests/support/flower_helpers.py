@@ -14,7 +14,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -30,7 +29,7 @@ import sqlalchemy as sa
 import pipeline
 from pipeline.sqlstore import engine_url
 from tests.support.celery_tasks import SINK_DDL
-from tests.support.workers import wait_until
+from tests.support.workers import Proc, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Redis database for these processes: the rest of the suite uses 14 (tests/conftest.py).
@@ -79,33 +78,6 @@ def app_broker(broker_url: str) -> Iterator[Any]:
     finally:
         reset_pools()
         app.conf.broker_url = saved
-
-
-@dataclasses.dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: pathlib.Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group and reap the leader."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
 
 
 @dataclasses.dataclass
@@ -174,7 +146,7 @@ class FlowerStack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = Proc(name, popen, log_path)
+        proc = Proc(name, name.split("-")[0], popen, log_path)
         self.procs.append(proc)
         return proc
 
