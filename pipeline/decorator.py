@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -21,7 +21,7 @@ from celery.worker.request import Request
 
 from pipeline import errors
 from pipeline.models import Claim, Reason, Refusal, Stats, Status
-from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, Store
+from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, Store, resume_tokens
 
 logger = logging.getLogger("pipeline")
 
@@ -217,9 +217,14 @@ def run(
     """One execution: claim, run with heartbeat, complete or fail; Celery retries as needed."""
     from pipeline.celery_app import get_store
 
-    resume_token = kwargs.pop("_pipeline_resume", None)
+    # Tokens of claims this task chain may still hold (an older message carries one int).
+    resume = resume_tokens(kwargs.pop("_pipeline_resume", None)) or []
     store = get_store()
+    proposed: int | None = None
     try:
+        # Reserved before the call, so that if the claim commits but its reply is lost, the
+        # retry knows the token and resumes its own claim instead of waiting out the lease.
+        proposed = store.reserve_token()
         claim = store.claim(
             file_url,
             _worker_id(task),
@@ -228,11 +233,13 @@ def run(
             file_type=spec.file_type,
             task_name=task.name,
             task_id=task.request.id,
-            resume_token=resume_token,
+            resume_token=resume or None,
+            token=proposed,
         )
     except errors.StoreUnavailable as error:
         # Never run unclaimed; waiting for the database is not an attempt.
-        raise _wait_for_database(task, spec, error, kwargs, resume_token) from error
+        carried = [*resume, proposed] if proposed is not None else resume
+        raise _wait_for_database(task, spec, error, kwargs, carried) from error
 
     if isinstance(claim, Refusal):
         return _refused(task, spec, claim, kwargs)
@@ -311,7 +318,7 @@ def _execute(
             return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
         # The database went away mid-task: step back without spending the attempt. The retry
         # carries our token, so it resumes this claim if nobody took it over meanwhile.
-        raise _wait_for_database(task, spec, error, kwargs, claim.token) from error
+        raise _wait_for_database(task, spec, error, kwargs, [claim.token]) from error
     except Exception as error:
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
@@ -319,11 +326,12 @@ def _execute(
 
 
 def _wait_for_database(
-    task: Task, spec: Spec, error: BaseException, kwargs: Any, token: int | None
+    task: Task, spec: Spec, error: BaseException, kwargs: Any, tokens: Sequence[int]
 ) -> Retry:
-    """Back off until the database answers (not an attempt); the retry carries `token`, so it
-    resumes that claim under a new token if nobody took the file over meanwhile."""
-    resume = {**kwargs, "_pipeline_resume": token} if token is not None else kwargs
+    """Back off until the database answers (not an attempt); the retry carries `tokens`, so it
+    resumes a claim still held under one of them (new token, same attempt) if nobody took the
+    file over meanwhile."""
+    resume = {**kwargs, "_pipeline_resume": list(tokens)} if tokens else kwargs
     return _retry_later(task, error, spec.backoff.delay(task.request.retries), resume)
 
 
@@ -361,7 +369,7 @@ def _failed(
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
     except errors.StoreUnavailable as unavailable:
         # Could not record it; step back and resume the claim later (the error will recur).
-        raise _wait_for_database(task, spec, unavailable, kwargs, claim.token) from error
+        raise _wait_for_database(task, spec, unavailable, kwargs, [claim.token]) from error
     if outcome.status is Status.FAILED:
         raise task.retry(
             exc=error,

@@ -6,6 +6,7 @@ decides, under the row's lock and on its own clock; nothing is read here and wri
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -43,8 +44,10 @@ from pipeline.store import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_WAITING_SECONDS,
+    TOKEN_BLOCK,
     error_text,
     requeue_statuses,
+    resume_tokens,
     split_registrations,
 )
 
@@ -173,6 +176,8 @@ class PostgresStore:
         # Connections inherited over fork: kept referenced, never closed or collected, since
         # closing (or a finaliser) would end the parent's session on the shared socket.
         self._orphans: list[psycopg.Connection[Any]] = []
+        self._tokens: collections.deque[int] = collections.deque()
+        self._tokens_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -268,6 +273,8 @@ class PostgresStore:
         with self._lock:
             self._orphans.extend(self._conns)
             self._conns = []
+        self._tokens = collections.deque()
+        self._tokens_lock = threading.Lock()  # a fork copies a lock in whatever state it was
         self._local = threading.local()
 
     def close(self) -> None:
@@ -350,7 +357,8 @@ class PostgresStore:
         file_type: str | None = None,
         task_name: str | None = None,
         task_id: str | None = None,
-        resume_token: int | None = None,
+        resume_token: int | Sequence[int] | None = None,
+        token: int | None = None,
     ) -> ClaimResult:
         lease = float(lease_seconds or DEFAULT_LEASE_SECONDS)
         (row,) = self._fast(
@@ -363,7 +371,8 @@ class PostgresStore:
                 "file_type": file_type,
                 "task_name": task_name,
                 "task_id": task_id,
-                "resume_token": resume_token,
+                "resume_tokens": resume_tokens(resume_token),
+                "token": token,
             },
         )
         if row.outcome == "granted":
@@ -381,6 +390,16 @@ class PostgresStore:
         if row.outcome == "busy":
             return Refusal(file_url, Reason.BUSY, retry_in=max(float(row.retry_in), 0.0))
         return Refusal(file_url, Reason.DEAD, error=row.error_message)
+
+    def reserve_token(self) -> int:
+        # Taken from the sequence a block at a time (one query per TOKEN_BLOCK claims); unused
+        # ones are only gaps in the sequence. Cleared after fork: two processes must never
+        # propose the same token.
+        with self._tokens_lock:  # not self._lock: _fast may take that one to connect
+            if not self._tokens:
+                rows = self._fast("reserve_tokens", {"n": TOKEN_BLOCK})
+                self._tokens.extend(int(r.token) for r in rows)
+            return self._tokens.popleft()
 
     def heartbeat(self, file_url: str, token: int) -> float | None:
         rows = self._fast("heartbeat", {"file_url": file_url, "token": token})

@@ -21,6 +21,8 @@ DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 # How long a pending or failed row may wait for its task before the reaper re-enqueues it.
 DEFAULT_WAITING_SECONDS = 120.0
+# Fencing tokens a store reserves from the sequence per query (see Store.reserve_token).
+TOKEN_BLOCK = 100
 
 
 class OutputTransaction(Protocol):
@@ -44,9 +46,19 @@ class Store(Protocol):
         file_type: str | None = None,
         task_name: str | None = None,
         task_id: str | None = None,
-        resume_token: int | None = None,
+        resume_token: int | Sequence[int] | None = None,
+        token: int | None = None,
     ) -> ClaimResult:
-        """Grant a claim or refuse it; `resume_token` hands a stepped-back claim over."""
+        """Grant a claim or refuse it.
+
+        `token`: the token a grant gets (from `reserve_token`, so the caller knows it even if
+        the reply is lost); `resume_token`: token(s) this task chain held before stepping back:
+        if the claim is still one of them, it is handed over under a new token, same attempt.
+        """
+        ...
+
+    def reserve_token(self) -> int:
+        """A fencing token no claim has had, for `claim(token=...)`."""
         ...
 
     def heartbeat(self, file_url: str, token: int) -> float | None:
@@ -169,3 +181,12 @@ def requeue_statuses(statuses: Sequence[Status] | None, force: bool) -> list[Sta
     if force and not statuses:
         chosen.append(Status.COMPLETED)
     return [s for s in chosen if s in (Status.DEAD, Status.FAILED, Status.COMPLETED)]
+
+
+def resume_tokens(resume: int | Sequence[int] | None) -> list[int] | None:
+    """The resume token(s) of a claim as a list (None: none)."""
+    if resume is None:
+        return None
+    if isinstance(resume, int):
+        return [resume]
+    return [int(t) for t in resume] or None

@@ -43,6 +43,7 @@ from pipeline.store import (
     Store,
     error_text,
     requeue_statuses,
+    resume_tokens,
     split_registrations,
 )
 
@@ -274,13 +275,16 @@ class MemoryStore:
         file_type: str | None = None,
         task_name: str | None = None,
         task_id: str | None = None,
-        resume_token: int | None = None,
+        resume_token: int | Sequence[int] | None = None,
+        token: int | None = None,
     ) -> ClaimResult:
         """pipeline_claim_v1: grant (insert or take over), or refuse with done / busy / dead.
 
-        `resume_token`: if the claim is still that token's, it is handed over under a new
-        token, same attempt (a task chain stepping back and resuming).
+        `token`: the token a grant gets (reserved in advance); `resume_token`: if the claim is
+        still one of those tokens, it is handed over under a new token, same attempt (a task
+        chain stepping back and resuming).
         """
+        resume = resume_tokens(resume_token) or []
         lease = float(lease_seconds or DEFAULT_LEASE_SECONDS)
         if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -297,7 +301,7 @@ class MemoryStore:
                     status=Status.PROCESSING,
                     attempt=1,
                     max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
-                    token=next(self._tokens),
+                    token=token if token is not None else next(self._tokens),
                     lease_seconds=lease,
                     lease_expires_at=now + dt.timedelta(seconds=lease),
                     processed_by=worker_id,
@@ -309,20 +313,17 @@ class MemoryStore:
                 return self._granted(row, worker_id, task_id, now)
 
             cap = max_attempts if max_attempts is not None else row.max_attempts
-            if (
-                resume_token is not None
-                and row.status is Status.PROCESSING
-                and row.token == resume_token
-            ):
+            if row.status is Status.PROCESSING and row.token in resume:
                 # The execution that held the token has ended (it scheduled us); a duplicate
                 # carrying the same token finds it already swapped and is refused below.
-                row.token = next(self._tokens)
+                old_token = row.token
+                row.token = token if token is not None else next(self._tokens)
                 row.lease_seconds = lease
                 row.lease_expires_at = now + dt.timedelta(seconds=lease)
                 row.processed_by = worker_id
                 row.task_id = task_id
                 row.updated_at = now
-                attempt = self._attempt(file_url, resume_token)
+                attempt = self._attempt(file_url, old_token)
                 if attempt is not None:
                     attempt.token = row.token
                     attempt.worker = worker_id
@@ -361,7 +362,7 @@ class MemoryStore:
             row.status = Status.PROCESSING
             row.attempt += 1
             row.max_attempts = cap
-            row.token = next(self._tokens)
+            row.token = token if token is not None else next(self._tokens)
             row.lease_seconds = lease
             row.lease_expires_at = now + dt.timedelta(seconds=lease)
             row.processed_by = worker_id
@@ -420,6 +421,11 @@ class MemoryStore:
         if row is None or row.token != token or row.status is not Status.PROCESSING:
             return None
         return row
+
+    def reserve_token(self) -> int:
+        """A token no claim has had (the sequence, as on Postgres)."""
+        with self._lock:
+            return next(self._tokens)
 
     def heartbeat(self, file_url: str, token: int) -> float | None:
         """queries.sql `heartbeat`: extend the lease of the current claim."""

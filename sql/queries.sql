@@ -4,7 +4,12 @@
 -- claim --
 -- Claim a file (grant, or refuse with done / busy / dead); see pipeline_claim_v1.
 SELECT * FROM pipeline_claim_v1(:file_url, :worker, :lease_seconds, :max_attempts,
-                                :file_type, :task_name, :task_id, :resume_token)
+                                :file_type, :task_name, :task_id,
+                                CAST(:resume_tokens AS bigint[]), :token)
+
+-- reserve_tokens --
+-- Fencing tokens taken from the sequence in advance, for claims to propose (see claim).
+SELECT nextval('file_checkpoints_token_seq') AS token FROM generate_series(1, :n)
 
 -- heartbeat --
 -- Extend the lease of the current claim; no row when the token is stale.

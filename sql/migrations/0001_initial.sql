@@ -104,9 +104,13 @@ CREATE FUNCTION pipeline_claim_v1(
     p_file_type     text,
     p_task_name     text,
     p_task_id       text,
-    -- A token this task chain held before it had to step back (database unreachable): if the
-    -- claim is still that token's, it is handed over under a new token, same attempt.
-    p_resume_token  bigint DEFAULT NULL
+    -- Tokens this task chain held before it had to step back (database unreachable, or the
+    -- reply to its claim lost): if the claim is still one of them, it is handed over under a
+    -- new token, same attempt.
+    p_resume_tokens bigint[] DEFAULT NULL,
+    -- The token a granted claim gets, reserved from file_checkpoints_token_seq in advance by
+    -- the caller, so the caller knows it even when this call's reply is lost. NULL: take one.
+    p_token         bigint DEFAULT NULL
 ) RETURNS TABLE (
     outcome             text,
     token               bigint,
@@ -123,6 +127,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r       file_checkpoints%ROWTYPE;
     v_cap   integer;
+    v_old   bigint;
 BEGIN
     -- First sight of the file: insert it already claimed.
     INSERT INTO file_checkpoints AS c (
@@ -130,7 +135,7 @@ BEGIN
         lease_expires_at, processed_by, task_name, task_id, started_at, updated_at)
     VALUES (
         p_file_url, coalesce(p_file_type, 'unknown'), 'processing', 1, coalesce(p_max_attempts, 3),
-        nextval('file_checkpoints_token_seq'), p_lease_seconds,
+        coalesce(p_token, nextval('file_checkpoints_token_seq')), p_lease_seconds,
         now() + make_interval(secs => p_lease_seconds), p_worker, p_task_name, p_task_id, now(), now())
     ON CONFLICT (file_url) DO NOTHING
     RETURNING c.* INTO r;
@@ -154,17 +159,19 @@ BEGIN
     SELECT * INTO STRICT r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
     v_cap := coalesce(p_max_attempts, r.max_attempts);
 
-    IF p_resume_token IS NOT NULL AND r.status = 'processing' AND r.token = p_resume_token THEN
+    IF r.status = 'processing' AND r.token = ANY(p_resume_tokens) THEN
         -- The execution that held this token has ended (it scheduled us); a duplicate of this
         -- message carrying the same token finds the token already swapped and is refused.
+        v_old := r.token;
         UPDATE file_checkpoints c
-           SET token = nextval('file_checkpoints_token_seq'), lease_seconds = p_lease_seconds,
+           SET token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+               lease_seconds = p_lease_seconds,
                lease_expires_at = now() + make_interval(secs => p_lease_seconds),
                processed_by = p_worker, task_id = p_task_id, updated_at = now()
          WHERE c.file_url = p_file_url
         RETURNING c.* INTO r;
         UPDATE file_attempts a SET token = r.token, worker = p_worker, task_id = p_task_id
-         WHERE a.token = p_resume_token;
+         WHERE a.token = v_old;
         RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
             NULL::double precision, 0, 0, 0, NULL::text;
         RETURN;
@@ -210,7 +217,8 @@ BEGIN
     -- pending, failed with attempts left, or a lost claim with attempts left: take it.
     UPDATE file_checkpoints c
        SET status = 'processing', attempt = r.attempt + 1, max_attempts = v_cap,
-           token = nextval('file_checkpoints_token_seq'), lease_seconds = p_lease_seconds,
+           token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+           lease_seconds = p_lease_seconds,
            lease_expires_at = now() + make_interval(secs => p_lease_seconds),
            processed_by = p_worker, task_name = coalesce(p_task_name, r.task_name),
            task_id = p_task_id, file_type = coalesce(p_file_type, r.file_type),

@@ -803,6 +803,39 @@ def test_claim__resume_token_hands_the_claim_over_on_the_same_attempt(store: Sto
     assert [(a.attempt, a.token, a.worker) for a in row.attempts] == [(1, resumed.token, "w2")]
 
 
+def test_claim__a_reserved_token_is_the_granted_claims_token(store: Store) -> None:
+    token = store.reserve_token()
+    assert store.reserve_token() != token
+    assert granted(store.claim(URL, "w1", LONG_LEASE, token=token)).token == token
+
+
+def test_claim__retried_after_a_lost_reply_resumes_its_own_claim_on_the_same_attempt(
+    store: Store,
+) -> None:
+    # The first call committed, but its caller never saw the reply: all it knows is the token
+    # it proposed. Its retry resumes that claim instead of waiting for the lease.
+    lost_reply = store.reserve_token()
+    granted(store.claim(URL, "w1", LONG_LEASE, token=lost_reply))
+    retry = store.reserve_token()
+    resumed = granted(
+        store.claim(URL, "w1", LONG_LEASE, resume_token=[111_111_111, lost_reply], token=retry)
+    )
+    assert (resumed.attempt, resumed.token) == (1, retry)
+    # A duplicate of the retry message carries the same tokens: an ordinary BUSY now.
+    refused(store.claim(URL, "w2", LONG_LEASE, resume_token=[lost_reply]), Reason.BUSY)
+    row = store.get(URL, with_attempts=True)
+    assert row is not None
+    assert [(a.attempt, a.token, a.outcome) for a in row.attempts] == [(1, retry, Outcome.RUNNING)]
+
+
+def test_claim__resume_tokens_of_another_claim_change_nothing(store: Store) -> None:
+    first = granted(store.claim(URL, "w1", LONG_LEASE))
+    refused(store.claim(URL, "w2", LONG_LEASE, resume_token=[first.token + 1]), Reason.BUSY)
+    row = store.get(URL)
+    assert row is not None
+    assert row.token == first.token
+
+
 # -- abandon: the claim of a process known to be dead -----------------------------------------
 
 
