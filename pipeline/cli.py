@@ -542,6 +542,9 @@ def metrics(port: int, addr: str, interval: float) -> None:
 
 
 FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
+# Flower's task list hides arguments and results by default; the file URL and the outcome
+# (stats, or why a duplicate was skipped) are what a pipeline operator looks for.
+FLOWER_COLUMNS = "name,uuid,state,args,result,exception,received,runtime"
 
 
 def flower_command(port: int, *extra: str) -> list[str]:
@@ -562,9 +565,7 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     if basic_auth:
         # Passed through the environment, never argv: a command line is visible to every user.
         env[FLOWER_AUTH_ENV] = basic_auth
-    # Flower's task list hides arguments and results by default; the file URL and the outcome
-    # (stats, or why a duplicate was skipped) are what a pipeline operator looks for.
-    env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,result,exception,received,runtime")
+    env.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_COLUMNS)
     proc = subprocess.Popen(flower_command(port), env=env)
     # Hand a SIGTERM (docker stop, a supervisor) on to Flower: unhandled, it would end only
     # this wrapper (or nothing, as PID 1) and leave Flower serving the port as an orphan.
@@ -580,58 +581,115 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
 @click.option(
     "--data", "data_dir", type=click.Path(file_okay=False), help="where to write the sample files"
 )
-def demo(n_files: int, n_workers: int, data_dir: str | None) -> None:
+@click.option(
+    "--flower",
+    "flower_port",
+    type=int,
+    help="also run Flower on 127.0.0.1:PORT (local only, no password) and keep everything up "
+    "until Ctrl-C",
+)
+def demo(n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None) -> None:
     """Generate a sample batch, run real workers on it, and show the outcome."""
-    from pipeline import sample
 
     with _handled():
         store = _open_store(broker=True)
-        applied = store.upgrade()
-        if applied:
-            err.print(f"schema: applied {', '.join(applied)}")
-        folder = pathlib.Path(data_dir) if data_dir else local.state_dir() / "demo-data"
-        if not folder.exists() or not any(folder.iterdir()):
-            paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
-            err.print(
-                f"wrote {len(paths)} sample files to {escape(str(folder))} "
-                "(some malformed lines, one poison file)"
-            )
-        batch_id = "demo"
-        report = _submit(
-            store,
-            (),
-            None,
-            str(folder / "*"),
-            batch_id,
-            producer.DEFAULT_TASK,
-            "events",
-            3,
-            False,
-            True,
-        )
-        if report.enqueued == 0 and report.in_flight_before == 0:
-            out.print(
-                f"[green]nothing to do:[/green] all {report.seen} files of batch "
-                f"{batch_id!r} are already done"
-            )
-            print_overview(store.overview(batch_id), batch_id)
-            raise SystemExit(EXIT_OK)
-        logs = escape(str(local.state_dir() / "logs"))
-        err.print(f"starting {n_workers} workers (logs in {logs})")
-        procs = start_workers(n_workers, local.state_dir() / "logs")
+        # Started first: Flower shows only the task events it saw.
+        flower_proc = start_flower(flower_port) if flower_port else None
         try:
-            overview = follow(store, batch_id, timeout=600)
+            _demo(store, n_files, n_workers, data_dir, flower_port)
         finally:
-            stop_workers(procs)
-        print_overview(overview, batch_id)
-        from pipeline.celery_app import app
-
-        out.print(
-            "\nWatch it in Flower: pip install flower, then\n"
-            f"  celery -A pipeline --broker '{config.mask_url(app.conf.broker_url)}' flower\n"
-            "(run `pipeline demo` again to see every file recognised as done)"
-        )
+            if flower_proc is not None:
+                stop_workers([flower_proc])
     raise SystemExit(EXIT_OK)
+
+
+def wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM; either way the caller's cleanup then runs."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Explicitly: a process started in the background may inherit SIGINT ignored, and an
+    # unhandled SIGTERM would skip the cleanup (orphaning the workers and Flower).
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def start_flower(port: int) -> subprocess.Popen[bytes]:
+    """A local Flower for the demo: bound to 127.0.0.1, no password, logs under the state dir."""
+    log_dir = local.state_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLOWER_TASKS_COLUMNS": FLOWER_COLUMNS}
+    env.pop(FLOWER_AUTH_ENV, None)
+    log = (log_dir / "flower.log").open("wb")
+    proc = subprocess.Popen(
+        flower_command(port, "--address=127.0.0.1"),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    err.print(f"Flower on http://127.0.0.1:{port}/tasks (log in {escape(str(log_dir))})")
+    return proc
+
+
+def _demo(
+    store: Store, n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None
+) -> None:
+    from pipeline import sample
+
+    applied = store.upgrade()
+    if applied:
+        err.print(f"schema: applied {', '.join(applied)}")
+    folder = pathlib.Path(data_dir) if data_dir else local.state_dir() / "demo-data"
+    if not folder.exists() or not any(folder.iterdir()):
+        paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
+        err.print(
+            f"wrote {len(paths)} sample files to {escape(str(folder))} "
+            "(some malformed lines, one poison file)"
+        )
+    batch_id = "demo"
+    report = _submit(
+        store,
+        (),
+        None,
+        str(folder / "*"),
+        batch_id,
+        producer.DEFAULT_TASK,
+        "events",
+        3,
+        False,
+        True,
+    )
+    if report.enqueued == 0 and report.in_flight_before == 0:
+        out.print(
+            f"[green]nothing to do:[/green] all {report.seen} files of batch "
+            f"{batch_id!r} are already done"
+        )
+        print_overview(store.overview(batch_id), batch_id)
+        return
+    logs = escape(str(local.state_dir() / "logs"))
+    err.print(f"starting {n_workers} workers (logs in {logs})")
+    procs = start_workers(n_workers, local.state_dir() / "logs")
+    try:
+        overview = follow(store, batch_id, timeout=600)
+        print_overview(overview, batch_id)
+        if flower_port:
+            out.print(f"\nFlower: http://127.0.0.1:{flower_port}/tasks; Ctrl-C to stop")
+            wait_for_stop()
+    finally:
+        stop_workers(procs)
+    if not flower_port:
+        out.print(
+            "\nRun `pipeline demo` again to see every file recognised as done. To watch a "
+            "run in Flower,\nstart from an empty state folder: "
+            f"rm -rf {escape(str(local.state_dir()))} && pipeline demo --flower 5555"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

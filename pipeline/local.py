@@ -84,5 +84,6 @@ def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str
         os.environ[config.BROKER_URL_ENV] = url
         started[config.BROKER_URL_ENV] = url
     if started and notify is not None:
-        notify(f"no service URLs set: using private servers under {state_dir()}")
+        shown = ", ".join(config.mask_url(url) for url in started.values())
+        notify(f"no service URLs set: using private servers under {state_dir()} ({shown})")
     return started

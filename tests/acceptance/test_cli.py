@@ -631,8 +631,8 @@ def test_demo__runs_on_private_servers_then_has_nothing_to_do_and_leaves_nothing
     assert re.search(rf"demo\s*│\s*{cells}\s*│", first.stdout), first.describe()
     assert "30 files, 30 enqueued" in first.flat_stderr
     assert "latest dead files" in first.stdout
-    socket = re.search(r"redis\+socket://(\S+?)'", first.stdout)
-    assert socket is not None, first.stdout
+    socket = re.search(r"redis\+socket://(\S+?\.socket)", first.flat_stderr)
+    assert socket is not None, first.flat_stderr
     needles = (socket.group(1),)
 
     second = run_cli("demo", "--files", "30", env=env, cwd=tmp_path, timeout=60)
