@@ -24,6 +24,11 @@ class SchemaMissing(PipelineError):
 class LostClaim(PipelineError):
     """This execution no longer holds the claim on the file; its writes were not applied."""
 
+    @classmethod
+    def of(cls, url: str, token: int, what: str) -> LostClaim:
+        """The error for a stale write: `what` says what was not applied."""
+        return cls(f"claim on {url} (token {token}) was lost; {what}", url=url, token=token)
+
 
 class InvalidURL(PipelineError):
     """The file URL is not valid."""

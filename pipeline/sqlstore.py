@@ -431,11 +431,7 @@ class PostgresStore:
         else:
             ok = self._fast("complete", params)[0].ok
         if not ok:
-            raise errors.LostClaim(
-                f"claim on {file_url} (token {token}) was lost; completion not applied",
-                url=file_url,
-                token=token,
-            )
+            raise errors.LostClaim.of(file_url, token, "completion not applied")
 
     def fail(
         self,
@@ -457,11 +453,7 @@ class PostgresStore:
             },
         )
         if not rows:
-            raise errors.LostClaim(
-                f"claim on {file_url} (token {token}) was lost; failure not recorded",
-                url=file_url,
-                token=token,
-            )
+            raise errors.LostClaim.of(file_url, token, "failure not recorded")
         row = rows[0]
         return FailResult(Status(row.status), row.attempt, row.max_attempts)
 

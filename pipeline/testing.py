@@ -459,11 +459,7 @@ class MemoryStore:
         with self._lock:
             row = self._held(file_url, token)
             if row is None:
-                raise errors.LostClaim(
-                    f"claim on {file_url} (token {token}) was lost; completion not applied",
-                    url=file_url,
-                    token=token,
-                )
+                raise errors.LostClaim.of(file_url, token, "completion not applied")
             now = self.now()
             attempt = self._attempt(file_url, token)
             row_before = row.copy()
@@ -502,11 +498,7 @@ class MemoryStore:
         with self._lock:
             row = self._held(file_url, token)
             if row is None:
-                raise errors.LostClaim(
-                    f"claim on {file_url} (token {token}) was lost; failure not recorded",
-                    url=file_url,
-                    token=token,
-                )
+                raise errors.LostClaim.of(file_url, token, "failure not recorded")
             now = self.now()
             will_retry = retryable and row.attempt < row.max_attempts
             row.status = Status.FAILED if will_retry else Status.DEAD
