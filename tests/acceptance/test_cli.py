@@ -639,6 +639,10 @@ def test_demo__runs_on_private_servers_then_has_nothing_to_do_and_leaves_nothing
     assert second.returncode == 0, second.describe()
     assert "nothing to do" in second.stdout, second.describe()
     assert "30 files, 0 enqueued, 29 already completed, 1 already dead" in second.flat_stderr
+    # Each run starts (and must stop) its own private Redis: watch both sockets.
+    again = re.search(r"redis\+socket://(\S+?\.socket)", second.flat_stderr)
+    assert again is not None, second.flat_stderr
+    needles = (*needles, again.group(1))
 
     # The private servers and workers stop with the command (a moment after, for the
     # servers' own shutdown); nothing may keep running.
