@@ -205,10 +205,6 @@ class PostgresStore:
             )
         return self._sa_engine
 
-    @property
-    def masked_url(self) -> str:
-        return config.mask_url(self.url)
-
     def _driver(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:

@@ -405,13 +405,14 @@ class MemoryStore:
                 return attempt
         return None
 
-    def _mark_lost(self, row: _Row, now: dt.datetime) -> None:
+    def _mark_lost(self, row: _Row, now: dt.datetime, message: str | None = None) -> None:
+        """Record the current claim's running attempt as lost (default: its lease expired)."""
         attempt = self._attempt(row.file_url, row.token)
         if attempt is not None and attempt.outcome is Outcome.RUNNING:
             attempt.outcome = Outcome.LOST
             attempt.ended_at = now
             attempt.error_class = "WorkerLost"
-            attempt.error_message = (
+            attempt.error_message = message or (
                 f"lease expired at {row.lease_expires_at}; worker {_text(row.processed_by)} lost"
             )
 
@@ -525,12 +526,7 @@ class MemoryStore:
             ):
                 return None  # completed, failed or taken over already
             now = self.now()
-            attempt = self._attempt(file_url, row.token)
-            if attempt is not None and attempt.outcome is Outcome.RUNNING:
-                attempt.outcome = Outcome.LOST
-                attempt.ended_at = now
-                attempt.error_class = "WorkerLost"
-                attempt.error_message = f"process {worker_id} died while running the file"
+            self._mark_lost(row, now, f"process {worker_id} died while running the file")
             where = f"attempt {row.attempt} of {row.max_attempts}"
             if row.attempt < row.max_attempts:
                 row.status = Status.FAILED
