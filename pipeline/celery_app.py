@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from typing import Any
 
@@ -99,7 +100,7 @@ def reap_once(
     waiting_seconds: float | None = None,
     celery_app: Any = None,
 ) -> dict[str, int]:
-    """Move expired claims on and re-enqueue what needs a task; returns counts."""
+    """One sweep: move expired claims on and re-enqueue what needs a task; returns counts."""
     store = store or get_store()
     waiting = (
         waiting_seconds
@@ -108,16 +109,65 @@ def reap_once(
     )
     depth = queue_depth(celery_app or app)
     if depth:
-        # Messages are still queued: a row that waited long may simply be behind them (a big
-        # batch drains slower than any threshold), and re-enqueueing it would flood the broker
-        # with duplicates. Rows whose message was lost are handed back once the queue drains.
-        logger.info("reaper: %d messages queued; waiting rows left for later", depth)
+        # Messages are still queued: a pending row that waited long may simply be behind them
+        # (a big batch drains slower than any threshold), and re-enqueueing it would flood the
+        # broker with duplicates. Rows whose message was lost are handed back once the queue
+        # drains. Expired leases and overdue retries are handed back either way.
+        logger.debug("sweep: %d messages queued; waiting rows left for later", depth)
     work = store.reap(waiting_seconds=None if depth else waiting)
     dead = sum(1 for w in work if w.status.terminal)
     sent = enqueue(work, celery_app=celery_app)
     if work:
-        logger.info("reaper: %d rows moved on, %d re-enqueued, %d dead", len(work), sent, dead)
+        logger.info("sweep: %d rows moved on, %d re-enqueued, %d dead", len(work), sent, dead)
     return {"reaped": len(work), "enqueued": sent, "dead": dead, "queued": depth or 0}
+
+
+def sweep_interval() -> float:
+    """Seconds between sweeps (PIPELINE_REAP_INTERVAL, default 5)."""
+    return float(os.environ.get("PIPELINE_REAP_INTERVAL") or 5)
+
+
+class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The sweep (reaper) inside every worker, so nobody has to remember `celery beat`.
+
+    A thread of the worker's main process, not a task: it never waits behind queued files, and
+    a frozen or busy pool cannot hold it up. Every worker runs one; the database lets one sweep
+    through at a time (an advisory lock in pipeline_reap_v2), the others return at once.
+    PIPELINE_SWEEP=0 turns it off (beat or `pipeline reap` then do the job).
+    """
+
+    requires = frozenset({"celery.worker.components:Pool"})
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        if os.environ.get("PIPELINE_SWEEP", "1").strip().lower() in ("0", "false", "no", "off"):
+            logger.info("sweep: off in this worker (PIPELINE_SWEEP)")
+            return
+        self._thread = threading.Thread(
+            target=self._loop, args=(worker.app,), name="pipeline-sweeper", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+
+    def _loop(self, celery_app: Any) -> None:
+        interval = sweep_interval()
+        # Jittered, so the workers of a fleet started together do not all ask at once.
+        while not self._stop.wait(interval * random.uniform(0.8, 1.0)):
+            try:
+                reap_once(celery_app=celery_app)
+            except errors.StoreUnavailable as error:
+                logger.warning("sweep skipped: %s", error)
+            except Exception:  # never let the sweeper die; the next round tries again
+                logger.exception("sweep failed")
+
+
+app.steps["worker"].add(Sweeper)
 
 
 def queue_depth(celery_app: Any, queue: str | None = None) -> int | None:

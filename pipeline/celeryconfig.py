@@ -49,14 +49,15 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 
 broker_transport_options = {
-    # Unacked messages of a SIGKILLed worker go back to the queue after this long. It is short
-    # (the default is an hour) because a long-running task's message that comes back early is
-    # harmless: its copy finds the claim busy and waits for the lease.
-    "visibility_timeout": 30,
-    # kombu sweeps for such messages every interval x throttle seconds (10 x 10 by default,
-    # so ~100 s); every 2 s here, one ZRANGE on the unacked index.
-    "unacked_restore_interval": 2,
-    "unacked_restore_throttle": 1,
+    # Redis: an unacked message goes back to the queue after this long, whether or not its
+    # worker is alive. It is not how pipeline recovers a file (the lease and the sweep do, on
+    # the database clock), so it is set beyond the longest backoff (300 s) and any file's
+    # run: a long file or a scheduled retry is never copied while its worker lives. Kept an
+    # hour, Celery's default; the copy of a dead worker's message is harmless (one claim).
+    "visibility_timeout": 3600,
+    # kombu looks for such messages every interval x throttle seconds (10 x 10 by default).
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 10,
 }
 
 # Events for Flower: received (with the arguments), started, retried, succeeded, failed.
@@ -66,7 +67,8 @@ task_track_started = True
 # cost, measured), and Flower gets the file URL from the worker's task-received event.
 task_send_sent_event = False
 
-# The reaper runs under `celery beat`; see pipeline.celery_app.reap.
+# The sweep runs inside every worker (pipeline.celery_app.Sweeper); beat may still send
+# `pipeline.reap` for those who run it (it then waits in the queue like any task).
 beat_schedule = {
     "pipeline-reap": {
         "task": "pipeline.reap",

@@ -11,16 +11,16 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request
 
 from pipeline import errors
-from pipeline.models import Claim, Reason, Refusal, Stats, Status
+from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, Store, resume_tokens
 
 logger = logging.getLogger("pipeline")
@@ -211,21 +211,38 @@ def _skipped(file_url: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {"file_url": file_url, "skipped": True, "reason": reason, **extra}
 
 
+# How often the function may start within one attempt: a start whose output transaction the
+# database broke (a restart, a cut connection) runs again under the same claim once the
+# database answers, at most this many starts in all; past that the attempt is failed.
+MAX_STARTS_PER_ATTEMPT = 5
+# Pauses while waiting for the database where the execution stands (seconds, then the last
+# one repeated): short, so a file carries on within a few seconds of the database's return.
+STORE_WAITS = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
+# A delivery that comes this close before its retry is due waits for it instead of being
+# dropped (clock steps between worker and database, an ETA fired a hair early).
+NOT_DUE_SLACK = 2.0
+
+T = TypeVar("T")
+
+
 def run(
     task: Task, fn: Callable[..., Any], spec: Spec, file_url: str, args: Any, kwargs: Any
 ) -> Any:
-    """One execution: claim, run with heartbeat, complete or fail; Celery retries as needed."""
+    """One delivery: claim, run with heartbeat, complete or fail (Postgres decides)."""
     from pipeline.celery_app import get_store
 
-    # Tokens of claims this task chain may still hold (an older message carries one int).
+    # Tokens of claims an older message of this chain may still hold (pre-0.2 step-backs).
     resume = resume_tokens(kwargs.pop("_pipeline_resume", None)) or []
     store = get_store()
-    proposed: int | None = None
-    try:
-        # Reserved before the call, so that if the claim commits but its reply is lost, the
-        # retry knows the token and resumes its own claim instead of waiting out the lease.
-        proposed = store.reserve_token()
-        claim = store.claim(
+    proposed: list[int] = []
+
+    def claim() -> ClaimResult:
+        # The token is reserved before the call, so that if the claim commits but its reply
+        # is lost, the next try resumes that claim (same attempt) instead of finding it BUSY.
+        token = store.reserve_token()
+        earlier = [*resume, *proposed]
+        proposed.append(token)
+        return store.claim(
             file_url,
             _worker_id(task),
             spec.lease_seconds,
@@ -233,17 +250,36 @@ def run(
             file_type=spec.file_type,
             task_name=task.name,
             task_id=task.request.id,
-            resume_token=resume or None,
-            token=proposed,
+            resume_token=earlier or None,
+            token=token,
         )
-    except errors.StoreUnavailable as error:
-        # Never run unclaimed; waiting for the database is not an attempt.
-        carried = [*resume, proposed] if proposed is not None else resume
-        raise _wait_for_database(task, spec, error, kwargs, carried) from error
 
-    if isinstance(claim, Refusal):
-        return _refused(task, spec, claim, kwargs)
-    return _execute(task, fn, spec, store, claim, args, kwargs)
+    try:
+        # Never run unclaimed; waiting for the database is not an attempt, and it happens
+        # here, holding this message: no copy goes to the broker while the database is away.
+        result = wait_for_store(claim, f"claiming {file_url}")
+    except SoftTimeLimitExceeded as error:
+        # Waited for the database past the task's soft time limit: step back to the broker.
+        raise _retry_later(task, error, spec.backoff.delay(task.request.retries), kwargs) from None
+
+    if isinstance(result, Refusal):
+        return _refused(task, spec, result, kwargs)
+    return _execute(task, fn, spec, store, result, args, kwargs)
+
+
+def wait_for_store(call: Callable[[], T], what: str) -> T:
+    """`call()`, again and again while the store is unavailable, pausing a little longer each
+    time (STORE_WAITS): the execution waits where it stands for the database."""
+    n = 0
+    while True:
+        try:
+            return call()
+        except errors.StoreUnavailable as error:
+            pause = STORE_WAITS[min(n, len(STORE_WAITS) - 1)]
+            if n % 12 == 0:  # the first time, then about once a minute
+                logger.warning("%s: %s; waiting for the database", what, error)
+            n += 1
+            time.sleep(pause)
 
 
 def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
@@ -251,18 +287,27 @@ def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
         stats = refusal.stats.as_dict() if refusal.stats else {}
         return _skipped(refusal.file_url, "already completed", stats=stats)
     if refusal.reason is Reason.BUSY:
-        # Another live execution holds it: come back when its lease ends (not an attempt).
-        wait = (refusal.retry_in or spec.lease_seconds) + random.uniform(0.1, 1.0)
-        raise _retry_later(
-            task,
-            errors.FileBusy(
-                f"{refusal.file_url} is being processed elsewhere; lease ends in "
-                f"{refusal.retry_in or 0:.1f}s",
-                url=refusal.file_url,
-            ),
-            wait,
-            kwargs,
+        # Another live execution holds it: this delivery is only a copy (a redelivery, a
+        # duplicate). The holder finishes the file, or its lease expires and the sweep hands
+        # the file on; scheduling a retry here is what multiplied messages for long files.
+        return _skipped(
+            refusal.file_url,
+            "in progress elsewhere",
+            lease_ends_in=round(refusal.retry_in or 0.0, 1),
         )
+    if refusal.reason is Reason.NOT_DUE:
+        left = refusal.retry_in or 0.0
+        if left <= NOT_DUE_SLACK:
+            # A hair early (clocks): come back when it is due rather than wait for the sweep.
+            raise _retry_later(
+                task,
+                errors.FileBusy(f"{refusal.file_url} is due in {left:.1f}s", url=refusal.file_url),
+                left + 0.1,
+                kwargs,
+            )
+        # Its backoff is not over: an early copy. The retry message (or the sweep, once the
+        # retry is overdue) brings the file back when the database says it is due.
+        return _skipped(refusal.file_url, "retry not due yet", due_in=round(left, 1))
     raise errors.FileDead(f"{refusal.file_url} is dead: {refusal.error}", url=refusal.file_url)
 
 
@@ -276,67 +321,122 @@ def _execute(
     kwargs: Any,
 ) -> Any:
     heartbeat = keeper.hold(store, claim)
-    started = time.monotonic()
+    last_error: BaseException | None = None
     try:
-        with contextlib.ExitStack() as stack:
-            context = CheckpointContext(store, claim, stack)
-            call_kwargs = dict(kwargs)
-            if spec.wants_checkpoint:
-                call_kwargs["checkpoint"] = context
+        for start in range(1, MAX_STARTS_PER_ATTEMPT + 1):
             try:
-                result = fn(claim.file_url, *args, **call_kwargs)
-                stats = Stats.coerce(result)
-                if heartbeat.lost.is_set():
-                    raise errors.LostClaim(url=claim.file_url, token=claim.token)
-                store.complete(
-                    claim.file_url,
-                    claim.token,
-                    stats,
-                    processing_time_ms=int((time.monotonic() - started) * 1000),
-                    details=context.details or None,
-                    transaction=context.output_transaction,
-                )
+                return _run_once(fn, spec, store, claim, heartbeat, args, kwargs)
             except errors.LostClaim:
-                raise  # rolls the output back on the way out of the stack
-            except Exception as error:
-                if store.unavailable(error):
-                    raise errors.StoreUnavailable(str(error)) from error
-                raise
-        # committed: output and 'completed' together
-        return {"file_url": claim.file_url, "attempt": claim.attempt, **stats.as_dict()}
-    except errors.LostClaim:
-        # A newer claim took the file over (we were frozen or too slow): our writes were
-        # fenced off and rolled back; the new holder's result stands.
-        logger.warning("claim on %s lost; output discarded", claim.file_url)
-        return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
-    except errors.StoreUnavailable as error:
-        if _raised_during(error, errors.LostClaim):
-            # The rollback on the way out of a lost claim failed because the takeover ended
-            # our output transaction's session (pipeline_fence_v1): still a lost claim, not
-            # an outage, and nothing of ours was committed.
-            logger.warning("claim on %s lost; output discarded", claim.file_url)
-            return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
-        # The database went away mid-task: step back without spending the attempt. The retry
-        # carries our token, so it resumes this claim if nobody took it over meanwhile.
-        raise _wait_for_database(task, spec, error, kwargs, [claim.token]) from error
+                # A newer claim took the file over (we were frozen or too slow): our writes
+                # were fenced off and rolled back; the new holder's result stands.
+                logger.warning("claim on %s lost; output discarded", claim.file_url)
+                return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
+            except errors.StoreUnavailable as error:
+                if _raised_during(error, errors.LostClaim):
+                    # The rollback on the way out of a lost claim failed because the takeover
+                    # ended our output transaction's session (pipeline_fence_v1): still a lost
+                    # claim, not an outage, and nothing of ours was committed.
+                    logger.warning("claim on %s lost; output discarded", claim.file_url)
+                    return _skipped(
+                        claim.file_url, "claim lost to a newer execution; output discarded"
+                    )
+                # The database went away mid-execution: wait for it here, holding the message
+                # and the pool process, then find out what became of the claim.
+                logger.warning(
+                    "database lost during %s (start %d of at most %d in this attempt): %s",
+                    claim.file_url,
+                    start,
+                    MAX_STARTS_PER_ATTEMPT,
+                    error,
+                )
+                where = wait_for_store(
+                    lambda: _where_is(store, claim), f"resuming {claim.file_url}"
+                )
+                if isinstance(where, dict):
+                    return where  # our completion had committed; only its reply was lost
+                if where is None:
+                    logger.warning("claim on %s lost while the database was away", claim.file_url)
+                    return _skipped(
+                        claim.file_url, "claim lost while the database was away; output discarded"
+                    )
+                # Still ours: the broken output transaction was rolled back; start again,
+                # same claim, same attempt.
+                last_error = error
+        raise errors.TransactionBroken(
+            f"the database broke the output transaction of {claim.file_url} "
+            f"{MAX_STARTS_PER_ATTEMPT} times in one attempt; last: {last_error}",
+            url=claim.file_url,
+        )
+    except SoftTimeLimitExceeded as error:
+        return _failed(
+            task,
+            spec,
+            store,
+            claim,
+            errors.TimeLimitExceeded(
+                f"soft time limit of {task.soft_time_limit or '?'} s exceeded", url=claim.file_url
+            ),
+            kwargs,
+            cause=error,
+        )
     except Exception as error:
         return _failed(task, spec, store, claim, error, kwargs)
     finally:
         keeper.release(heartbeat)
 
 
-def _wait_for_database(
-    task: Task, spec: Spec, error: BaseException, kwargs: Any, tokens: Sequence[int]
-) -> Retry:
-    """Back off until the database answers (not an attempt); the retry carries `tokens`, so it
-    resumes a claim still held under one of them (new token, same attempt) if nobody took the
-    file over meanwhile."""
-    resume = {**kwargs, "_pipeline_resume": list(tokens)} if tokens else kwargs
-    return _retry_later(task, error, spec.backoff.delay(task.request.retries), resume)
+def _run_once(
+    fn: Callable[..., Any],
+    spec: Spec,
+    store: Store,
+    claim: Claim,
+    heartbeat: Held,
+    args: Any,
+    kwargs: Any,
+) -> dict[str, Any]:
+    """One start of the function under `claim`, completed in its output transaction."""
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        context = CheckpointContext(store, claim, stack)
+        call_kwargs = dict(kwargs)
+        if spec.wants_checkpoint:
+            call_kwargs["checkpoint"] = context
+        try:
+            result = fn(claim.file_url, *args, **call_kwargs)
+            stats = Stats.coerce(result)
+            if heartbeat.lost.is_set():
+                raise errors.LostClaim(url=claim.file_url, token=claim.token)
+            store.complete(
+                claim.file_url,
+                claim.token,
+                stats,
+                processing_time_ms=int((time.monotonic() - started) * 1000),
+                details=context.details or None,
+                transaction=context.output_transaction,
+            )
+        except (errors.LostClaim, errors.StoreUnavailable):
+            raise  # rolls the output back on the way out of the stack
+        except Exception as error:
+            if store.unavailable(error):
+                raise errors.StoreUnavailable(str(error)) from error
+            raise
+    # committed: output and 'completed' together
+    return {"file_url": claim.file_url, "attempt": claim.attempt, **stats.as_dict()}
+
+
+def _where_is(store: Store, claim: Claim) -> dict[str, Any] | bool | None:
+    """After an outage: True if `claim` is still held (its lease renewed now), the result if
+    its completion had committed, None if the claim was lost meanwhile."""
+    if store.heartbeat(claim.file_url, claim.token) is not None:
+        return True
+    row = store.get(claim.file_url)
+    if row is not None and row.token == claim.token and row.status is Status.COMPLETED:
+        return {"file_url": claim.file_url, "attempt": claim.attempt, **row.stats.as_dict()}
+    return None
 
 
 def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: Any) -> Retry:
-    """Retry after `countdown` seconds of waiting (for a lease or the database): not an attempt.
+    """Retry after `countdown` seconds of waiting: not an attempt.
 
     Celery runs an eager task's retry at once, ignoring the countdown, so under `apply()` or
     task_always_eager this wait would re-run the task without pause until the stack overflows
@@ -360,29 +460,58 @@ def _raised_during(error: BaseException, kind: type[BaseException]) -> bool:
 
 
 def _failed(
-    task: Task, spec: Spec, store: Store, claim: Claim, error: Exception, kwargs: Any
+    task: Task,
+    spec: Spec,
+    store: Store,
+    claim: Claim,
+    error: Exception,
+    kwargs: Any,
+    *,
+    cause: BaseException | None = None,
 ) -> Any:
     retryable = spec.retryable(error)
+    # The backoff is stored on the row: no attempt may start before it, whatever the broker
+    # delivers; the retry message below is only the reminder.
+    delay = spec.backoff.delay(claim.attempt - 1)
+
+    def record() -> FailResult:
+        try:
+            return store.fail(
+                claim.file_url, claim.token, error, retryable=retryable, retry_in=delay
+            )
+        except errors.LostClaim:
+            # After an outage the failure may have been recorded with only its reply lost.
+            row = store.get(claim.file_url)
+            if (
+                row is None
+                or row.token != claim.token
+                or row.status
+                not in (
+                    Status.FAILED,
+                    Status.DEAD,
+                )
+            ):
+                raise
+            return FailResult(row.status, row.attempt, row.max_attempts, retry_in=delay)
+
     try:
-        outcome = store.fail(claim.file_url, claim.token, error, retryable=retryable)
+        outcome = wait_for_store(record, f"recording the failure of {claim.file_url}")
     except errors.LostClaim:
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
-    except errors.StoreUnavailable as unavailable:
-        # Could not record it; step back and resume the claim later (the error will recur).
-        raise _wait_for_database(task, spec, unavailable, kwargs, [claim.token]) from error
     if outcome.status is Status.FAILED:
         raise task.retry(
             exc=error,
-            countdown=spec.backoff.delay(outcome.attempt - 1),
+            # measured by the database after it wrote retry_at, plus a little: never early
+            countdown=(outcome.retry_in if outcome.retry_in is not None else delay) + 0.05,
             max_retries=None,
             kwargs=kwargs,
-        ) from error
+        ) from (cause or error)
     raise errors.FileDead(
         f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
         f"{type(error).__name__}: {error}",
         url=claim.file_url,
         attempt=outcome.attempt,
-    ) from error
+    ) from (cause or error)
 
 
 def checkpointed(

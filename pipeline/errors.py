@@ -44,3 +44,11 @@ class FileDead(PipelineError):
 
 class FileBusy(PipelineError):
     """Another live execution holds the file's claim."""
+
+
+class TransactionBroken(PipelineError):
+    """The database broke the output transaction too often in one attempt; the attempt failed."""
+
+
+class TimeLimitExceeded(PipelineError):
+    """The function ran past its task's soft time limit; the attempt failed."""

@@ -28,6 +28,8 @@ class Reason(enum.StrEnum):
 
     DONE = "done"
     BUSY = "busy"
+    #: a failed file whose backoff is not over yet (`retry_in` says how long it still runs)
+    NOT_DUE = "not_due"
     DEAD = "dead"
 
 
@@ -139,6 +141,8 @@ class Checkpoint:
     completed_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    #: when a failed row's next attempt may start (its backoff, on the database clock)
+    retry_at: dt.datetime | None = None
     attempts: tuple[Attempt, ...] = ()
 
     @property
@@ -152,11 +156,16 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FailResult:
-    """What `fail` did: the row's new status, and whether a retry should be scheduled."""
+    """What `fail` did: the row's new status, and whether a retry should be scheduled.
+
+    `retry_in`: seconds until the next attempt may start, measured by the store after it
+    wrote the row (so a retry message sent with that countdown is never early).
+    """
 
     status: Status
     attempt: int
     max_attempts: int
+    retry_in: float | None = None
 
     @property
     def will_retry(self) -> bool:

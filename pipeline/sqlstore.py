@@ -43,6 +43,7 @@ from pipeline.models import (
 from pipeline.store import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OVERDUE_SECONDS,
     DEFAULT_WAITING_SECONDS,
     TOKEN_BLOCK,
     error_text,
@@ -262,6 +263,9 @@ class PostgresStore:
             return False
 
     def after_fork(self) -> None:
+        # A fork copies locks in whatever state the parent's other threads (the lease keeper,
+        # the worker's sweeper) left them: start with fresh ones.
+        self._lock = threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
         if self._sa_engine is not None:
@@ -385,6 +389,13 @@ class PostgresStore:
             return Refusal(file_url, Reason.DONE, stats=stats)
         if row.outcome == "busy":
             return Refusal(file_url, Reason.BUSY, retry_in=max(float(row.retry_in), 0.0))
+        if row.outcome == "not_due":
+            return Refusal(
+                file_url,
+                Reason.NOT_DUE,
+                retry_in=max(float(row.retry_in), 0.0),
+                error=row.error_message,
+            )
         return Refusal(file_url, Reason.DEAD, error=row.error_message)
 
     def reserve_token(self) -> int:
@@ -436,6 +447,7 @@ class PostgresStore:
         error: BaseException | str,
         *,
         retryable: bool = True,
+        retry_in: float | None = None,
     ) -> FailResult:
         error_class, message = error_text(error)
         rows = self._fast(
@@ -446,12 +458,19 @@ class PostgresStore:
                 "error_class": error_class,
                 "error_message": message,
                 "retryable": retryable,
+                "retry_in": retry_in,
             },
         )
         if not rows:
             raise errors.LostClaim.of(file_url, token, "failure not recorded")
         row = rows[0]
-        return FailResult(Status(row.status), row.attempt, row.max_attempts)
+        status = Status(row.status)
+        return FailResult(
+            status,
+            row.attempt,
+            row.max_attempts,
+            retry_in=float(row.retry_in) if row.retry_in is not None else None,
+        )
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
         rows = self._fast(
@@ -521,10 +540,17 @@ class PostgresStore:
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
 
     def reap(
-        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
+        self,
+        *,
+        waiting_seconds: float | None = DEFAULT_WAITING_SECONDS,
+        limit: int = 1000,
+        overdue_seconds: float = DEFAULT_OVERDUE_SECONDS,
     ) -> list[Work]:
         waiting = None if waiting_seconds is None else float(waiting_seconds)
-        rows = self._fast("reap", {"waiting_seconds": waiting, "limit": limit})
+        rows = self._fast(
+            "reap",
+            {"waiting_seconds": waiting, "limit": limit, "overdue_seconds": overdue_seconds},
+        )
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]:

@@ -21,6 +21,9 @@ DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 # How long a pending or failed row may wait for its task before the reaper re-enqueues it.
 DEFAULT_WAITING_SECONDS = 120.0
+# How late a scheduled retry may be before the sweep takes its message for lost and sends
+# another (a duplicate costs one claim; a worker busy with other files may start an ETA late).
+DEFAULT_OVERDUE_SECONDS = 5.0
 # Fencing tokens a store reserves from the sequence per query (see Store.reserve_token).
 TOKEN_BLOCK = 100
 
@@ -85,8 +88,12 @@ class Store(Protocol):
         error: BaseException | str,
         *,
         retryable: bool = True,
+        retry_in: float | None = None,
     ) -> FailResult:
-        """Record a failed execution; raises LostClaim when the token is stale."""
+        """Record a failed execution; raises LostClaim when the token is stale.
+
+        With attempts left, the next attempt may not start before `retry_in` seconds from now
+        (on the store's clock): a claim before then is refused NOT_DUE."""
         ...
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
@@ -117,10 +124,16 @@ class Store(Protocol):
     ) -> list[Work]: ...
 
     def reap(
-        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
+        self,
+        *,
+        waiting_seconds: float | None = DEFAULT_WAITING_SECONDS,
+        limit: int = 1000,
+        overdue_seconds: float = DEFAULT_OVERDUE_SECONDS,
     ) -> list[Work]:
-        """Move expired claims on; with `waiting_seconds`, also hand back the pending and
-        failed rows that waited longer than that (None: expired claims only)."""
+        """The sweep: move expired claims on; hand back failed rows whose retry is overdue by
+        `overdue_seconds` (their message lost); with `waiting_seconds`, also the pending rows
+        (and failed ones with no retry time) that waited longer than that (None: skip those).
+        One sweep at a time: a concurrent call returns nothing."""
         ...
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...

@@ -38,6 +38,7 @@ from pipeline.models import (
 from pipeline.store import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OVERDUE_SECONDS,
     DEFAULT_WAITING_SECONDS,
     OutputTransaction,
     Store,
@@ -115,6 +116,7 @@ class _Row:
     token: int | None = None
     lease_seconds: float | None = None
     lease_expires_at: dt.datetime | None = None
+    retry_at: dt.datetime | None = None
     task_name: str | None = None
     task_id: str | None = None
     batch_id: str | None = None
@@ -209,6 +211,15 @@ class MemoryStore:
             row.lease_expires_at = self.now() - _EXPIRED_BY
             return True
 
+    def backdate_retry(self, file_url: str, seconds: float) -> bool:
+        """Put a failed row's retry time `seconds` in the past; False if it has none."""
+        with self._lock:
+            row = self._rows.get(file_url)
+            if row is None or row.status is not Status.FAILED or row.retry_at is None:
+                return False
+            row.retry_at = self.now() - dt.timedelta(seconds=seconds)
+            return True
+
     def clear(self) -> None:
         """Forget every row (the TRUNCATE of the Postgres tests)."""
         with self._lock:
@@ -278,7 +289,8 @@ class MemoryStore:
         resume_token: int | Sequence[int] | None = None,
         token: int | None = None,
     ) -> ClaimResult:
-        """pipeline_claim_v1: grant (insert or take over), or refuse with done / busy / dead.
+        """pipeline_claim_v2: grant (insert or take over), or refuse with done / busy /
+        not_due / dead.
 
         `token`: the token a grant gets (reserved in advance); `resume_token`: if the claim is
         still one of those tokens, it is handed over under a new token, same attempt (a task
@@ -342,11 +354,21 @@ class MemoryStore:
                     return Refusal(file_url, Reason.BUSY, retry_in=max(left, 0.0))
                 # The holder's lease ran out: its execution is lost and counts as an attempt.
                 self._mark_lost(row, now)
+            elif (
+                row.status is Status.FAILED
+                and row.retry_at is not None
+                and row.retry_at > now
+                and row.attempt < cap
+            ):
+                # Its backoff is not over: the early delivery is dropped.
+                left = (row.retry_at - now).total_seconds()
+                return Refusal(file_url, Reason.NOT_DUE, retry_in=left, error=row.error_message)
 
             if row.attempt >= cap:
                 # No attempt left (a lost last attempt, or a cap lowered since): dead.
                 row.status = Status.DEAD
                 row.lease_expires_at = None
+                row.retry_at = None
                 row.max_attempts = cap
                 row.updated_at = now
                 if was_processing:
@@ -365,6 +387,7 @@ class MemoryStore:
             row.token = token if token is not None else next(self._tokens)
             row.lease_seconds = lease
             row.lease_expires_at = now + dt.timedelta(seconds=lease)
+            row.retry_at = None
             row.processed_by = worker_id
             row.task_name = task_name if task_name is not None else row.task_name
             row.task_id = task_id
@@ -478,6 +501,7 @@ class MemoryStore:
             row.details = stored_details if stored_details is not None else row.details
             row.error_message = None
             row.lease_expires_at = None
+            row.retry_at = None
             row.completed_at = now
             row.updated_at = now
             if attempt is not None:
@@ -493,8 +517,10 @@ class MemoryStore:
         error: BaseException | str,
         *,
         retryable: bool = True,
+        retry_in: float | None = None,
     ) -> FailResult:
-        """pipeline_fail_v1: failed if retryable with attempts left, else dead."""
+        """pipeline_fail_v2: failed if retryable with attempts left (next attempt due in
+        `retry_in` seconds), else dead."""
         error_class, message = error_text(error)
         with self._lock:
             row = self._held(file_url, token)
@@ -503,6 +529,8 @@ class MemoryStore:
             now = self.now()
             will_retry = retryable and row.attempt < row.max_attempts
             row.status = Status.FAILED if will_retry else Status.DEAD
+            wait = max(retry_in, 0.0) if will_retry and retry_in is not None else None
+            row.retry_at = now + dt.timedelta(seconds=wait) if wait is not None else None
             row.error_message = message
             row.lease_expires_at = None
             row.updated_at = now
@@ -512,7 +540,9 @@ class MemoryStore:
                 attempt.ended_at = now
                 attempt.error_class = error_class
                 attempt.error_message = message
-            return FailResult(row.status, row.attempt, row.max_attempts)
+            return FailResult(
+                row.status, row.attempt, row.max_attempts, retry_in=wait
+            )
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
         """pipeline_abandon_v1: release the claim of a process known to be dead."""
@@ -530,6 +560,8 @@ class MemoryStore:
             where = f"attempt {row.attempt} of {row.max_attempts}"
             if row.attempt < row.max_attempts:
                 row.status = Status.FAILED
+                # due at once: Celery requeues the message (the sweep, if it never comes)
+                row.retry_at = now
                 row.error_message = f"worker process {worker_id} died on {where}; will retry"
             else:
                 row.status = Status.DEAD
@@ -567,6 +599,7 @@ class MemoryStore:
                 batch_id=row.batch_id,
                 fingerprint=row.fingerprint,
                 lease_expires_at=row.lease_expires_at,
+                retry_at=row.retry_at,
                 started_at=row.started_at,
                 completed_at=row.completed_at,
                 created_at=row.created_at,
@@ -630,6 +663,7 @@ class MemoryStore:
         row.generation += 1
         row.token = None
         row.lease_expires_at = None
+        row.retry_at = None
         row.error_message = None
         row.completed_at = None
         row.records_total = row.records_filtered = row.records_persisted = 0
@@ -664,9 +698,14 @@ class MemoryStore:
         return result
 
     def reap(
-        self, *, waiting_seconds: float | None = DEFAULT_WAITING_SECONDS, limit: int = 1000
+        self,
+        *,
+        waiting_seconds: float | None = DEFAULT_WAITING_SECONDS,
+        limit: int = 1000,
+        overdue_seconds: float = DEFAULT_OVERDUE_SECONDS,
     ) -> list[Work]:
-        """pipeline_reap_v1: expired claims move on; rows waiting too long are handed back."""
+        """pipeline_reap_v2: expired claims move on; overdue retries and rows waiting too
+        long are handed back."""
         result: list[Work] = []
         with self._lock:
             now = self.now()
@@ -691,6 +730,25 @@ class MemoryStore:
                     row.status = Status.DEAD
                     row.error_message = f"worker lost: lease expired on {where}"
                 row.lease_expires_at = None
+                row.retry_at = None
+                row.updated_at = now
+                result.append(Work(row.file_url, row.task_name, row.status))
+
+            # Failed rows whose retry is overdue (their message lost): handed back once; with
+            # retry_at cleared they then wait like pending rows.
+            overdue_cut = now - dt.timedelta(seconds=overdue_seconds)
+            overdue = sorted(
+                (
+                    r
+                    for r in self._rows.values()
+                    if r.status is Status.FAILED
+                    and r.retry_at is not None
+                    and r.retry_at < overdue_cut
+                ),
+                key=lambda r: r.retry_at or now,
+            )[:limit]
+            for row in overdue:
+                row.retry_at = None
                 row.updated_at = now
                 result.append(Work(row.file_url, row.task_name, row.status))
 
@@ -698,13 +756,16 @@ class MemoryStore:
             # is the statement's now()), so nothing is handed back twice.
             if waiting_seconds is None:
                 return result
-            moved = {id(r) for r in expired}
+            moved = {id(r) for r in (*expired, *overdue)}
             cutoff = now - dt.timedelta(seconds=waiting_seconds)
             waiting = sorted(
                 (
                     r
                     for r in self._rows.values()
-                    if r.status in (Status.PENDING, Status.FAILED)
+                    if (
+                        r.status is Status.PENDING
+                        or (r.status is Status.FAILED and r.retry_at is None)
+                    )
                     and r.updated_at <= cutoff
                     and id(r) not in moved
                 ),
@@ -810,6 +871,21 @@ def expire_lease(store: MemoryStore | _SupportsScalar, file_url: str) -> bool:
     if isinstance(store, MemoryStore):
         return store.expire_lease(file_url)
     return store.scalar(_EXPIRE_SQL, {"file_url": file_url}) is not None
+
+
+_BACKDATE_SQL = (
+    "UPDATE file_checkpoints SET retry_at = clock_timestamp() - make_interval(secs => :s)"
+    " WHERE file_url = :file_url AND status = 'failed' AND retry_at IS NOT NULL"
+    " RETURNING file_url"
+)
+
+
+def backdate_retry(store: MemoryStore | _SupportsScalar, file_url: str, seconds: float) -> bool:
+    """Put a failed row's retry time `seconds` in the past, on either store (as if its backoff
+    had run out that long ago); False when it has no retry time."""
+    if isinstance(store, MemoryStore):
+        return store.backdate_retry(file_url, seconds)
+    return store.scalar(_BACKDATE_SQL, {"file_url": file_url, "s": seconds}) is not None
 
 
 if TYPE_CHECKING:

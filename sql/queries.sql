@@ -2,8 +2,8 @@
 -- Parameters use SQLAlchemy's :name form.
 
 -- claim --
--- Claim a file (grant, or refuse with done / busy / dead); see pipeline_claim_v1.
-SELECT * FROM pipeline_claim_v1(:file_url, :worker, :lease_seconds, :max_attempts,
+-- Claim a file (grant, or refuse with done / busy / not_due / dead); see pipeline_claim_v2.
+SELECT * FROM pipeline_claim_v2(:file_url, :worker, :lease_seconds, :max_attempts,
                                 :file_type, :task_name, :task_id,
                                 CAST(:resume_tokens AS bigint[]), :token)
 
@@ -14,9 +14,10 @@ SELECT nextval('file_checkpoints_token_seq') AS token FROM generate_series(1, :n
 -- heartbeat --
 -- Extend the lease of the current claim; no row when the token is stale.
 UPDATE file_checkpoints
-   SET lease_expires_at = now() + make_interval(secs => lease_seconds), updated_at = now()
+   SET lease_expires_at = clock_timestamp() + make_interval(secs => lease_seconds),
+       updated_at = clock_timestamp()
  WHERE file_url = :file_url AND token = :token AND status = 'processing'
-RETURNING extract(epoch FROM lease_expires_at - now())::double precision AS lease_left
+RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double precision AS lease_left
 
 -- complete --
 -- Mark the current claim completed with its stats; false when the token is stale.
@@ -24,15 +25,17 @@ SELECT pipeline_complete_v1(:file_url, :token, :total, :filtered, :persisted,
                             :processing_time_ms, CAST(:details AS jsonb)) AS ok
 
 -- fail --
--- Record a failed execution: failed (retry) or dead; no row when the token is stale.
-SELECT * FROM pipeline_fail_v1(:file_url, :token, :error_class, :error_message, :retryable)
+-- Record a failed execution: failed (retry no earlier than :retry_in seconds from now) or
+-- dead; no row when the token is stale.
+SELECT * FROM pipeline_fail_v2(:file_url, :token, :error_class, :error_message, :retryable,
+                               :retry_in)
 
 -- get --
 -- One checkpoint row.
 SELECT file_url, file_type, status, attempt, max_attempts, generation, token, records_total,
        records_filtered, records_persisted, processing_time_ms, error_message, processed_by,
-       task_name, task_id, batch_id, fingerprint, lease_expires_at, started_at, completed_at,
-       created_at, updated_at
+       task_name, task_id, batch_id, fingerprint, lease_expires_at, retry_at, started_at,
+       completed_at, created_at, updated_at
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
@@ -81,7 +84,7 @@ SELECT i.file_url,
 -- generation; the attempt history is kept.
 UPDATE file_checkpoints
    SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
-       lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
+       lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
        records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
        details = NULL, updated_at = now()
  WHERE status = ANY(CAST(:statuses AS text[]))
@@ -91,8 +94,8 @@ UPDATE file_checkpoints
 RETURNING file_url, task_name, status
 
 -- reap --
--- Move expired claims on and hand back rows waiting too long for a task; see pipeline_reap_v1.
-SELECT * FROM pipeline_reap_v1(:waiting_seconds, :limit)
+-- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v2.
+SELECT * FROM pipeline_reap_v2(:waiting_seconds, :limit, :overdue_seconds)
 
 -- summary --
 -- Counts by batch and status.

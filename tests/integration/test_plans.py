@@ -152,6 +152,6 @@ def test_plans__claim_heartbeat_complete_and_fail_use_the_primary_key_at_20k_row
     # The statements that matter were all among them (the claim's, heartbeat, complete, fail).
     assert seen("FOR UPDATE"), "claim's row lock"
     assert seen("SET status = 'processing'"), "claim's take-over"
-    assert seen("SET lease_expires_at = now() + make_interval"), "heartbeat"
+    assert seen("SET lease_expires_at = clock_timestamp() + make_interval"), "heartbeat"
     assert seen("SET status = 'completed'"), "complete"
     assert seen("SET status = CASE WHEN p_retryable"), "fail"

@@ -15,7 +15,7 @@ from pipeline import errors
 from pipeline.models import Claim, Outcome, Reason, Refusal, Stats, Status
 from pipeline.sqlstore import PostgresStore
 from pipeline.store import Store
-from pipeline.testing import MemoryStore, expire_lease
+from pipeline.testing import MemoryStore, backdate_retry, expire_lease
 
 URL = "file:///data/a.csv"
 OTHER = "file:///data/b.csv"
@@ -901,3 +901,76 @@ def test_attempt_outcomes__counts_executions_by_outcome(store: Store) -> None:
     claim_and_fail(store, OTHER)
     lose(store, "file:///data/c.csv")
     assert store.attempt_outcomes() == {"completed": 1, "failed": 1, "lost": 1, "running": 1}
+
+
+# -- backoff on the database clock (DESIGN.md section 5: "Postgres decides") ------------------
+
+
+def test_fail__with_retry_in_refuses_a_claim_before_it_is_due(store: Store) -> None:
+    claim = granted(store.claim(URL, "w1", LONG_LEASE))
+    outcome = store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    assert outcome.status is Status.FAILED
+    assert outcome.retry_in is not None
+    assert 590 < outcome.retry_in <= 600
+    before = snapshot(store)
+    refusal = refused(store.claim(URL, "w2", LONG_LEASE), Reason.NOT_DUE)
+    assert refusal.retry_in is not None
+    assert 590 < refusal.retry_in <= 600
+    assert refusal.error == "boom"
+    # An early delivery changes nothing: no attempt spent, no history written.
+    assert snapshot(store) == before
+    row = store.get(URL)
+    assert row is not None
+    assert row.retry_at is not None
+
+
+def test_fail__once_due_the_next_claim_is_the_next_attempt(store: Store) -> None:
+    claim = granted(store.claim(URL, "w1", LONG_LEASE))
+    store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    assert backdate_retry(store, URL, 0.01)
+    again = granted(store.claim(URL, "w2", LONG_LEASE))
+    assert again.attempt == 2
+    row = store.get(URL)
+    assert row is not None
+    assert row.retry_at is None
+
+
+def test_fail__the_last_attempt_is_dead_without_a_retry_time(store: Store) -> None:
+    claim = granted(store.claim(URL, "w1", LONG_LEASE, max_attempts=1))
+    outcome = store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    assert (outcome.status, outcome.retry_in) == (Status.DEAD, None)
+    refused(store.claim(URL, "w2", LONG_LEASE), Reason.DEAD)
+
+
+def test_reap__an_overdue_retry_is_handed_back_once_then_waits_like_a_pending_row(
+    store: Store,
+) -> None:
+    store.register([URL], task_name="t.process")
+    claim = granted(store.claim(URL, "w1", LONG_LEASE))
+    store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    # Not due yet, and due but not overdue: the retry message is still expected.
+    assert store.reap(waiting_seconds=None, overdue_seconds=5) == []
+    assert backdate_retry(store, URL, 1)
+    assert store.reap(waiting_seconds=None, overdue_seconds=5) == []
+    # Overdue (its message lost): handed back, even while the queue has messages.
+    assert backdate_retry(store, URL, 10)
+    work = store.reap(waiting_seconds=None, overdue_seconds=5)
+    assert [(w.file_url, w.task_name, w.status) for w in work] == [
+        (URL, "t.process", Status.FAILED)
+    ]
+    # Once only: from now on it waits for the queue to drain like a pending row.
+    assert store.reap(waiting_seconds=None, overdue_seconds=5) == []
+    assert granted(store.claim(URL, "w2", LONG_LEASE)).attempt == 2
+
+
+def test_reap__a_retry_not_yet_due_is_not_handed_back_as_waiting(store: Store) -> None:
+    claim = granted(store.claim(URL, "w1", LONG_LEASE))
+    store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    assert store.reap(waiting_seconds=0) == []
+
+
+def test_requeue__clears_the_retry_time(store: Store) -> None:
+    claim = granted(store.claim(URL, "w1", LONG_LEASE))
+    store.fail(URL, claim.token, RuntimeError("boom"), retry_in=600)
+    assert [w.file_url for w in store.requeue(statuses=[Status.FAILED])] == [URL]
+    assert granted(store.claim(URL, "w2", LONG_LEASE)).attempt == 1
