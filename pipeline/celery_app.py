@@ -157,12 +157,16 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def _loop(self, celery_app: Any) -> None:
         interval = sweep_interval()
+        complained = False
         # Jittered, so the workers of a fleet started together do not all ask at once.
         while not self._stop.wait(interval * random.uniform(0.8, 1.0)):
             try:
                 reap_once(celery_app=celery_app)
-            except errors.StoreUnavailable as error:
-                logger.warning("sweep skipped: %s", error)
+                complained = False
+            except errors.PipelineError as error:  # unreachable, no schema, no URL set
+                if not complained:  # once per spell, not every few seconds
+                    logger.warning("sweep skipped: %s", error)
+                complained = True
             except Exception:  # never let the sweeper die; the next round tries again
                 logger.exception("sweep failed")
 

@@ -217,7 +217,7 @@ def _skipped(file_url: str, reason: str, **extra: Any) -> dict[str, Any]:
 MAX_STARTS_PER_ATTEMPT = 5
 # Pauses while waiting for the database where the execution stands (seconds, then the last
 # one repeated): short, so a file carries on within a few seconds of the database's return.
-STORE_WAITS = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)
+STORE_WAITS = (0.2, 0.5, 1.0, 1.0, 2.0)
 # A delivery that comes this close before its retry is due waits for it instead of being
 # dropped (clock steps between worker and database, an ETA fired a hair early).
 NOT_DUE_SLACK = 2.0
@@ -257,24 +257,29 @@ def run(
     try:
         # Never run unclaimed; waiting for the database is not an attempt, and it happens
         # here, holding this message: no copy goes to the broker while the database is away.
-        result = wait_for_store(claim, f"claiming {file_url}")
-    except SoftTimeLimitExceeded as error:
-        # Waited for the database past the task's soft time limit: step back to the broker.
-        raise _retry_later(task, error, spec.backoff.delay(task.request.retries), kwargs) from None
+        result = wait_for_store(claim, f"claiming {file_url}", patient=not task.request.is_eager)
+    except (SoftTimeLimitExceeded, errors.StoreUnavailable) as error:
+        # Waited for the database past the task's soft time limit (or eager: no waiting under
+        # apply()): step back to the broker, carrying the tokens proposed so far.
+        carried = {**kwargs, "_pipeline_resume": [*resume, *proposed]}
+        raise _retry_later(task, error, spec.backoff.delay(task.request.retries), carried) from None
 
     if isinstance(result, Refusal):
         return _refused(task, spec, result, kwargs)
     return _execute(task, fn, spec, store, result, args, kwargs)
 
 
-def wait_for_store(call: Callable[[], T], what: str) -> T:
+def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) -> T:
     """`call()`, again and again while the store is unavailable, pausing a little longer each
-    time (STORE_WAITS): the execution waits where it stands for the database."""
+    time (STORE_WAITS): the execution waits where it stands for the database. Not `patient`:
+    the first StoreUnavailable is raised."""
     n = 0
     while True:
         try:
             return call()
         except errors.StoreUnavailable as error:
+            if not patient:
+                raise
             pause = STORE_WAITS[min(n, len(STORE_WAITS) - 1)]
             if n % 12 == 0:  # the first time, then about once a minute
                 logger.warning("%s: %s; waiting for the database", what, error)
@@ -473,11 +478,14 @@ def _failed(
     # The backoff is stored on the row: no attempt may start before it, whatever the broker
     # delivers; the retry message below is only the reminder.
     delay = spec.backoff.delay(claim.attempt - 1)
+    # Except under apply() / task_always_eager, where Celery re-runs the retry at once: there is
+    # no broker to wait with, so no backoff is stored and the attempts follow each other.
+    stored_delay = None if task.request.is_eager else delay
 
     def record() -> FailResult:
         try:
             return store.fail(
-                claim.file_url, claim.token, error, retryable=retryable, retry_in=delay
+                claim.file_url, claim.token, error, retryable=retryable, retry_in=stored_delay
             )
         except errors.LostClaim:
             # After an outage the failure may have been recorded with only its reply lost.

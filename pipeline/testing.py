@@ -540,9 +540,7 @@ class MemoryStore:
                 attempt.ended_at = now
                 attempt.error_class = error_class
                 attempt.error_message = message
-            return FailResult(
-                row.status, row.attempt, row.max_attempts, retry_in=wait
-            )
+            return FailResult(row.status, row.attempt, row.max_attempts, retry_in=wait)
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
         """pipeline_abandon_v1: release the claim of a process known to be dead."""

@@ -59,21 +59,18 @@ def test_redis_flushed_mid_batch__reaper_brings_every_file_to_completed(
 @pytest.mark.parametrize(
     ("lease", "reaper"),
     [
-        # The outage outlasts the lease: only the resume token keeps the attempt. A reaper
-        # would race it after the restore (see the note below), so none runs here.
-        pytest.param(3.0, False, id="lease-3s-no-reaper"),
-        # Production-like: beat reaps every second, and the lease outlasts the outage.
-        pytest.param(10.0, True, id="lease-10s-reaper"),
+        # The sweep inside every worker only (no beat): the lease outlasts the outage.
+        pytest.param(10.0, False, id="lease-10s-sweep"),
+        # Beat sending pipeline.reap every second as well.
+        pytest.param(10.0, True, id="lease-10s-beat"),
     ],
 )
 def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attempt(
     make_cluster: Callable[..., Cluster], lease: float, reaper: bool
 ) -> None:
-    # A task whose database goes away steps back (Celery retry) carrying its claim's token, and
-    # resumes the same attempt once the database is back (pipeline_claim_v1's resume path).
-    # Its lease keeps running meanwhile: a reaper that finds it expired before the resume
-    # arrives records the attempt as lost (the holder looks dead), so with a reaper running an
-    # outage spends no attempt only while it is shorter than the lease.
+    # A task whose database goes away waits where it stands (same process, same message) and
+    # carries on under the same claim once the database is back; a claim whose reply was lost
+    # is resumed by its reserved token. An outage shorter than the lease spends no attempt.
     cluster = make_cluster(lease=lease)
     direct = sa.make_url(cluster.database_url)
     with TcpProxy(upstream_port=direct.port or 5432, upstream_host=direct.host) as proxy:
@@ -105,8 +102,10 @@ def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attemp
     recovery = cluster.scalar(
         "SELECT extract(epoch FROM max(completed_at) - :t) FROM file_checkpoints", t=restored_at
     )
-    retried = sum(p.log().count("StoreUnavailable") for p in cluster.procs if p.kind == "worker")
-    print(f"RECOVERY db_outage={float(recovery):.1f}s after restore; {retried} unavailable retries")
+    retried = sum(
+        p.log().count("waiting for the database") for p in cluster.procs if p.kind == "worker"
+    )
+    print(f"RECOVERY db_outage={float(recovery):.1f}s after restore; {retried} waits for the database")
     assert cluster.status_counts() == {"completed": 60}
     assert cluster.scalar("SELECT count(*) FROM sink") == 60
     assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == 60

@@ -114,17 +114,19 @@ def test_eager_apply__retryable_failures_run_to_the_attempt_cap(store: PostgresS
     ]
 
 
-def test_eager_apply__busy_file_returns_retry_with_the_time_left(store: PostgresStore) -> None:
+def test_eager_apply__busy_file_is_skipped_at_once_with_the_time_left(
+    store: PostgresStore,
+) -> None:
     url = "file:///eager/busy"
     holder = store.claim(url, "someone-else", 30)
     assert holder
     result = sink.apply(args=[url])
-    # A RETRY state, at once: the wait is not run eagerly (it would spin until the lease ends).
-    assert result.state == "RETRY"
-    assert isinstance(result.result, Retry)
-    assert isinstance(result.result.exc, errors.FileBusy)
-    assert "being processed elsewhere" in str(result.result.exc)
-    assert 29 < result.result.when < 32
+    # Postgres decides: the holder finishes, or the sweep hands the file on when its lease
+    # ends; this delivery is only a copy and ends at once, scheduling nothing.
+    assert result.state == "SUCCESS"
+    assert result.result["skipped"] is True
+    assert result.result["reason"] == "in progress elsewhere"
+    assert 29 < result.result["lease_ends_in"] <= 30
     assert _sink_rows(store, url) == 0
     assert len(store.get(url, with_attempts=True).attempts) == 1  # type: ignore[union-attr]
 
@@ -212,24 +214,24 @@ def test_worker__duplicate_message_succeeds_with_skipped_result(
     assert len(store.get(url, with_attempts=True).attempts) == 1  # type: ignore[union-attr]
 
 
-def test_worker__busy_file_is_retried_with_the_reason_and_then_skipped(
+def test_worker__busy_file_is_skipped_without_a_retry_and_the_holder_finishes(
     store: PostgresStore, worker: tuple[Outcomes, str]
 ) -> None:
     outcomes, queue = worker
     url = "file:///inproc/busy"
-    holder = store.claim(url, "someone-else", 2.0)
+    holder = store.claim(url, "someone-else", 30.0)
     assert holder
     sent = sink.apply_async(args=[url], queue=queue)
 
-    wait_until(lambda: outcomes.retried, timeout=20, what="the busy retry")
-    assert outcomes.retried[0][0] == sent.id
-    assert "being processed elsewhere" in outcomes.retried[0][1]
-    # The holder finishes while the task waits for its lease: the retry finds it done.
-    store.complete(url, holder.token, {"total": 5, "filtered": 0, "persisted": 5})
-    result = wait_until(lambda: outcomes.result_of(sent.id), timeout=20, what="the retried task")
+    result = wait_until(lambda: outcomes.result_of(sent.id), timeout=20, what="the busy copy")
     assert result["skipped"] is True
-    assert result["stats"] == {"total": 5, "filtered": 0, "persisted": 5}
+    assert result["reason"] == "in progress elsewhere"
+    assert outcomes.retried == [], "a copy of a busy file must not schedule another message"
+    store.complete(url, holder.token, {"total": 5, "filtered": 0, "persisted": 5})
     assert _sink_rows(store, url) == 0
+    row = store.get(url)
+    assert row is not None
+    assert row.status.value == "completed"
 
 
 def test_worker__pickled_message_is_refused(
