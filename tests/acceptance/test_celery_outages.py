@@ -105,7 +105,7 @@ def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attemp
     retried = sum(
         p.log().count("waiting for the database") for p in cluster.procs if p.kind == "worker"
     )
-    print(f"RECOVERY db_outage={float(recovery):.1f}s after restore; {retried} waits for the database")
+    print(f"RECOVERY db_outage={float(recovery):.1f}s after restore; {retried} waits for the db")
     assert cluster.status_counts() == {"completed": 60}
     assert cluster.scalar("SELECT count(*) FROM sink") == 60
     assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == 60

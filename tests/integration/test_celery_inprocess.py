@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
-from celery.exceptions import Retry
 from celery.signals import task_retry, task_success
 
 from pipeline import celery_app, errors
