@@ -8,6 +8,8 @@
 -- * The v1 functions keep their names and signatures (old workers keep working during a
 --   rolling upgrade) and get the real timestamps too; the new behaviour has v2 names.
 ALTER TABLE file_checkpoints ADD COLUMN retry_at timestamptz;
+-- Kept on the failed attempt too: the history shows each attempt started no earlier.
+ALTER TABLE file_attempts ADD COLUMN retry_at timestamptz;
 
 -- Failed rows the sweep may have to hand back (their retry overdue).
 CREATE INDEX file_checkpoints_retry_at_idx ON file_checkpoints (retry_at) WHERE status = 'failed';
@@ -194,7 +196,7 @@ BEGIN
     END IF;
     UPDATE file_attempts a
        SET outcome = 'failed', ended_at = v_now, error_class = p_error_class,
-           error_message = p_error_message
+           error_message = p_error_message, retry_at = r.retry_at
      WHERE a.token = p_token;
     RETURN QUERY SELECT r.status, r.attempt, r.max_attempts,
         -- NULL when no retry time was stored (greatest() would make that 0)

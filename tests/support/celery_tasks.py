@@ -9,6 +9,7 @@ counts the effects that landed.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -20,7 +21,9 @@ import sqlalchemy as sa
 from pipeline import app, checkpointed, errors
 
 # `celery -A tests.support.celery_tasks worker` finds the app under this name.
-__all__ = ["SINK_DDL", "Boom", "app", "plain", "sink"]
+__all__ = ["SINK_DDL", "Boom", "app", "backoff", "plain", "sink"]
+
+logger = logging.getLogger("tests.sink")
 
 LEASE = float(os.environ.get("PIPELINE_TEST_LEASE") or 30)
 
@@ -46,6 +49,22 @@ def _options(file_url: str) -> dict[str, str]:
 
 @checkpointed(name="tests.sink", file_type="test", lease_seconds=LEASE, backoff=0.2, backoff_max=1)
 def sink(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    return _sink(file_url, checkpoint)
+
+
+@checkpointed(
+    name="tests.backoff", file_type="test", lease_seconds=LEASE, backoff=12, backoff_max=12
+)
+def backoff(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    """`tests.sink` with a backoff of 6-12 s between attempts."""
+    return _sink(file_url, checkpoint)
+
+
+def _sink(file_url: str, checkpoint: Any) -> dict[str, int]:
+    # One line per start of the function, so tests can count starts per attempt.
+    logger.warning(
+        "SINK-START %s attempt=%s token=%s", file_url, checkpoint.attempt, checkpoint.token
+    )
     opts = _options(file_url)
     if opts.get("kill"):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -133,7 +133,10 @@ class Cluster:
         self.engine = sa.create_engine(
             engine_url(self.database_url), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool
         )
-        self.redis = redis.Redis.from_url(self.broker_url)
+        # The Redis client is for the tests' own looks at the broker; None on RabbitMQ.
+        self.redis = (
+            redis.Redis.from_url(self.broker_url) if self.broker_url.startswith("redis") else None
+        )
         self.store = pipeline.open_store(self.database_url)
 
     # -- state ------------------------------------------------------------------------------
@@ -245,8 +248,27 @@ class Cluster:
 
     # -- broker -----------------------------------------------------------------------------
 
+    @property
+    def broker(self) -> str:
+        """`redis` or `rabbitmq`."""
+        return "redis" if self.redis is not None else "rabbitmq"
+
     def queue_length(self) -> int:
+        if self.redis is None:
+            return rabbitmq_queue_depth(self.broker_url, self.queue)
         return sum(int(self.redis.llen(k)) for k in self.redis.scan_iter(match=f"{self.queue}*"))
+
+    def deliveries(self) -> dict[str, int]:
+        """How often each task id was handed to a worker (`received` lines in the logs)."""
+        counts: dict[str, int] = {}
+        for proc in self.procs:
+            if proc.kind != "worker":
+                continue
+            for line in proc.log().splitlines():
+                if "] received" in line and "Task " in line:
+                    task_id = line.split("[", 2)[-1].split("]", 1)[0]
+                    counts[task_id] = counts.get(task_id, 0) + 1
+        return counts
 
     def send(self, file_url: str, *, task: Any = None, **options: Any) -> Any:
         """Enqueue `task` (default tests.sink) for `file_url` on this test's queue."""
@@ -255,7 +277,9 @@ class Cluster:
         return (task or sink).apply_async(args=[file_url], queue=self.queue, **options)
 
     def _cleanup_broker(self) -> None:
-        drop_queue_keys(self.redis, self.queue)
+        if self.redis is not None:
+            drop_queue_keys(self.redis, self.queue)
+        # RabbitMQ: the queue lives in the test session's own vhost, deleted with it.
 
     # -- processes --------------------------------------------------------------------------
 
@@ -382,9 +406,22 @@ class Cluster:
     def close(self) -> None:
         self.stop_all()
         self._cleanup_broker()
-        self.redis.close()
+        if self.redis is not None:
+            self.redis.close()
         self.store.close()
         self.engine.dispose()
+
+
+def rabbitmq_queue_depth(broker_url: str, queue: str) -> int:
+    """Ready messages in a RabbitMQ queue (0 when it does not exist)."""
+    import kombu
+
+    with kombu.Connection(broker_url) as conn:
+        channel = conn.default_channel
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except conn.channel_errors:
+            return 0
 
 
 def drop_queue_keys(client: redis.Redis, queue: str) -> None:
@@ -467,15 +504,23 @@ def running_cluster(
 def make_cluster(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, database_url: str, redis_url: str
 ) -> Iterator[Callable[..., Cluster]]:
-    """Factory: `make_cluster(lease=3, redis_db=None)`; one cluster per test.
+    """Factory: `make_cluster(lease=3, redis_db=None, broker_url=None)`; one cluster per test.
+
+    `broker_url`: another broker than the session's Redis (e.g. the RabbitMQ vhost of
+    tests/support/brokers.py).
 
     `redis_db` gives the cluster a Redis database number of its own (10-13), held under a lock
     across test sessions, for a test that flushes its broker.
     """
     with contextlib.ExitStack() as stack:
 
-        def make(*, lease: float = DEFAULT_LEASE, redis_db: int | None = None) -> Cluster:
-            broker = redis_url
+        def make(
+            *,
+            lease: float = DEFAULT_LEASE,
+            redis_db: int | None = None,
+            broker_url: str | None = None,
+        ) -> Cluster:
+            broker = broker_url or redis_url
             if redis_db is not None:
                 # A Redis db of its own (a test that flushes it): one test session at a time.
                 broker = redis_url_on_db(redis_url, redis_db)
