@@ -3,7 +3,7 @@
 Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RESULT_BACKEND
 (default none: outcomes live in Postgres, Flower reads them from events), PIPELINE_QUEUE
 (default "pipeline"), PIPELINE_TASK_MODULES (comma-separated modules with user tasks),
-PIPELINE_REAP_INTERVAL (seconds between reaper runs under beat, default 5),
+PIPELINE_REAP_INTERVAL (seconds between sweeps in every worker, and under beat, default 5),
 PIPELINE_REAP_WAITING_SECONDS (how long a pending row waits for its task before the reaper
 re-enqueues it, default 120; read by beat, or by the worker when beat does not set it).
 """

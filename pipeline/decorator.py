@@ -60,7 +60,7 @@ class Spec:
 class Held:
     """A claim whose lease the keeper renews; `lost` is set when a renewal finds it gone."""
 
-    __slots__ = ("claim", "due", "interval", "lost", "store")
+    __slots__ = ("claim", "due", "interval", "lost", "misses", "store")
 
     def __init__(self, store: Store, claim: Claim) -> None:
         self.store = store
@@ -68,6 +68,7 @@ class Held:
         self.interval = max(claim.lease_seconds / 3.0, 0.05)
         self.due = time.monotonic() + self.interval
         self.lost = threading.Event()
+        self.misses = 0  # renewals failed in a row (database unreachable)
 
 
 class LeaseKeeper:
@@ -126,13 +127,18 @@ class LeaseKeeper:
     def _renew(self, held: Held) -> None:
         url, token = held.claim.file_url, held.claim.token
         try:
-            if held.store.heartbeat(url, token) is None:
+            left = held.store.heartbeat(url, token)
+            held.misses = 0
+            if left is None:
                 logger.warning("lost the claim on %s (token %s)", url, token)
                 held.lost.set()
                 self.release(held)
         except errors.StoreUnavailable as error:
-            # Keep trying: the lease is long enough to survive a missed beat or two.
-            logger.warning("heartbeat for %s failed: %s", url, error)
+            # Keep trying: the lease is long enough to survive a missed beat or two. Said the
+            # first time and then every tenth, not every lease/3 for the length of an outage.
+            held.misses += 1
+            if held.misses % 10 == 1:
+                logger.warning("heartbeat for %s failed (%d in a row): %s", url, held.misses, error)
         except Exception:  # never let the keeper die
             logger.exception("heartbeat for %s crashed", url)
 
@@ -176,9 +182,10 @@ class CheckpointContext:
 class CheckpointRequest(Request):  # type: ignore[misc]
     """A task request that releases its file at once when its pool process dies.
 
-    Runs in the worker's main process, which saw the child die: the claim that child held
-    for this task is released (attempt recorded lost) before Celery requeues the message, so
-    the redelivered task is granted the file without waiting for the lease to run out.
+    Runs in the worker's main process, which saw the child die (SIGKILL, OOM, or killed by
+    the pool at the hard time limit): the claim that child held for this task is released
+    (attempt recorded lost) before Celery requeues or acks the message, so the file is
+    granted again without waiting for the lease to run out.
     """
 
     def on_failure(
@@ -187,20 +194,32 @@ class CheckpointRequest(Request):  # type: ignore[misc]
         exc = exc_info.exception
         # billiard wraps the error it reports for a dead child
         exc = getattr(exc, "exc", exc) if type(exc).__name__ == "ExceptionWithTraceback" else exc
-        if isinstance(exc, WorkerLostError) and self.worker_pid and self.args:
-            worker_id = f"{self.hostname or 'local'}:{self.worker_pid}"
-            try:
-                from pipeline.celery_app import get_store
-
-                status = get_store().abandon(str(self.args[0]), worker_id, self.id)
-                if status is not None:
-                    logger.warning(
-                        "%s died on %s; released it (now %s)", worker_id, self.args[0], status
-                    )
-            except Exception:
-                # Never break the worker's main loop: the lease expiry still frees the file.
-                logger.exception("could not release %s after its process died", self.args[0])
+        if isinstance(exc, WorkerLostError):
+            self._release("died")
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft:
+            # The pool kills the child and Celery acks the message (a failure): the released
+            # row is due at once, so the sweep re-enqueues it if nothing else does.
+            self._release(f"was killed at the hard time limit of {timeout} s")
+        super().on_timeout(soft, timeout)
+
+    def _release(self, what: str) -> None:
+        if not (self.worker_pid and self.args):
+            return
+        worker_id = f"{self.hostname or 'local'}:{self.worker_pid}"
+        try:
+            from pipeline.celery_app import get_store
+
+            status = get_store().abandon(str(self.args[0]), worker_id, self.id)
+            if status is not None:
+                logger.warning(
+                    "%s %s on %s; released it (now %s)", worker_id, what, self.args[0], status
+                )
+        except Exception:
+            # Never break the worker's main loop: the lease expiry still frees the file.
+            logger.exception("could not release %s after its process %s", self.args[0], what)
 
 
 def _worker_id(task: Task) -> str:
@@ -211,6 +230,10 @@ def _skipped(file_url: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {"file_url": file_url, "skipped": True, "reason": reason, **extra}
 
 
+# A file that runs longer than this is taken for stuck (a FIFO, a hung server): an hour.
+DEFAULT_SOFT_TIME_LIMIT = 3600.0
+# The hard limit's margin over the soft one: time for the function to clean up and fail.
+HARD_LIMIT_GRACE = 60.0
 # How often the function may start within one attempt: a start whose output transaction the
 # database broke (a restart, a cut connection) runs again under the same claim once the
 # database answers, at most this many starts in all; past that the attempt is failed.
@@ -534,9 +557,17 @@ def checkpointed(
     dont_retry_on: tuple[type[BaseException], ...] = (),
     backoff: float | Backoff = 2.0,
     backoff_max: float = 300.0,
+    soft_time_limit: float | None = DEFAULT_SOFT_TIME_LIMIT,
+    time_limit: float | None = None,
     **task_options: Any,
 ) -> Any:
-    """Turn `fn(file_url, ..., *, checkpoint=None)` into a checkpointed Celery task."""
+    """Turn `fn(file_url, ..., *, checkpoint=None)` into a checkpointed Celery task.
+
+    `soft_time_limit` (an hour by default; None: none): past it the function gets
+    SoftTimeLimitExceeded and the attempt fails ("time limit"), retried like any failure.
+    `time_limit` (default: the soft limit plus a minute): past it the pool kills the process
+    and the attempt is recorded lost.
+    """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
 
@@ -560,6 +591,12 @@ def checkpointed(
             "serializer": "json",
             "max_retries": None,
             "Request": CheckpointRequest,
+            "soft_time_limit": soft_time_limit,
+            "time_limit": (
+                time_limit
+                if time_limit is not None or soft_time_limit is None
+                else soft_time_limit + HARD_LIMIT_GRACE
+            ),
             **task_options,
         }
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.support import celery_tasks
 from tests.support.workers import Cluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -243,3 +244,30 @@ def test_celery_A_user_module__finds_the_app_it_imports_from_pipeline(cluster: C
     assert ".> app:         pipeline:" in banner
     assert ". tests.sink" in banner
     assert ". pipeline.reap" in banner
+
+
+def test_soft_time_limit__each_attempt_fails_with_the_reason_then_dead(cluster: Cluster) -> None:
+    url = "file:///limit/slow?sleep=30"
+    cluster.start_worker(concurrency=1)
+    cluster.send(url, task=celery_tasks.limited)
+    row = cluster.wait_status(url, "dead", timeout=60)
+    attempts = cluster.attempts(url)
+    assert [(a.outcome, a.error_class) for a in attempts] == [("failed", "TimeLimitExceeded")] * 3
+    assert "soft time limit of 1.5 s exceeded" in (row.error_message or "")
+    assert cluster.scalar("SELECT count(*) FROM sink") == 0
+
+
+def test_hard_time_limit__the_killed_attempt_is_released_at_once_and_counted(
+    cluster: Cluster,
+) -> None:
+    url = "file:///limit/hang?hang=1"
+    cluster.start_worker(concurrency=1, extra_env={"PIPELINE_REAP_INTERVAL": "1"})
+    cluster.send(url, task=celery_tasks.limited)
+    row = cluster.wait_status(url, "dead", timeout=90)
+    attempts = cluster.attempts(url)
+    assert [a.outcome for a in attempts] == ["lost"] * 3
+    assert all("died while running" in (a.error_message or "") for a in attempts)
+    # Released by the worker when the pool killed the process, not after the lease (30 s).
+    spans = [(a.ended_at - a.started_at).total_seconds() for a in attempts]
+    assert all(s < 10 for s in spans), spans
+    assert "died on attempt 3 of 3" in (row.error_message or "")

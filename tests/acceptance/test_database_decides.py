@@ -177,6 +177,7 @@ def test_backoff__a_lost_retry_message_is_brought_back_by_the_sweep_once_overdue
 # -- the sweep never waits behind the backlog -------------------------------------------------
 
 
+@pytest.mark.timeout(360)
 def test_worker_sigkilled_behind_a_backlog__file_handed_back_within_the_lease_without_beat(
     make_cluster: Callable[..., Cluster], broker_url: str
 ) -> None:
@@ -246,6 +247,7 @@ def _cluster_on(
     return running_cluster(request, tmp_path, database_url, broker_url, lease)
 
 
+@pytest.mark.timeout(360)
 def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
     request: pytest.FixtureRequest,
     tmp_path: pathlib.Path,
@@ -299,6 +301,7 @@ def _held(cluster: Cluster) -> int:
     return sum(1 for _, raw in cluster.redis.hscan_iter("unacked") if cluster.queue.encode() in raw)
 
 
+@pytest.mark.timeout(400)
 def test_postgres_unreachable_for_minutes__deliveries_stay_bounded_and_all_complete(
     make_cluster: Callable[..., Cluster], broker_url: str
 ) -> None:

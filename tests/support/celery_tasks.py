@@ -17,11 +17,12 @@ import urllib.parse
 from typing import Any
 
 import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
 
 from pipeline import app, checkpointed, errors
 
 # `celery -A tests.support.celery_tasks worker` finds the app under this name.
-__all__ = ["SINK_DDL", "Boom", "app", "backoff", "plain", "sink"]
+__all__ = ["SINK_DDL", "Boom", "app", "backoff", "limited", "plain", "sink"]
 
 logger = logging.getLogger("tests.sink")
 
@@ -57,6 +58,25 @@ def sink(file_url: str, *, checkpoint: Any) -> dict[str, int]:
 )
 def backoff(file_url: str, *, checkpoint: Any) -> dict[str, int]:
     """`tests.sink` with a backoff of 6-12 s between attempts."""
+    return _sink(file_url, checkpoint)
+
+
+@checkpointed(
+    name="tests.limited",
+    file_type="test",
+    lease_seconds=LEASE,
+    backoff=0.2,
+    backoff_max=1,
+    soft_time_limit=1.5,
+    time_limit=4,
+)
+def limited(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    """`tests.sink` under time limits; `?hang=1` ignores the soft one (a stuck read)."""
+    if _options(file_url).get("hang"):
+        try:
+            time.sleep(60)
+        except SoftTimeLimitExceeded:
+            time.sleep(60)  # only the hard limit ends this
     return _sink(file_url, checkpoint)
 
 
