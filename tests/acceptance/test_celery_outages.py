@@ -57,21 +57,27 @@ def test_redis_flushed_mid_batch__reaper_brings_every_file_to_completed(
 
 
 @pytest.mark.parametrize(
-    ("lease", "reaper"),
+    ("broker", "reaper"),
     [
-        # The sweep inside every worker only (no beat): the lease outlasts the outage.
-        pytest.param(10.0, False, id="lease-10s-sweep"),
+        # The sweep inside every worker only (no beat), on each broker.
+        pytest.param("redis", False, id="redis-sweep"),
+        pytest.param("rabbitmq", False, id="rabbitmq-sweep"),
         # Beat sending pipeline.reap every second as well.
-        pytest.param(10.0, True, id="lease-10s-beat"),
+        pytest.param("redis", True, id="redis-beat"),
     ],
 )
 def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attempt(
-    make_cluster: Callable[..., Cluster], lease: float, reaper: bool
+    request: pytest.FixtureRequest,
+    make_cluster: Callable[..., Cluster],
+    broker: str,
+    reaper: bool,
 ) -> None:
     # A task whose database goes away waits where it stands (same process, same message) and
     # carries on under the same claim once the database is back; a claim whose reply was lost
-    # is resumed by its reserved token. An outage shorter than the lease spends no attempt.
-    cluster = make_cluster(lease=lease)
+    # is resumed by its reserved token. An outage of half the lease spends no attempt.
+    lease = 10.0
+    broker_url = request.getfixturevalue("redis_url" if broker == "redis" else "rabbitmq_url")
+    cluster = make_cluster(lease=lease, broker_url=broker_url)
     direct = sa.make_url(cluster.database_url)
     with TcpProxy(upstream_port=direct.port or 5432, upstream_host=direct.host) as proxy:
         via_proxy = direct.set(host="127.0.0.1", port=proxy.port)
@@ -92,10 +98,10 @@ def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attemp
         cut = proxy.cut()
         cut_to = cluster.db_now()
         before = cluster.status_counts()
-        time.sleep(4)  # the outage itself
+        time.sleep(lease / 2)  # the outage itself
         proxy.restore()
         restored_at = cluster.db_now()
-        print(f"\nOUTAGE 4s (lease {lease:g}s): {cut} connections cut; rows then: {before}")
+        print(f"\nOUTAGE {lease / 2:g}s on {broker} (lease {lease:g}s): {cut} cut; rows {before}")
         assert before.get("completed", 0) < 60, "the outage came too late to matter"
 
         cluster.wait_all_terminal(60, timeout=60)
