@@ -38,6 +38,11 @@ class PermanentError(PipelineError):
     """The file cannot be processed and retrying will not help."""
 
 
+class DataError(PermanentError):
+    """The database refused the data (a value too long, out of range or invalid): retrying
+    the same data will not help."""
+
+
 class FileDead(PipelineError):
     """The file is dead: its attempts are used up or its error is not retryable."""
 
