@@ -34,6 +34,10 @@ class InvalidURL(PipelineError):
     """The file URL is not valid."""
 
 
+class InvalidInput(PipelineError):
+    """The input given cannot be used as it is."""
+
+
 class PermanentError(PipelineError):
     """The file cannot be processed and retrying will not help."""
 

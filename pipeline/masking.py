@@ -57,8 +57,12 @@ def has_userinfo(url: str) -> bool:
     if not sep:
         return False
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    # A password may hold "/", "?" or "#": any "@" before the path after "user:" counts too.
-    return "@" in authority or bool(_USERINFO.match(url))
+    if "@" in authority:
+        return True
+    # A password holding "/", "?" or "#" ends the authority early ("u:pa/ss@host"): what
+    # follows a ":" there is then no port, and an "@" comes later.
+    _, colon, after = authority.partition(":")
+    return bool(colon) and "@" in rest and not after.isdigit()
 
 
 def _parsed_display(url: str) -> str:
