@@ -38,6 +38,14 @@ def mask_url(url: str | None) -> str:
     return shown
 
 
+def mask_invalid_url(url: str | None) -> str:
+    """How to name a URL that failed to parse: masked, or not at all when it has no
+    `scheme://` (nothing then says where a password would be)."""
+    if url and "://" not in url:
+        return "(not shown: not a URL)"
+    return mask_url(url)
+
+
 def scrub(text: str, *urls: str | None) -> str:
     """`text` (an error message) with the given URLs masked, their passwords removed, and any
     other `scheme://user:password@` in it masked."""
@@ -45,9 +53,14 @@ def scrub(text: str, *urls: str | None) -> str:
         if not url:
             continue
         text = text.replace(url, mask_url(url))
+        if "://" not in url:
+            text = text.replace(url, mask_invalid_url(url))
+        # Whole secrets first, then their pieces: a parser that cut the password at "#" or
+        # "/" may quote a piece of it in its error ("Port could not be cast ... 'Pa55'").
         for secret in sorted(_secrets(url), key=len, reverse=True):
-            if len(secret) >= _MIN_SCRUBBED:
-                text = text.replace(secret, MASK)
+            for piece in (secret, *re.split(r"[#/?@:]", secret)):
+                if len(piece) >= _MIN_SCRUBBED:
+                    text = text.replace(piece, MASK)
     return _USERINFO_IN_TEXT.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
 
 

@@ -64,27 +64,28 @@ class SubmitReport:
 
 
 class Interrupts:
-    """SIGINT / SIGTERM during submit: while a chunk is registered and sent, the signal is
-    only noted and the chunk finishes; elsewhere (reading input) it stops the read at once.
-    Either way submit stops after the chunk in hand, so no registered row lacks its message.
+    """SIGINT / SIGTERM during submit: while input is read (which may block on a terminal or
+    a pipe) the signal stops the read at once; anywhere else, registering and sending a
+    chunk included, it is only noted. Either way submit stops after the chunk in hand, so no
+    registered row lacks its message.
     """
 
     def __init__(self) -> None:
         self.received: str | None = None
-        self._critical = False
+        self._reading = False
 
     def handler(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
-        if not self._critical:
+        if self._reading:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self._critical = True
+    def reading(self) -> Iterator[None]:
+        self._reading = True
         try:
             yield
         finally:
-            self._critical = False
+            self._reading = False
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Interrupts]:
@@ -119,7 +120,9 @@ def from_lines(items: Iterable[str | lines.Refused], *, fingerprints: bool = Tru
         try:
             url = urls.normalize(text)
         except errors.InvalidURL as exc:
-            yield number, text, None, None, str(exc.data.get("reason", exc))
+            # The refusal's own copy of the text: credentials in it are masked.
+            shown = str(exc.data.get("url") or text)
+            yield number, shown, None, None, str(exc.data.get("reason", exc))
             continue
         # A stat is cheap locally; a HEAD per remote URL is not, so remote lists go without
         # (globs carry their fingerprints from the listing).
@@ -180,20 +183,20 @@ def submit(
         chunk: list[tuple[int, str, str | None, str | None, str | None]] = []
         exhausted = True
         try:
-            for item in source:
-                chunk.append(item)
-                if len(chunk) >= chunk_size:
-                    exhausted = False
-                    break
+            with interrupts.reading() if interrupts else contextlib.nullcontext():
+                for item in source:
+                    chunk.append(item)
+                    if len(chunk) >= chunk_size:
+                        exhausted = False
+                        break
         except KeyboardInterrupt:
             # Stopped while reading: the lines read so far are submitted, nothing after.
             report.interrupted = (interrupts.received if interrupts else None) or "SIGINT"
-        with interrupts.critical() if interrupts else contextlib.nullcontext():
-            _submit_chunk(
-                store, chunk, send, report, task_name, batch_id, file_type, max_attempts, force
-            )
-            if progress:
-                progress(report)
+        _submit_chunk(
+            store, chunk, send, report, task_name, batch_id, file_type, max_attempts, force
+        )
+        if progress:
+            progress(report)
         if interrupts and interrupts.received:
             report.interrupted = interrupts.received
         if exhausted:

@@ -175,11 +175,18 @@ class PostgresStore:
         self._sa_engine: sa.Engine | None = None
         self._q = queries()
         self._dq = driver_queries()
-        self._dsn = (
-            engine_url(database_url)
-            .set(drivername="postgresql")
-            .render_as_string(hide_password=False)
-        )
+        try:
+            self._dsn = (
+                engine_url(database_url)
+                .set(drivername="postgresql")
+                .render_as_string(hide_password=False)
+            )
+        # SQLAlchemy's message quotes the whole URL, password and all: scrubbed here.
+        except (sa_exc.ArgumentError, ValueError, TypeError) as error:
+            raise errors.InvalidInput(
+                f"invalid database URL {masking.mask_invalid_url(database_url)}: "
+                f"{masking.scrub(str(error), database_url)}"
+            ) from error
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[psycopg.Connection[Any]] = []
