@@ -133,7 +133,12 @@ class Cluster:
         self.engine = sa.create_engine(
             engine_url(self.database_url), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool
         )
-        self.redis = redis.Redis.from_url(self.broker_url)
+        # A Redis client for the Redis broker; on another broker (RabbitMQ) queue lengths are
+        # read through kombu and the broker (its own vhost) is dropped by whoever made it.
+        self.on_redis = self.broker_url.startswith(("redis://", "rediss://"))
+        self.redis = redis.Redis.from_url(
+            self.broker_url if self.on_redis else "redis://127.0.0.1:1/0"
+        )
         self.store = pipeline.open_store(self.database_url)
 
     # -- state ------------------------------------------------------------------------------
@@ -246,6 +251,16 @@ class Cluster:
     # -- broker -----------------------------------------------------------------------------
 
     def queue_length(self) -> int:
+        if not self.on_redis:
+            import kombu
+
+            with kombu.Connection(self.broker_url) as conn:
+                try:
+                    return int(
+                        conn.default_channel.queue_declare(self.queue, passive=True).message_count
+                    )
+                except conn.channel_errors:
+                    return 0
         return sum(int(self.redis.llen(k)) for k in self.redis.scan_iter(match=f"{self.queue}*"))
 
     def send(self, file_url: str, *, task: Any = None, **options: Any) -> Any:
@@ -255,7 +270,8 @@ class Cluster:
         return (task or sink).apply_async(args=[file_url], queue=self.queue, **options)
 
     def _cleanup_broker(self) -> None:
-        drop_queue_keys(self.redis, self.queue)
+        if self.on_redis:
+            drop_queue_keys(self.redis, self.queue)
 
     # -- processes --------------------------------------------------------------------------
 
