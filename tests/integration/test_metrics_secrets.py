@@ -7,7 +7,6 @@ import logging
 import pytest
 
 from pipeline import errors
-
 from pipeline.metrics import CheckpointCollector
 from pipeline.sqlstore import PostgresStore
 
