@@ -210,7 +210,15 @@ def submit(
         if task_name != producer.DEFAULT_TASK and report.enqueued:
             _warn_if_no_worker_has(task_name)
         if wait:
-            overview = follow(store, batch_id, timeout=timeout)
+            try:
+                overview = follow(store, batch_id, timeout=timeout)
+            except KeyboardInterrupt:
+                # Only the following stops: every file is registered and enqueued already.
+                err.print(
+                    f"[yellow]stopped following[/yellow] batch {escape(batch_id)}; its files "
+                    f"go on (`pipeline status --batch {escape(batch_id)}`)"
+                )
+                raise SystemExit(128 + signal.SIGINT) from None
             print_overview(overview, batch_id)
             finished = overview.totals()
             if finished[Status.DEAD] or _unfinished(overview):

@@ -315,3 +315,24 @@ def test_flower_empty_user_or_password__refused(env: dict[str, str], auth: str) 
     assert result.returncode == 2, result.describe()
     assert "neither empty" in result.flat_stderr
     assert os.environ.get("FLOWER_BASIC_AUTH") != auth
+
+
+def test_sigint_while_following_with_wait__stops_following_without_traceback(
+    world: Cluster, env: dict[str, str], idle_queue: str
+) -> None:
+    batch = f"follow-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        [*PIPELINE, "submit", f"/data/{batch}.jsonl", "--batch", batch, "--wait"],
+        env={**env, "PIPELINE_QUEUE": idle_queue},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_until(lambda: len(_rows(world, batch)) == 1, timeout=30, what="the row registered")
+    time.sleep(1.0)  # past the summary, into the progress bar
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    text = " ".join(stderr.decode().split())
+    assert proc.returncode == 128 + signal.SIGINT, text
+    assert "Traceback" not in text
+    assert "stopped following" in text
