@@ -177,6 +177,9 @@ def submit(
     With `interrupts` installed, a signal stops the submit after the chunk in hand
     (`report.interrupted` says which); the chunk itself is always finished.
     """
+    for kind, name in (("task", task_name), ("batch", batch_id), ("file type", file_type)):
+        if name is not None:
+            check_name(kind, name)
     report = SubmitReport()
     source = iter(source)
     while report.interrupted is None:

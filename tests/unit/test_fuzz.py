@@ -127,3 +127,20 @@ def test_ingest_csv__random_rows_every_line_counted(
         body = out.getvalue()
     path.write_text(body)
     _check_file(path, body.count("\n") + 1)
+
+
+def test_ingest__memory_bounded_on_a_file_with_one_endless_line(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "endless.jsonl"
+    size = ingest.MAX_LINE_BYTES + 8 * 2**20
+    with path.open("wb") as handle:
+        handle.truncate(size)  # sparse: NUL bytes, no newline
+    tracemalloc.start()
+    try:
+        with pytest.raises(ingest.BadContent, match="longer than"):
+            list(ingest.read_records(path.as_uri()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < ingest.MAX_LINE_BYTES + 4 * 2**20  # one line's cap, not the file's size
