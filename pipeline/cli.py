@@ -402,8 +402,9 @@ def overview_json(overview: Overview) -> dict[str, Any]:
         "expired_leases": overview.expired_leases,
         "dead": [
             {
-                "file_url": d.file_url,
-                "error": d.error,
+                # Rows registered before credentials in file URLs were refused may hold some.
+                "file_url": masking.scrub(d.file_url),
+                "error": masking.scrub(d.error) if d.error else d.error,
                 "at": d.when.isoformat(),
                 "attempts": d.attempts,
             }
@@ -440,7 +441,11 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
         dead.add_column("attempts", justify="right")
         dead.add_column("error")
         for d in overview.dead:
-            dead.add_row(escape(d.file_url), str(d.attempts), escape((d.error or "")[:200]))
+            dead.add_row(
+                escape(masking.scrub(d.file_url)),
+                str(d.attempts),
+                escape(masking.scrub((d.error or "")[:200])),
+            )
         out.print(dead)
 
 

@@ -336,3 +336,21 @@ def test_sigint_while_following_with_wait__stops_following_without_traceback(
     assert proc.returncode == 128 + signal.SIGINT, text
     assert "Traceback" not in text
     assert "stopped following" in text
+
+
+def test_status__a_legacy_row_with_credentials_is_shown_masked(
+    world: Cluster, env: dict[str, str]
+) -> None:
+    from pipeline.models import Claim
+
+    batch = f"legacy-{uuid.uuid4().hex[:6]}"
+    url = f"ftp://user:Legacy5ecret@host/{batch}.jsonl"  # registered before refusals existed
+    world.store.register([url], batch_id=batch)
+    claim = world.store.claim(url, "w", 30)
+    assert isinstance(claim, Claim)
+    world.store.fail(url, claim.token, f"could not open {url}", retryable=False)
+    for args in (("status", "--batch", batch), ("status", "--batch", batch, "--json")):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 0, result.describe()
+        assert "Legacy5ecret" not in result.output, result.describe()
+        assert "ftp://user:***@host" in result.output, result.describe()
