@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import errors
+from pipeline.models import Claim
 from pipeline.sqlstore import PostgresStore
 
 
@@ -60,3 +61,19 @@ def test_translate__refused_connection_is_unavailable_with_the_password_masked()
     assert "unreachable" in str(caught.value)
     assert store.unavailable(caught.value.__cause__ or caught.value)
     store.close()
+
+
+def test_fail__a_password_in_the_error_message_is_masked_on_the_row(
+    pg_store: PostgresStore,
+) -> None:
+    url = "file:///data/creds-in-error.jsonl"
+    pg_store.register([url])
+    claim = pg_store.claim(url, "w", 30)
+    assert isinstance(claim, Claim)
+    pg_store.fail(url, claim.token, RuntimeError("cannot open ftp://u:Sup3rSecret@h/x"))
+    row = pg_store.get(url, with_attempts=True)
+    assert row is not None
+    assert row.error_message is not None
+    assert "Sup3rSecret" not in row.error_message
+    assert "ftp://u:***@h/x" in row.error_message
+    assert all("Sup3rSecret" not in (a.error_message or "") for a in row.attempts)
