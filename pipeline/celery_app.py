@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init
 
-from pipeline import config, errors
+from pipeline import config, errors, messages
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
 logger = logging.getLogger("pipeline")
@@ -41,6 +41,7 @@ class PoolMaintenance(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 app.steps["worker"].add(PoolMaintenance)
+app.steps["consumer"].add(messages.MessageGuard)  # a malformed message is rejected, not fatal
 
 _store: Store | None = None
 # The process that opened or set _store: only a forked child must let go of its connections.

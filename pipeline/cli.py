@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import pathlib
 import secrets
@@ -22,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import config, errors, local, producer
+from pipeline import config, errors, lines, local, masking, producer
 from pipeline.models import Overview, Status
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
@@ -45,10 +46,28 @@ def _open_store(*, broker: bool = False) -> Store:
             f"could not start the private servers under {local.state_dir()}: {error}"
         ) from error
     _sync_app_broker()
+    if broker:
+        _check_broker_url()
     try:
         return pipeline.open_store(config.database_url())
     except errors.PipelineError as error:
-        raise click.ClickException(str(error)) from error
+        raise click.ClickException(
+            masking.scrub(str(error), config.database_url(), config.broker_url())
+        ) from error
+
+
+def _check_broker_url() -> None:
+    """A malformed broker URL is said so now, masked, not as a traceback mid-submit."""
+    from pipeline.celery_app import app
+
+    url = app.conf.broker_url
+    try:
+        # kombu parses the URL (scheme, host, port) when the connection is made, not sent.
+        app.connection_for_write().as_uri()
+    except Exception as error:
+        raise errors.InvalidInput(
+            f"invalid broker URL {masking.mask_invalid_url(url)}: {masking.scrub(str(error), url)}"
+        ) from error
 
 
 def _sync_app_broker() -> None:
@@ -66,7 +85,8 @@ def _handled() -> Iterator[None]:
         yield
     except errors.PipelineError as error:
         # escape(): user text (URLs, batch names) may hold "[...]", which rich reads as markup.
-        err.print(f"[red]error:[/red] {escape(str(error))}")
+        message = masking.scrub(str(error), config.database_url(), config.broker_url())
+        err.print(f"[red]error:[/red] {escape(message)}")
         raise SystemExit(EXIT_FAILED) from error
     except kombu.exceptions.OperationalError as error:
         # The broker went away while sending; rows already moved to pending are handed back
@@ -74,7 +94,8 @@ def _handled() -> Iterator[None]:
         from pipeline.celery_app import app
 
         broker = config.mask_url(app.conf.broker_url)
-        err.print(f"[red]error:[/red] broker {escape(broker)}: {escape(str(error))}")
+        message = masking.scrub(str(error), app.conf.broker_url)
+        err.print(f"[red]error:[/red] broker {escape(broker)}: {escape(message)}")
         raise SystemExit(EXIT_FAILED) from error
 
 
@@ -91,15 +112,36 @@ def main() -> None:
 # -- submit -----------------------------------------------------------------------------------
 
 
-def _input_lines(urls: tuple[str, ...], from_file: str | None) -> Iterator[str]:
+def _input_lines(urls: tuple[str, ...], from_file: str | None) -> Iterator[str | lines.Refused]:
+    """Arguments as given; stdin and --from read in bounded lines (see pipeline.lines)."""
     for url in urls:
         if url == "-":
-            yield from sys.stdin
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise errors.InvalidInput("cannot read URLs from stdin: it is closed")
+            yield from lines.read_lines(stdin)
         else:
             yield url
     if from_file:
-        with open(from_file, encoding="utf-8", errors="replace") as handle:
-            yield from handle
+        with open(from_file, "rb") as handle:
+            yield from lines.read_lines(handle)
+
+
+def _name(kind: str) -> Any:
+    """A click callback refusing an unusable batch / task / file-type name at once."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and (problem := producer.name_problem(kind, value)):
+            raise click.BadParameter(problem)
+        return value
+
+    return check
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a number of seconds (finite, at least 0)")
+    return value
 
 
 @main.command()
@@ -108,15 +150,18 @@ def _input_lines(urls: tuple[str, ...], from_file: str | None) -> Iterator[str]:
     "--from", "from_file", type=click.Path(dir_okay=False), help="read URLs from FILE, one a line"
 )
 @click.option("--glob", "pattern", help="submit the files matching a glob on any fsspec filesystem")
-@click.option("--batch", "batch_id", help="batch name (default: a new one)")
+@click.option(
+    "--batch", "batch_id", callback=_name("batch"), help="batch name (default: a new one)"
+)
 @click.option(
     "--task",
     "task_name",
     default=producer.DEFAULT_TASK,
     show_default=True,
+    callback=_name("task"),
     help="checkpointed task to run",
 )
-@click.option("--file-type", default="events", show_default=True)
+@click.option("--file-type", default="events", show_default=True, callback=_name("file type"))
 @click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--force", is_flag=True, help="run files again even if completed")
 @click.option("--wait", is_flag=True, help="follow the batch until every file is done")
@@ -157,11 +202,23 @@ def submit(
             force,
             not no_fingerprint,
         )
+        if report.interrupted:
+            raise SystemExit(128 + signal.Signals[report.interrupted].value)
         # Non-zero when any input was refused or any file is known to have ended dead (a
         # resubmission finds it so); with --wait, also when one ends dead now.
         status = EXIT_FAILED if report.refused_count or report.dead_before else EXIT_OK
+        if task_name != producer.DEFAULT_TASK and report.enqueued:
+            _warn_if_no_worker_has(task_name)
         if wait:
-            overview = follow(store, batch_id, timeout=timeout)
+            try:
+                overview = follow(store, batch_id, timeout=timeout)
+            except KeyboardInterrupt:
+                # Only the following stops: every file is registered and enqueued already.
+                err.print(
+                    f"[yellow]stopped following[/yellow] batch {escape(batch_id)}; its files "
+                    f"go on (`pipeline status --batch {escape(batch_id)}`)"
+                )
+                raise SystemExit(128 + signal.SIGINT) from None
             print_overview(overview, batch_id)
             finished = overview.totals()
             if finished[Status.DEAD] or _unfinished(overview):
@@ -193,20 +250,27 @@ def _submit(
     try:
         send, close = producer.celery_sender(app)
     except Exception as error:  # kombu raises its own errors when the broker is down
+        broker = app.conf.broker_url
         raise errors.PipelineError(
-            f"broker {config.mask_url(app.conf.broker_url)} unreachable: {error}"
+            f"broker {config.mask_url(broker)} unreachable: {masking.scrub(str(error), broker)}"
         ) from error
     report = producer.SubmitReport()
+    interrupts = producer.Interrupts()
     try:
-        with Progress(
-            TextColumn("[bold]submit[/bold] {task.description}"),
-            TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as bar:
+        with (
+            Progress(
+                TextColumn("[bold]submit[/bold] {task.description}"),
+                TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            ) as bar,
+            interrupts.installed(),
+        ):
             tid = bar.add_task(escape(batch_id), seen=0, enqueued=0)
             for source in sources:
+                if report.interrupted:
+                    break
                 part = producer.submit(
                     store,
                     source,
@@ -219,8 +283,10 @@ def _submit(
                     progress=lambda r: bar.update(
                         tid, seen=report.seen + r.seen, enqueued=report.enqueued + r.enqueued
                     ),
+                    interrupts=interrupts,
                 )
                 _merge(report, part)
+                report.interrupted = part.interrupted
     except errors.PipelineError:
         raise
     except OSError as error:
@@ -237,10 +303,38 @@ def _submit(
         f"{report.completed_before} already completed, {report.dead_before} already dead, "
         f"{report.in_flight_before} already in flight, {report.refused_count} refused"
     )
+    if report.interrupted:
+        err.print(
+            f"[yellow]interrupted[/yellow] by {report.interrupted}: the input up to line "
+            f"{report.last_line} of its source was submitted, nothing after it; every file "
+            "registered has its task (submit the same input again to go on)"
+        )
     return report
 
 
+def _warn_if_no_worker_has(task_name: str) -> None:
+    """Warn when running workers answer and none of them has the task (rows would wait)."""
+    from pipeline.celery_app import app
+
+    try:
+        replies = app.control.inspect(timeout=1.0).registered() or {}
+    except Exception:  # no answer from the broker: nothing to tell
+        return
+    if not replies:
+        err.print(
+            f"[yellow]warning:[/yellow] no worker answered within 1 s; cannot check that one "
+            f"has task {escape(task_name)!r} (its files stay pending until one does)"
+        )
+    elif not any(task_name in (tasks or []) for tasks in replies.values()):
+        err.print(
+            f"[yellow]warning:[/yellow] none of the {len(replies)} running workers has task "
+            f"{escape(task_name)!r}: its files stay pending until a worker that has it starts "
+            "(PIPELINE_TASK_MODULES)"
+        )
+
+
 def _merge(total: producer.SubmitReport, part: producer.SubmitReport) -> None:
+    total.last_line = part.last_line or total.last_line
     for field in (
         "seen",
         "enqueued",
@@ -308,8 +402,9 @@ def overview_json(overview: Overview) -> dict[str, Any]:
         "expired_leases": overview.expired_leases,
         "dead": [
             {
-                "file_url": d.file_url,
-                "error": d.error,
+                # Rows registered before credentials in file URLs were refused may hold some.
+                "file_url": masking.scrub(d.file_url),
+                "error": masking.scrub(d.error) if d.error else d.error,
                 "at": d.when.isoformat(),
                 "attempts": d.attempts,
             }
@@ -346,7 +441,11 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
         dead.add_column("attempts", justify="right")
         dead.add_column("error")
         for d in overview.dead:
-            dead.add_row(escape(d.file_url), str(d.attempts), escape((d.error or "")[:200]))
+            dead.add_row(
+                escape(masking.scrub(d.file_url)),
+                str(d.attempts),
+                escape(masking.scrub((d.error or "")[:200])),
+            )
         out.print(dead)
 
 
@@ -356,7 +455,7 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
 @click.option(
     "--dead",
     "dead_limit",
-    type=int,
+    type=click.IntRange(0, 10_000),
     default=10,
     show_default=True,
     help="how many dead files to list",
@@ -405,6 +504,7 @@ def requeue(
 @click.option(
     "--waiting-seconds",
     type=float,
+    callback=_finite,
     default=DEFAULT_WAITING_SECONDS,
     show_default=True,
     help="re-enqueue pending/failed files that waited longer than this",
@@ -514,11 +614,11 @@ def stop_workers(procs: Iterable[subprocess.Popen[bytes]]) -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True)
 @click.option("--addr", default="0.0.0.0", show_default=True, help="address to listen on")
 @click.option(
     "--interval",
-    type=float,
+    type=click.FloatRange(min=0.1, max=86_400),
     default=15.0,
     show_default=True,
     help="seconds between reads of the checkpoint table",
@@ -529,7 +629,10 @@ def metrics(port: int, addr: str, interval: float) -> None:
 
     with _handled():
         store = _open_store()
-        _, stop = exporter.serve(store, port=port, addr=addr, interval=interval)
+        try:
+            _, stop = exporter.serve(store, port=port, addr=addr, interval=interval)
+        except OSError as error:  # the port is taken, or not ours to bind
+            raise errors.PipelineError(f"cannot listen on {addr}:{port}: {error}") from error
     where = config.mask_url(config.database_url())
     err.print(f"metrics of {where} on http://{addr}:{port}/metrics")
     # As PID 1 in a container a signal without a handler is ignored: stop cleanly on SIGTERM.
@@ -559,6 +662,15 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     """Start Flower on the configured broker, behind basic auth."""
     if not basic_auth and not no_auth:
         raise click.UsageError(f"set {FLOWER_AUTH_ENV}=user:password (or --no-auth for local use)")
+    # Flower takes "user:password[,user:password...]"; an empty user or password (`admin:`)
+    # would be accepted by Flower and let anyone in with it.
+    for pair in (basic_auth or "").split(",") if basic_auth else ():
+        user, colon, password = pair.partition(":")
+        if not (user and colon and password):
+            raise click.UsageError(
+                f"{FLOWER_AUTH_ENV} must be user:password with neither empty (each of a "
+                "comma-separated list)"
+            )
     with _handled():
         _open_store(broker=True).close()
     env = dict(os.environ)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import urllib.parse
+
+from pipeline import masking
 
 DATABASE_URL_ENV = "PIPELINE_DATABASE_URL"
 BROKER_URL_ENV = "PIPELINE_BROKER_URL"
@@ -18,18 +19,5 @@ def broker_url() -> str | None:
 
 
 def mask_url(url: str | None) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
-    if not url:
-        return "(not set)"
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "(unparseable URL)"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """The URL with any password replaced by ***, safe to print or log (see masking)."""
+    return masking.mask_url(url)

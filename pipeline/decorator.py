@@ -19,7 +19,7 @@ from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from pipeline import errors
+from pipeline import errors, masking
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, Store, resume_tokens
 
@@ -254,6 +254,13 @@ def run(
     """One delivery: claim, run with heartbeat, complete or fail (Postgres decides)."""
     from pipeline.celery_app import get_store
 
+    if masking.has_userinfo(file_url):
+        # A message sent around `pipeline submit` (task.delay): never store nor show the secret.
+        raise errors.InvalidURL(
+            f"{masking.mask_url(file_url)} carries credentials: give them as storage options "
+            "(environment or fsspec configuration), not in the URL",
+            url=masking.mask_url(file_url),
+        )
     # Tokens of claims an older message of this chain may still hold (pre-0.2 step-backs).
     resume = resume_tokens(kwargs.pop("_pipeline_resume", None)) or []
     store = get_store()
@@ -446,7 +453,10 @@ def _run_once(
             raise  # rolls the output back on the way out of the stack
         except Exception as error:
             if store.unavailable(error):
-                raise errors.StoreUnavailable(str(error)) from error
+                # First line only (SQLAlchemy appends the statement and its parameters), and
+                # with any URL password masked: this text reaches the logs and Flower.
+                first = (str(error) or type(error).__name__).splitlines()[0]
+                raise errors.StoreUnavailable(masking.scrub(first)) from error
             raise
     # committed: output and 'completed' together
     return {"file_url": claim.file_url, "attempt": claim.attempt, **stats.as_dict()}
@@ -539,7 +549,7 @@ def _failed(
         ) from (cause or error)
     raise errors.FileDead(
         f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
-        f"{type(error).__name__}: {error}",
+        f"{type(error).__name__}: {masking.scrub(str(error))}",
         url=claim.file_url,
         attempt=outcome.attempt,
     ) from (cause or error)

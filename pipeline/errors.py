@@ -34,8 +34,17 @@ class InvalidURL(PipelineError):
     """The file URL is not valid."""
 
 
+class InvalidInput(PipelineError):
+    """The input given cannot be used as it is."""
+
+
 class PermanentError(PipelineError):
     """The file cannot be processed and retrying will not help."""
+
+
+class DataError(PermanentError):
+    """The database refused the data (a value too long, out of range or invalid): retrying
+    the same data will not help."""
 
 
 class FileDead(PipelineError):

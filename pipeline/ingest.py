@@ -8,6 +8,7 @@ JSON Lines (`.jsonl`, `.ndjson`, `.json`) or CSV with a header (`.csv`), optiona
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -16,12 +17,14 @@ import json
 import math
 import os
 import posixpath
+import stat
 import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import urls
 from pipeline.errors import PermanentError
@@ -47,6 +50,10 @@ MAX_EXAMPLES = 5
 MAX_LINE_BYTES = 32 * 1024 * 1024
 _CHUNK_BYTES = 1024 * 1024
 _REQUIRED = ("id", "ts", "type")
+# `type` is in a btree index (events_type_ts_idx), whose entries Postgres caps at about
+# 2.7 KB: a longer value would fail the whole file's transaction, so it is refused per line.
+# `id` gets the same cap: an event id is a key, not a payload.
+MAX_FIELD_BYTES = {"id": 1000, "type": 1000}
 
 
 # PermanentError is what the @checkpointed decorator treats as not worth a retry.
@@ -56,6 +63,10 @@ class BadInput(PermanentError):
 
 class BadContent(BadInput):
     """The file is not UTF-8 text (binary, another encoding, or a broken gzip stream)."""
+
+
+class NotRegularFile(BadInput):
+    """The URL names something that is not a regular file (a FIFO, a directory, a device)."""
 
 
 class UnsupportedFormat(BadInput):
@@ -150,9 +161,7 @@ def read_records(url: str) -> Iterator[Record]:
     """Stream the file's records in order; the format is checked now, the file read lazily."""
     kind, compression = file_format(url)
     fs, path = urls.filesystem(url)
-    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-    opener = fsspec.core.OpenFile(fs, path, mode="rb", compression=compression)
-    return _records(url, opener, kind)
+    return _records(url, _open(url, fs, path, compression), kind)
 
 
 def insert_params(file_url: str, record: Record) -> dict[str, Any]:
@@ -179,6 +188,12 @@ def parse_event(fields: Mapping[str, Any]) -> Event | str:
             return f"missing {key}"
         if not isinstance(value, str):
             return f"{key} is not a string"
+        limit = MAX_FIELD_BYTES.get(key)
+        # len * 4 bounds the UTF-8 size: most values skip the encode.
+        if limit is not None and len(value) * 4 > limit:
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                return f"{key} longer than {limit} bytes ({size})"
         values[key] = value
     ts = parse_ts(values["ts"])
     if ts is None:
@@ -202,6 +217,52 @@ def parse_ts(text: str) -> dt.datetime | None:
 
 
 # -- reading ---------------------------------------------------------------------------------
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+@contextlib.contextmanager
+def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any]:
+    """The file's bytes, opened only if it is a regular file (or an object)."""
+    if isinstance(fs, LocalFileSystem):
+        with _open_local(url, path) as raw:
+            if compression is None:
+                yield raw
+            else:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                    yield unzipped
+        return
+    info = fs.info(path)
+    if info.get("type") not in ("file", None):
+        raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
+    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+    with fsspec.core.OpenFile(fs, path, mode="rb", compression=compression) as stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _open_local(url: str, path: str) -> Iterator[BinaryIO]:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the check is on the descriptor
+    # opened (fstat), so a file swapped for a FIFO after a stat cannot slip through.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(f"not a regular file: {path} is {kind}", url=url)
+        os.set_blocking(fd, True)
+        raw = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with raw:
+        yield raw
 
 
 def _records(url: str, opener: Any, kind: str) -> Iterator[Record]:
@@ -292,7 +353,7 @@ def _csv_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
         except StopIteration:
             return
         except csv.Error as exc:
-            yield Record(first_line, problem=f"not valid CSV: {exc}")
+            yield from _refused_row(first_line, reader.line_num, f"not valid CSV: {exc}")
             continue
         if not row:
             continue  # blank line
@@ -300,9 +361,25 @@ def _csv_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
             header = [name.strip() for name in row]
             continue
         if len(row) != len(header):
-            yield Record(first_line, problem=f"{len(row)} fields, header has {len(header)}")
+            problem = f"{len(row)} fields, header has {len(header)}"
+            yield from _refused_row(first_line, reader.line_num, problem)
             continue
-        yield _record(first_line, dict(zip(header, row, strict=True)))
+        record = _record(first_line, dict(zip(header, row, strict=True)))
+        if record.ok:
+            yield record
+        else:
+            yield from _refused_row(first_line, reader.line_num, record.problem or "invalid")
+
+
+def _refused_row(first: int, last: int, problem: str) -> Iterator[Record]:
+    """A refused row, and every further physical line it swallowed (an unclosed quote takes
+    the rest of the file), each counted as filtered rather than silently lost."""
+    if last <= first:
+        yield Record(first, problem=problem)
+        return
+    yield Record(first, problem=f"{problem} (row spans lines {first}-{last}; unclosed quote?)")
+    for number in range(first + 1, last + 1):
+        yield Record(number, problem=f"inside the malformed row that starts on line {first}")
 
 
 def _record(number: int, fields: Mapping[str, Any]) -> Record:

@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from pipeline import errors
+from pipeline import errors, masking
 from pipeline.models import Overview, Status
 from pipeline.store import Store
 
@@ -42,8 +42,14 @@ class CheckpointCollector(Collector):
         except Exception as error:
             # Any error, not only the store's own: one escaping here would end the refresh
             # thread, and the last snapshot would be served as current (with up = 1) forever.
-            expected = isinstance(error, errors.PipelineError)
-            logger.warning("metrics refresh failed: %s", error, exc_info=not expected)
+            # Scrubbed, without the traceback at warning level: a driver's message or a
+            # frame's text may quote the database URL, password and all.
+            message = masking.scrub(
+                f"{type(error).__name__}: {error}", getattr(self.store, "url", None)
+            )
+            logger.warning("metrics refresh failed: %s", message)
+            if not isinstance(error, errors.PipelineError):
+                logger.debug("metrics refresh traceback", exc_info=True)
             with self._lock:
                 self._up = 0
             return

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
+import re
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pipeline import urls
+from pipeline import errors, lines, masking, urls
 from pipeline.models import Status
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
 
@@ -16,6 +18,28 @@ DEFAULT_TASK = "pipeline.ingest"
 CHUNK = 1000
 # Refused lines kept for the report; the rest are only counted (memory stays flat).
 MAX_REFUSED_KEPT = 1000
+# Batch, task and file-type names are indexed columns (Postgres caps an index entry at about
+# 2.7 KB) and are shown in every status line: refused at submit beyond this, with the reason.
+MAX_NAME_LENGTH = 200
+_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
+
+
+def name_problem(kind: str, value: str) -> str | None:
+    """Why a batch / task / file-type name cannot be used, or None."""
+    if not value.strip():
+        return f"{kind} name is empty"
+    if len(value) > MAX_NAME_LENGTH:
+        return f"{kind} name too long ({len(value)} characters; at most {MAX_NAME_LENGTH})"
+    if found := _NAME_CONTROL.search(value):
+        return f"{kind} name contains a control character (U+{ord(found.group()):04X})"
+    return None
+
+
+def check_name(kind: str, value: str) -> str:
+    """`value`, or InvalidInput saying why it cannot be a name."""
+    if problem := name_problem(kind, value):
+        raise errors.InvalidInput(problem, kind=kind)
+    return value
 
 
 @dataclasses.dataclass
@@ -29,24 +53,76 @@ class SubmitReport:
     in_flight_before: int = 0
     refused_count: int = 0
     refused: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    #: set when a signal stopped the submit; `last_line` is the last input line handled
+    interrupted: str | None = None
+    last_line: int = 0
 
     def refuse(self, line: int, text: str, reason: str) -> None:
         self.refused_count += 1
         if len(self.refused) < MAX_REFUSED_KEPT:
-            self.refused.append((line, text[:200], reason))
+            self.refused.append((line, masking.scrub(text[:200]), reason))
+
+
+class Interrupts:
+    """SIGINT / SIGTERM during submit: while input is read (which may block on a terminal or
+    a pipe) the signal stops the read at once; anywhere else, registering and sending a
+    chunk included, it is only noted. Either way submit stops after the chunk in hand, so no
+    registered row lacks its message.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._reading = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        if self._reading:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self._reading = True
+        try:
+            yield
+        finally:
+            self._reading = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        """This object's handler for SIGINT and SIGTERM, restored on the way out."""
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 Source = Iterator[tuple[int, str, str | None, str | None, str | None]]
 """(line, raw text, url, fingerprint, refusal reason) per input item."""
 
 
-def from_lines(lines: Iterable[str], *, fingerprints: bool = True) -> Source:
-    """Input lines (arguments, a file, stdin) as normalised URLs; local files fingerprinted."""
-    buffered, copy = itertools.tee(lines)
-    for (number, url, reason), raw in zip(urls.iter_normalized(buffered), copy, strict=True):
-        text = raw.rstrip("\r\n")
-        if url is None:
-            yield number, text, None, None, reason
+def from_lines(items: Iterable[str | lines.Refused], *, fingerprints: bool = True) -> Source:
+    """Input lines (arguments, a file, stdin) as normalised URLs; local files fingerprinted.
+
+    A `lines.Refused` item (a line the bounded reader refused) keeps its line number.
+    """
+    for number, item in enumerate(items, start=1):
+        if isinstance(item, lines.Refused):
+            yield number, item.text, None, None, item.reason
+            if item.final:
+                return
+            continue
+        text = item.rstrip("\r\n")
+        if not text.strip(" \t"):
+            yield number, text, None, None, "empty line"
+            continue
+        try:
+            url = urls.normalize(text)
+        except errors.InvalidURL as exc:
+            # The refusal's own copy of the text: credentials in it are masked.
+            shown = str(exc.data.get("url") or text)
+            yield number, shown, None, None, str(exc.data.get("reason", exc))
             continue
         # A stat is cheap locally; a HEAD per remote URL is not, so remote lists go without
         # (globs carry their fingerprints from the listing).
@@ -56,7 +132,15 @@ def from_lines(lines: Iterable[str], *, fingerprints: bool = True) -> Source:
 
 def from_glob(pattern: str) -> Source:
     """Files matching a glob on any fsspec filesystem, with fingerprints from the listing."""
-    fs, path = urls.filesystem(pattern)
+    if masking.has_userinfo(pattern):
+        urls.normalize(pattern)  # refused: credentials belong in storage options
+    try:
+        fs, path = urls.filesystem(pattern)
+    # fsspec's own errors for a scheme it does not know or cannot load
+    except (ValueError, ImportError) as error:
+        raise errors.InvalidURL(
+            f"--glob {masking.scrub(pattern)!r}: {masking.scrub(str(error))}", url=pattern
+        ) from error
     found = fs.glob(path, detail=True)
     for number, (name, info) in enumerate(sorted(found.items()), start=1):
         if info.get("type") == "directory":
@@ -86,49 +170,89 @@ def submit(
     force: bool = False,
     chunk_size: int = CHUNK,
     progress: Callable[[SubmitReport], None] | None = None,
+    interrupts: Interrupts | None = None,
 ) -> SubmitReport:
-    """Register and enqueue; `send(task_name, url)` enqueues one task."""
+    """Register and enqueue; `send(task_name, url)` enqueues one task.
+
+    With `interrupts` installed, a signal stops the submit after the chunk in hand
+    (`report.interrupted` says which); the chunk itself is always finished.
+    """
+    for kind, name in (("task", task_name), ("batch", batch_id), ("file type", file_type)):
+        if name is not None:
+            check_name(kind, name)
     report = SubmitReport()
-    while True:
-        chunk = list(itertools.islice(source, chunk_size))
-        if not chunk:
-            break
-        pairs: list[tuple[str, str | None]] = []
-        for line, raw, url, fp, reason in chunk:
-            if url is None:
-                report.refuse(line, raw, reason or "refused")
-            else:
-                pairs.append((url, fp))
-        report.seen += len(pairs)
-        registrations = store.register(
-            pairs,
-            batch_id=batch_id,
-            file_type=file_type,
-            task_name=task_name,
-            max_attempts=max_attempts,
+    source = iter(source)
+    while report.interrupted is None:
+        chunk: list[tuple[int, str, str | None, str | None, str | None]] = []
+        exhausted = True
+        try:
+            with interrupts.reading() if interrupts else contextlib.nullcontext():
+                for item in source:
+                    chunk.append(item)
+                    if len(chunk) >= chunk_size:
+                        exhausted = False
+                        break
+        except KeyboardInterrupt:
+            # Stopped while reading: the lines read so far are submitted, nothing after.
+            report.interrupted = (interrupts.received if interrupts else None) or "SIGINT"
+        _submit_chunk(
+            store, chunk, send, report, task_name, batch_id, file_type, max_attempts, force
         )
-        for reg in registrations:
-            if reg.needs_task:
-                send(reg.task_name or task_name, reg.file_url)
-                report.enqueued += 1
-            elif reg.status is Status.COMPLETED:
-                if force:
-                    for work in store.requeue(
-                        reg.file_url, statuses=[Status.COMPLETED], force=True
-                    ):
-                        send(work.task_name or task_name, work.file_url)
-                        report.enqueued += 1
-                else:
-                    report.completed_before += 1
-            elif reg.status is Status.DEAD:
-                report.dead_before += 1
-            else:
-                # Already pending or running: its task exists (the reaper re-enqueues a row
-                # whose message was lost once it has waited long enough).
-                report.in_flight_before += 1
         if progress:
             progress(report)
+        if interrupts and interrupts.received:
+            report.interrupted = interrupts.received
+        if exhausted:
+            break
     return report
+
+
+def _submit_chunk(
+    store: Store,
+    chunk: list[tuple[int, str, str | None, str | None, str | None]],
+    send: Callable[[str, str], None],
+    report: SubmitReport,
+    task_name: str,
+    batch_id: str | None,
+    file_type: str,
+    max_attempts: int,
+    force: bool,
+) -> None:
+    """Register one chunk and send a task for each row that needs one."""
+    pairs: list[tuple[str, str | None]] = []
+    for line, raw, url, fp, reason in chunk:
+        report.last_line = line
+        if url is None:
+            report.refuse(line, raw, reason or "refused")
+        else:
+            pairs.append((url, fp))
+    if not pairs:
+        return
+    report.seen += len(pairs)
+    registrations = store.register(
+        pairs,
+        batch_id=batch_id,
+        file_type=file_type,
+        task_name=task_name,
+        max_attempts=max_attempts,
+    )
+    for reg in registrations:
+        if reg.needs_task:
+            send(reg.task_name or task_name, reg.file_url)
+            report.enqueued += 1
+        elif reg.status is Status.COMPLETED:
+            if force:
+                for work in store.requeue(reg.file_url, statuses=[Status.COMPLETED], force=True):
+                    send(work.task_name or task_name, work.file_url)
+                    report.enqueued += 1
+            else:
+                report.completed_before += 1
+        elif reg.status is Status.DEAD:
+            report.dead_before += 1
+        else:
+            # Running or failed (waiting for its backoff): its task exists, or the reaper
+            # re-enqueues it once it has waited long enough.
+            report.in_flight_before += 1
 
 
 def celery_sender(app: Any) -> tuple[Callable[[str, str], None], Callable[[], None]]:

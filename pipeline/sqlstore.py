@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from psycopg.rows import namedtuple_row
 from sqlalchemy import exc as sa_exc
 
-from pipeline import config, errors
+from pipeline import errors, masking
 from pipeline.models import (
     Attempt,
     Checkpoint,
@@ -55,8 +55,13 @@ from pipeline.store import (
 # Taken for the whole of `db upgrade`, so concurrent upgrades run one after another.
 _MIGRATION_LOCK_KEY = 0x70697065  # "pipe"
 _QUERY_HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
-# Postgres error classes that mean "the server is not reachable or went away".
-_UNAVAILABLE_SQLSTATES = ("08", "57P")
+# SQLSTATEs that mean "the server is not reachable or went away" (connection exception,
+# admin/crash shutdown, cannot connect now) and "too many connections" (wait for a slot).
+# Nothing else is an outage: a data error retried in a loop would never succeed.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# Data exception, integrity constraint violation, program limit exceeded (e.g. "index row
+# size exceeds maximum"): the data is at fault, not the database.
+_DATA_SQLSTATES = ("22", "23", "54")
 _MISSING_SQLSTATES = ("42P01", "42883")  # undefined table, undefined function
 
 
@@ -108,31 +113,36 @@ def engine_url(url: str) -> sa.URL:
 
 @contextlib.contextmanager
 def translate(url: str) -> Iterator[None]:
-    """Turn driver errors into the project's own, at this one boundary."""
+    """Turn driver errors into the project's own, at this one boundary, by SQLSTATE."""
     try:
         yield
     except (sa_exc.DBAPIError, psycopg.Error) as error:
         orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
         state = str(getattr(orig, "sqlstate", "") or "")
-        invalidated = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
-        if (
-            invalidated
-            or (
-                isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
-                and not state.startswith("4")
-            )
-            or state.startswith(_UNAVAILABLE_SQLSTATES)
-        ):
+        shown = masking.mask_url(url)
+        message = masking.scrub(_first_line(orig), url)
+        if _is_unavailable(error, orig, state):
             raise errors.StoreUnavailable(
-                f"checkpoint database {config.mask_url(url)} unreachable: {_first_line(orig)}",
-                url=config.mask_url(url),
+                f"checkpoint database {shown} unreachable: {message}", url=shown
+            ) from error
+        if state.startswith(_DATA_SQLSTATES):
+            raise errors.DataError(
+                f"the database refused the data ({state}): {message}", sqlstate=state
             ) from error
         if state in _MISSING_SQLSTATES:
             raise errors.SchemaMissing(
-                f"checkpoint schema missing in {config.mask_url(url)}: run `pipeline db upgrade` "
-                f"({_first_line(orig)})"
+                f"checkpoint schema missing in {shown}: run `pipeline db upgrade` ({message})"
             ) from error
         raise
+
+
+def _is_unavailable(error: BaseException, orig: BaseException | None, state: str) -> bool:
+    if state:
+        return state.startswith(_UNAVAILABLE_SQLSTATES)
+    # No SQLSTATE: the server never answered (connection refused, timeout, closed socket).
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def _first_line(error: BaseException | None) -> str:
@@ -166,11 +176,18 @@ class PostgresStore:
         self._sa_engine: sa.Engine | None = None
         self._q = queries()
         self._dq = driver_queries()
-        self._dsn = (
-            engine_url(database_url)
-            .set(drivername="postgresql")
-            .render_as_string(hide_password=False)
-        )
+        try:
+            self._dsn = (
+                engine_url(database_url)
+                .set(drivername="postgresql")
+                .render_as_string(hide_password=False)
+            )
+        # SQLAlchemy's message quotes the whole URL, password and all: scrubbed here.
+        except (sa_exc.ArgumentError, ValueError, TypeError) as error:
+            raise errors.InvalidInput(
+                f"invalid database URL {masking.mask_invalid_url(database_url)}: "
+                f"{masking.scrub(str(error), database_url)}"
+            ) from error
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[psycopg.Connection[Any]] = []

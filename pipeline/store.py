@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from pipeline import masking
 from pipeline.models import (
     Checkpoint,
     ClaimResult,
@@ -170,11 +171,12 @@ class Store(Protocol):
 
 
 def error_text(error: BaseException | str) -> tuple[str, str]:
-    """The (class name, message) pair recorded for an error."""
+    """The (class name, message) pair recorded for an error, any `scheme://user:pw@` in it
+    masked (the row's error is shown by `status`, in Flower and in metrics)."""
     if isinstance(error, BaseException):
         message = str(error) or type(error).__name__
-        return type(error).__name__, message[:4000]
-    return "Error", error[:4000]
+        return type(error).__name__, masking.scrub(message[:4000])
+    return "Error", masking.scrub(error[:4000])
 
 
 def split_registrations(

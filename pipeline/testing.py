@@ -651,7 +651,9 @@ class MemoryStore:
                     row.max_attempts = max_attempts
                     result.append(Registration(url, Status.PENDING, True, task_name))
                 else:
-                    result.append(Registration(url, row.status, False, row.task_name))
+                    # Still pending: enqueued again, as queries.sql `register` does.
+                    again = row.status is Status.PENDING
+                    result.append(Registration(url, row.status, again, row.task_name))
         return result
 
     @staticmethod

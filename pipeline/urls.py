@@ -22,13 +22,20 @@ from typing import Any
 
 import fsspec
 
+from pipeline import masking
 from pipeline.errors import InvalidURL
 
 MAX_URL_LENGTH = 2048
 
 _SCHEME_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _FILE_URL = re.compile(r"^file:", re.IGNORECASE)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the invisible characters that reorder or break a line when shown
+# (bidi embeddings, overrides and isolates, zero-width marks, line and paragraph separators,
+# the BOM): a URL holding one would not look like the file it names.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# Only ASCII blanks are trimmed: str.strip() would also drop U+2028, U+0085 and the like,
+# hiding them from the check above.
+_BLANKS = " \t\n\r\f\v"
 _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 # Spellings fsspec treats as the same filesystem; folding them keeps one key per file.
 _SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
@@ -47,10 +54,16 @@ _HOST_SCHEMES: Mapping[str, int | None] = {
 
 def normalize(raw: str, *, base: pathlib.Path | None = None) -> str:
     """The canonical URL of a local path or URL; raises InvalidURL with the reason."""
-    text = raw.strip()
+    text = raw.strip(_BLANKS)
     if not text:
         raise _refuse(raw, "empty URL")
     _check_control(raw, text)
+    if _SCHEME_URL.match(text) and masking.has_userinfo(text):
+        raise _refuse(
+            _hide_userinfo(text),
+            "URL carries credentials (user:password@); give them as fsspec storage options "
+            "or configuration (environment, ~/.config/fsspec), not in the URL",
+        )
     if _FILE_URL.match(text):
         url = _local_url(_file_url_path(raw, text))
     elif match := _SCHEME_URL.match(text):
@@ -76,7 +89,7 @@ def iter_normalized(
 ) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number from 1, url or None, reason or None) per input line; never raises InvalidURL."""
     for number, line in enumerate(lines, start=1):
-        text = line.strip()
+        text = line.strip(_BLANKS)
         if not text:
             yield number, None, "empty line"
             continue
@@ -118,8 +131,15 @@ def local_path(url: str) -> str:
 
 
 def _refuse(raw: str, reason: str) -> InvalidURL:
+    raw = masking.scrub(raw)
     shown = raw if len(raw) <= 120 else raw[:117] + "..."
     return InvalidURL(f"{reason}: {shown!r}", url=raw, reason=reason)
+
+
+def _hide_userinfo(text: str) -> str:
+    """`scheme://***@rest`: the user name of a file URL may itself be a key (S3's)."""
+    scheme, _, rest = text.partition("://")
+    return f"{scheme}://{masking.MASK}@{rest.rpartition('@')[2]}"
 
 
 def _split(raw: str, text: str) -> urllib.parse.SplitResult:
@@ -132,9 +152,9 @@ def _split(raw: str, text: str) -> urllib.parse.SplitResult:
 
 def _check_control(raw: str, text: str) -> None:
     if found := _CONTROL.search(text):
-        raise _refuse(
-            raw, f"contains a control character (0x{ord(found.group()):02x}) at {found.start()}"
-        )
+        code = ord(found.group())
+        name = f"0x{code:02x}" if code < 0xA0 else f"U+{code:04X}"
+        raise _refuse(raw, f"contains a control character ({name}) at {found.start()}")
 
 
 def _file_url_path(raw: str, text: str) -> str:

@@ -47,7 +47,9 @@ SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_
 -- register --
 -- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file
 -- whose content fingerprint changed starts a new generation; anything else is left alone.
--- Returns every input URL with its status and whether a task must be enqueued for it.
+-- Returns every input URL with its status and whether a task must be enqueued for it: a new
+-- or regenerated row, or one still `pending` (its message may have been lost, e.g. by an
+-- interrupted submit; a duplicate message costs one claim, a lost one strands the file).
 WITH input AS (
     SELECT DISTINCT ON (u.file_url) u.file_url, u.fingerprint
       FROM unnest(CAST(:urls AS text[]), CAST(:fingerprints AS text[])) AS u(file_url, fingerprint)
@@ -72,7 +74,7 @@ WITH input AS (
 )
 SELECT i.file_url,
        coalesce(u.status, c.status) AS status,
-       u.file_url IS NOT NULL AS needs_task,
+       u.file_url IS NOT NULL OR c.status = 'pending' AS needs_task,
        coalesce(u.task_name, c.task_name) AS task_name
   FROM input i
   LEFT JOIN upserted u ON u.file_url = i.file_url

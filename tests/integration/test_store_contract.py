@@ -104,18 +104,21 @@ def test_submit__new_url_is_pending_and_needs_a_task(store: Store) -> None:
     assert (row.batch_id, row.file_type, row.task_name) == ("b1", "csv", "t.process")
 
 
-def test_submit__duplicates_are_registered_once_and_a_resubmission_is_a_noop(
+def test_submit__duplicates_are_registered_once_and_a_resubmission_resends_pending_rows(
     store: Store,
 ) -> None:
     first = store.register([URL, URL, OTHER, (URL, "etag-1")], batch_id="b1")
     assert sorted(r.file_url for r in first) == [URL, OTHER]
     assert all(r.needs_task for r in first)
+    # Still pending: their message may have been lost (an interrupted submit), so a
+    # resubmission enqueues them again; the row itself is left as it is.
     again = store.register([URL, OTHER], batch_id="b1")
     assert sorted((r.file_url, r.status, r.needs_task) for r in again) == [
-        (URL, Status.PENDING, False),
-        (OTHER, Status.PENDING, False),
+        (URL, Status.PENDING, True),
+        (OTHER, Status.PENDING, True),
     ]
     assert store.summary() == {"b1": {Status.PENDING: 2}}
+    assert store.get(URL).generation == 1  # type: ignore[union-attr]
 
 
 # -- (none), pending | claim | processing, attempt 1, new token, lease ------------------------
@@ -587,7 +590,8 @@ def test_submit__changed_fingerprint_of_an_unfinished_file_is_left_alone(
         claim_and_fail(store)
     before = snapshot(store)
     (reg,) = store.register([(URL, "etag-2")])
-    assert (reg.status, reg.needs_task) == (Status(state), False)
+    # Left alone; only a still-pending row is enqueued again (its message may be lost).
+    assert (reg.status, reg.needs_task) == (Status(state), state == "pending")
     assert snapshot(store) == before
 
 

@@ -29,10 +29,11 @@ def test_outcome__values_equal_the_attempts_check_constraint(pg_store: PostgresS
 def test_status__a_value_outside_the_enum_is_refused_by_the_database(
     pg_store: PostgresStore,
 ) -> None:
-    import sqlalchemy.exc
+    from pipeline import errors
 
     pg_store.register(["file:///data/a.csv"])
-    with pytest.raises(sqlalchemy.exc.IntegrityError, match="file_checkpoints_status_check"):
+    # A check violation (SQLSTATE 23514) is the data's fault: DataError, not an outage.
+    with pytest.raises(errors.DataError, match="file_checkpoints_status_check"):
         pg_store.scalar(
             "UPDATE file_checkpoints SET status = 'paused' WHERE file_url = :u RETURNING 1",
             {"u": "file:///data/a.csv"},

@@ -2,7 +2,9 @@
 
 `?sleep=S` sleeps S seconds inside the output transaction (with `&sleep_until=N`, only on
 attempts before N), `?raise=1` raises a retryable error, `?permanent=1` a non-retryable one,
-`?kill=1` SIGKILLs its own process, `?raise_until=N` raises on attempts before N. Every
+`?kill=1` SIGKILLs its own process, `?dataerror=1` runs a statement the database
+refuses as data (division by zero) inside the output transaction, `?raise_until=N` raises on
+attempts before N. Every
 execution writes one row to `sink` through `checkpoint.transaction()`, so counting sink rows
 counts the effects that landed.
 """
@@ -97,6 +99,8 @@ def _sink(file_url: str, checkpoint: Any) -> dict[str, int]:
             sa.text("INSERT INTO sink (file_url, token, attempt, pid) VALUES (:u, :t, :a, :p)"),
             {"u": file_url, "t": checkpoint.token, "a": checkpoint.attempt, "p": os.getpid()},
         )
+        if opts.get("dataerror"):
+            conn.execute(sa.text("SELECT 1 / 0"))
         sleep_until = int(opts.get("sleep_until", 0))
         if opts.get("sleep") and (not sleep_until or checkpoint.attempt < sleep_until):
             time.sleep(float(opts["sleep"]))

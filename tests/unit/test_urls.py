@@ -92,7 +92,6 @@ def test_normalize__strips_surrounding_whitespace() -> None:
         ("https://Example.com:443/a.jsonl", "https://example.com/a.jsonl"),
         ("https://example.com:8443/a.jsonl", "https://example.com:8443/a.jsonl"),
         ("http://example.com:443/a", "http://example.com:443/a"),
-        ("https://User:PassWord@Example.com/A.jsonl", "https://User:PassWord@example.com/A.jsonl"),
         ("https://example.com/a%2fb?sig=%7e", "https://example.com/a%2Fb?sig=%7E"),
         ("https://example.com?x=1", "https://example.com/?x=1"),
     ],
