@@ -120,12 +120,7 @@ def test_backoff__no_attempt_starts_before_its_retry_is_due_even_with_copies_del
     cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
     url = "file:///backoff/a?raise_until=3"
     cluster.send(url, task=celery_tasks.backoff)
-    cluster.wait_sql(
-        "SELECT status = 'failed' FROM file_checkpoints WHERE file_url = :u",
-        timeout=20,
-        what="the first failure",
-        u=url,
-    )
+    cluster.wait_status(url, "failed", timeout=20)  # the first failure
     # Early copies (a producer resubmitting, a restored message): each costs one claim.
     copies = [_task_id(cluster.send(url, task=celery_tasks.backoff)) for _ in range(3)]
     cluster.wait_status(url, "completed", timeout=60)
@@ -148,12 +143,7 @@ def test_backoff__a_lost_retry_message_is_brought_back_by_the_sweep_once_overdue
     first = cluster.start_worker(concurrency=1, extra_env=FAST_SWEEP)
     url = "file:///backoff/lost?raise_until=2"
     cluster.send(url, task=celery_tasks.backoff)
-    cluster.wait_sql(
-        "SELECT status = 'failed' FROM file_checkpoints WHERE file_url = :u",
-        timeout=20,
-        what="the first failure",
-        u=url,
-    )
+    cluster.wait_status(url, "failed", timeout=20)  # the first failure
     # Lose the retry message: its worker dies holding it, and the broker's copy is dropped.
     first.kill()
     if cluster.redis is not None:
