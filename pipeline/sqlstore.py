@@ -105,6 +105,16 @@ def engine_url(url: str) -> sa.URL:
     return parsed
 
 
+def libpq_url(url: str) -> tuple[str, str | None]:
+    """The URL as libpq tools (psql) read it, without its password; and the password."""
+    parsed = sa.make_url(url)
+    password = parsed.password
+    plain = parsed.set(drivername="postgresql", password=None)
+    return plain.render_as_string(hide_password=False), (
+        None if password is None else str(password)
+    )
+
+
 @contextlib.contextmanager
 def translate(url: str) -> Iterator[None]:
     """Turn driver errors into the project's own, at this one boundary."""
