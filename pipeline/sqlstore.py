@@ -550,9 +550,11 @@ class PostgresStore:
             for r in self._fast("dead", {"batch_id": batch_id, "limit": dead_limit})
         )
         records = None
+        seconds = None
         if batch_id is not None:
             (t,) = self._fast("totals", {"batch_id": batch_id})
             records = Stats(int(t.total), int(t.filtered), int(t.persisted))
+            seconds = None if t.seconds is None else float(t.seconds)
         age = (
             (act.db_now - act.oldest_live_start).total_seconds()
             if act.oldest_live_start is not None
@@ -565,6 +567,7 @@ class PostgresStore:
             expired_leases=int(act.expired_leases),
             dead=dead,
             records=records,
+            batch_seconds=seconds,
         )
 
     def attempt_outcomes(self) -> dict[str, int]:
