@@ -608,7 +608,16 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     help="also run Flower on 127.0.0.1:PORT (local only, no password) and keep everything up "
     "until Ctrl-C",
 )
-def demo(n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None) -> None:
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="give up (exit status 1) when the batch is not done after SECONDS",
+)
+def demo(
+    n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None, timeout: float
+) -> None:
     """Generate a sample batch, run real workers on it, and show the outcome.
 
     Exit status 0 when the batch ran to the end, 1 when the demo gave up waiting, 128+N when
@@ -625,6 +634,7 @@ def demo(n_files: int, n_workers: int, data_dir: str | None, flower_port: int | 
             n_workers=n_workers,
             data_dir=data_dir,
             flower_port=flower_port,
+            timeout=timeout,
             submit=_submit,
             follow=follow,
             show=print_overview,

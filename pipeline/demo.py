@@ -119,6 +119,7 @@ def run(
     n_workers: int,
     data_dir: str | None,
     flower_port: int | None,
+    timeout: float = WAIT_SECONDS,
     out: Console,
     err: Console,
     submit: Callable[..., producer.SubmitReport],
@@ -186,14 +187,14 @@ def run(
                 f"{report.in_flight_before} files left in flight by an earlier run: "
                 f"{counts['enqueued']} re-enqueued"
             )
-        overview = follow(store, BATCH, timeout=WAIT_SECONDS)
+        overview = follow(store, BATCH, timeout=timeout)
         show(overview, BATCH)
         totals = store.overview(BATCH).totals()
         unfinished = totals[Status.PENDING] + totals[Status.PROCESSING] + totals[Status.FAILED]
         if unfinished:
             err.print(
                 f"[red]gave up:[/red] {unfinished} files still unfinished after "
-                f"{WAIT_SECONDS:.0f}s; worker logs in {escape(str(logs))}"
+                f"{timeout:.0f}s; worker logs in {escape(str(logs))}"
             )
             return EXIT_GAVE_UP
         _print_closing(out, flower_port)
