@@ -26,7 +26,6 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -267,12 +266,20 @@ def _unfinished(overview: Overview) -> int:
     return t[Status.PENDING] + t[Status.PROCESSING] + t[Status.FAILED]
 
 
-class FilesPerSecondColumn(ProgressColumn):
-    """Files finished per second, over rich's recent samples (as tqdm and rich bars show it)."""
+class RateColumn(ProgressColumn):
+    """The batch's files per second and the time left at that rate (task field `rate`).
+
+    The rate is the batch's own, from the database (files finished over its running time),
+    so a short batch shows one too and the end estimate uses the whole run, not the last poll.
+    """
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- files/s" if speed is None else f"{speed:.1f} files/s")
+        rate = task.fields.get("rate")
+        if not rate:
+            return Text("-- files/s, eta --:--")
+        left = 0.0 if task.total is None else max(0.0, task.total - task.completed) / rate
+        minutes, seconds = divmod(round(left), 60)
+        return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
 
 
 def follow(
@@ -286,19 +293,19 @@ def follow(
         MofNCompleteColumn(),
         TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
         TextColumn("{task.fields[running]} running"),
-        FilesPerSecondColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
         console=err,
     ) as bar:
-        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0)
+        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
         while True:
             overview = store.overview(batch_id)
             t = overview.totals()
             done = t[Status.COMPLETED] + t[Status.DEAD]
+            seconds = overview.batch_seconds
             bar.update(
                 tid,
+                rate=done / seconds if done and seconds else None,
                 total=sum(t.values()),
                 completed=done,
                 ok=t[Status.COMPLETED],

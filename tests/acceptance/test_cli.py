@@ -662,6 +662,8 @@ def test_demo__runs_on_private_servers_then_has_nothing_to_do_and_leaves_nothing
         r"throughput: 30 files in [\d.]+s \([\d.]+ files/s, [\d,]+ records/s\)", first.stdout
     ), first.describe()
     assert "in the last minute" not in first.stdout
+    # The bar's final frame: the wait's rate and the time left.
+    assert re.search(r"30/30 .*\d+\.\d files/s, eta 0:00", first.flat_stderr), first.stderr
 
     second = run_cli("demo", "--files", "30", env=env, cwd=tmp_path, timeout=60)
     assert second.returncode == 0, second.describe()
