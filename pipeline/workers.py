@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 
 from pipeline import errors
@@ -31,6 +32,32 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 STOP_TIMEOUT = 20.0
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL (Linux).
+
+    The children below have sessions of their own (so a terminal's Ctrl-C reaches them once,
+    through us), which also puts them out of reach of a kill of our process group: without
+    this, SIGKILL to us or to our group would orphan them.
+    """
+    if not sys.platform.startswith("linux"):  # pragma: no cover - Linux is what we run on
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # we died before the line above: nobody would tell it
+            os._exit(1)
+
+    return preexec
 
 
 def worker_command(*args: str) -> list[str]:
@@ -56,7 +83,9 @@ def run_forwarding(command: Sequence[str], env: dict[str, str] | None = None) ->
     The child has a session of its own, so a terminal's Ctrl-C reaches it once, through here,
     and not twice (a second SIGINT is a cold shutdown for Celery).
     """
-    proc = subprocess.Popen(list(command), env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        list(command), env=env, start_new_session=True, preexec_fn=die_with_parent()
+    )
 
     def forward(signum: int, frame: FrameType | None) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -109,6 +138,7 @@ def start_workers(
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=die_with_parent(),
                     )
                 )
         deadline = time.monotonic() + 60
@@ -155,4 +185,5 @@ def start_flower(port: int, log_dir: pathlib.Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
