@@ -178,10 +178,11 @@ def run(
             return EXIT_OK
         err.print(f"starting {n_workers} workers (logs in {escape(str(logs))})")
         procs = workers.start_workers(n_workers, logs)
-        if report.in_flight_before:
+        if report.in_flight_before and config.BROKER_URL_ENV in local.started_here():
             # Rows left pending or processing by an earlier run that was stopped: their
-            # messages may be lost with its broker. Hand them out again now rather than after
-            # the reaper's wait; a duplicate message costs one claim, nothing more.
+            # messages may be lost with its private broker. Hand them out again now rather
+            # than after the reaper's wait; a duplicate message costs one claim, nothing more.
+            # (Only on the private servers: a shared table holds other people's rows too.)
             counts = reap_once(store, waiting_seconds=0)
             err.print(
                 f"{report.in_flight_before} files left in flight by an earlier run: "
