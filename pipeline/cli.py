@@ -7,23 +7,31 @@ import datetime as dt
 import json
 import math
 import os
-import pathlib
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import click
 import kombu.exceptions
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from pipeline import config, errors, lines, local, masking, producer
+from pipeline import config, errors, lines, local, masking, producer, workers
 from pipeline.models import Overview, Status
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
@@ -352,6 +360,22 @@ def _unfinished(overview: Overview) -> int:
     return t[Status.PENDING] + t[Status.PROCESSING] + t[Status.FAILED]
 
 
+class RateColumn(ProgressColumn):
+    """The batch's files per second and the time left at that rate (task field `rate`).
+
+    The rate is the batch's own, from the database (files finished over its running time),
+    so a short batch shows one too and the end estimate uses the whole run, not the last poll.
+    """
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        if not rate:
+            return Text("-- files/s, eta --:--")
+        left = 0.0 if task.total is None else max(0.0, task.total - task.completed) / rate
+        minutes, seconds = divmod(round(left), 60)
+        return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
+
+
 def follow(
     store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
 ) -> Overview:
@@ -363,16 +387,19 @@ def follow(
         MofNCompleteColumn(),
         TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
         TextColumn("{task.fields[running]} running"),
+        RateColumn(),
         TimeElapsedColumn(),
         console=err,
     ) as bar:
-        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0)
+        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
         while True:
             overview = store.overview(batch_id)
             t = overview.totals()
             done = t[Status.COMPLETED] + t[Status.DEAD]
+            seconds = overview.batch_seconds
             bar.update(
                 tid,
+                rate=done / seconds if done and seconds else None,
                 total=sum(t.values()),
                 completed=done,
                 ok=t[Status.COMPLETED],
@@ -425,28 +452,56 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
         t = overview.totals()
         table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
     out.print(table)
-    age = overview.oldest_live_lease_age
-    out.print(
-        f"throughput: {overview.completed_last_minute} files completed in the last minute "
-        f"({overview.completed_last_minute / 60:.1f}/s); oldest live claim: "
-        f"{'none' if age is None else f'{age:.1f}s'}; expired leases waiting for the reaper: "
-        f"{overview.expired_leases}"
-    )
+    out.print(throughput_line(overview, batch_id))
     if overview.records is not None:
         r = overview.records
         out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
     if overview.dead:
         dead = Table(title="latest dead files")
-        dead.add_column("file")
+        # The end of a file's URL tells files apart: cut long ones from the left.
+        width = max(24, out.width // 2 - 8)
+        dead.add_column("file", no_wrap=True, max_width=width)
         dead.add_column("attempts", justify="right")
         dead.add_column("error")
         for d in overview.dead:
             dead.add_row(
-                escape(masking.scrub(d.file_url)),
+                escape(shorten_left(masking.scrub(d.file_url), width)),
                 str(d.attempts),
                 escape(masking.scrub((d.error or "")[:200])),
             )
         out.print(dead)
+
+
+def shorten_left(text: str, width: int) -> str:
+    """`text` cut to `width` characters from the left, at a `/` where one is near: `…/b.jsonl`."""
+    if len(text) <= width:
+        return text
+    tail = text[-(width - 1) :]
+    cut = tail.find("/")
+    # At a path separator when that keeps most of the room (and the whole file name).
+    if 0 <= cut < width // 2:
+        tail = tail[cut:]
+    return "…" + tail
+
+
+def throughput_line(overview: Overview, batch_id: str | None) -> str:
+    """A finished batch's own rate over its running time; for live work, the last minute."""
+    t = overview.totals()
+    finished = t[Status.COMPLETED] + t[Status.DEAD]
+    seconds = overview.batch_seconds
+    if batch_id is not None and not _unfinished(overview) and finished and seconds:
+        records = overview.records.total if overview.records is not None else 0
+        return (
+            f"throughput: {finished} files in {seconds:.1f}s "
+            f"({finished / seconds:.1f} files/s, {records / seconds:,.0f} records/s)"
+        )
+    age = overview.oldest_live_lease_age
+    return (
+        f"throughput: {overview.completed_last_minute} files completed in the last minute "
+        f"({overview.completed_last_minute / 60:.1f}/s); oldest live claim: "
+        f"{'none' if age is None else f'{age:.1f}s'}; expired leases waiting for the reaper: "
+        f"{overview.expired_leases}"
+    )
 
 
 @main.command()
@@ -549,68 +604,23 @@ def db_upgrade(database_url: str | None) -> None:
         click.echo(f"{where} is up to date; schema version {version}")
 
 
-# -- worker / demo ----------------------------------------------------------------------------
+@db.command("shell", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def db_shell(psql_args: tuple[str, ...]) -> None:
+    """psql on the checkpoint database (the private server if no URL is set); args go to psql.
 
-
-def worker_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "pipeline", "worker", *args]
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(celery_args: tuple[str, ...]) -> None:
-    """Run `celery -A pipeline worker` with pipeline's settings (and private servers if unset)."""
+    For example: pipeline db shell -c 'SELECT count(*) FROM events'
+    """
     with _handled():
-        _open_store(broker=True).close()
-    raise SystemExit(subprocess.call(worker_command(*celery_args)))
-
-
-def start_workers(
-    count: int, log_dir: pathlib.Path, *, concurrency: int = 2
-) -> list[subprocess.Popen[bytes]]:
-    """Start worker processes with this process's environment; returns them once ready."""
-    from pipeline.celery_app import app
-
-    procs = []
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for n in range(1, count + 1):
-        log = (log_dir / f"worker{n}.log").open("wb")
-        cmd = worker_command(
-            "-c",
-            str(concurrency),
-            "-n",
-            f"demo{n}-{os.getpid()}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "info",
-        )
-        procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=0.5) or []
-        if len(replies) >= count:
-            return procs
-        if any(p.poll() is not None for p in procs):
-            break
-    stop_workers(procs)
-    raise errors.PipelineError(f"workers did not start; see the logs in {log_dir}")
-
-
-def stop_workers(procs: Iterable[subprocess.Popen[bytes]]) -> None:
-    procs = list(procs)
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
+        _open_store().close()
         try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            argv, env = local.psql_command(config.database_url() or "", *psql_args)
+        except RuntimeError as error:
+            raise errors.PipelineError(str(error)) from error
+    # A child, not exec: this process owns the private server (if it started it) and stops it
+    # after psql; Ctrl-C belongs to psql (it cancels the query), so it is ignored here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(subprocess.call(argv, env=env))
 
 
 @main.command()
@@ -644,31 +654,46 @@ def metrics(port: int, addr: str, interval: float) -> None:
         stop.set()
 
 
-FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
-# Flower's task list hides arguments and results by default; the file URL and the outcome
-# (stats, or why a duplicate was skipped) are what a pipeline operator looks for.
-FLOWER_COLUMNS = "name,uuid,state,args,result,exception,received,runtime"
+# -- worker / flower / demo -------------------------------------------------------------------
 
 
-def flower_command(port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "pipeline", "flower", f"--port={port}", *extra]
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Run `celery -A pipeline worker` with pipeline's settings (and private servers if unset).
+
+    With the service URLs set it becomes the Celery worker (same pid, so a supervisor's
+    signals reach Celery itself); on private servers it stays their owner, passes every
+    signal on to the worker, and stops the servers after it.
+    """
+    with _handled():
+        _open_store(broker=True).close()
+    if not local.started_here():
+        workers.exec_worker(celery_args)
+    raise SystemExit(workers.run_forwarding(workers.worker_command(*celery_args)))
 
 
 @main.command()
 @click.option("--port", type=int, default=5555, show_default=True)
-@click.option("--basic-auth", envvar=FLOWER_AUTH_ENV, help=f"user:password [env {FLOWER_AUTH_ENV}]")
+@click.option(
+    "--basic-auth",
+    envvar=workers.FLOWER_AUTH_ENV,
+    help=f"user:password [env {workers.FLOWER_AUTH_ENV}]",
+)
 @click.option("--no-auth", is_flag=True, help="serve without a password (local use only)")
 def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     """Start Flower on the configured broker, behind basic auth."""
     if not basic_auth and not no_auth:
-        raise click.UsageError(f"set {FLOWER_AUTH_ENV}=user:password (or --no-auth for local use)")
+        raise click.UsageError(
+            f"set {workers.FLOWER_AUTH_ENV}=user:password (or --no-auth for local use)"
+        )
     # Flower takes "user:password[,user:password...]"; an empty user or password (`admin:`)
     # would be accepted by Flower and let anyone in with it.
     for pair in (basic_auth or "").split(",") if basic_auth else ():
         user, colon, password = pair.partition(":")
         if not (user and colon and password):
             raise click.UsageError(
-                f"{FLOWER_AUTH_ENV} must be user:password with neither empty (each of a "
+                f"{workers.FLOWER_AUTH_ENV} must be user:password with neither empty (each of a "
                 "comma-separated list)"
             )
     with _handled():
@@ -676,13 +701,11 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     env = dict(os.environ)
     if basic_auth:
         # Passed through the environment, never argv: a command line is visible to every user.
-        env[FLOWER_AUTH_ENV] = basic_auth
-    env.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_COLUMNS)
-    proc = subprocess.Popen(flower_command(port), env=env)
-    # Hand a SIGTERM (docker stop, a supervisor) on to Flower: unhandled, it would end only
-    # this wrapper (or nothing, as PID 1) and leave Flower serving the port as an orphan.
-    signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum))
-    raise SystemExit(proc.wait())
+        env[workers.FLOWER_AUTH_ENV] = basic_auth
+    env.setdefault("FLOWER_TASKS_COLUMNS", workers.FLOWER_COLUMNS)
+    # Signals (docker stop, a supervisor, Ctrl-C) are handed on to Flower: unhandled, they
+    # would end only this wrapper and leave Flower serving the port as an orphan.
+    raise SystemExit(workers.run_forwarding(workers.flower_command(port), env=env))
 
 
 @main.command()
@@ -700,108 +723,38 @@ def flower(port: int, basic_auth: str | None, no_auth: bool) -> None:
     help="also run Flower on 127.0.0.1:PORT (local only, no password) and keep everything up "
     "until Ctrl-C",
 )
-def demo(n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None) -> None:
-    """Generate a sample batch, run real workers on it, and show the outcome."""
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="give up (exit status 1) when the batch is not done after SECONDS",
+)
+def demo(
+    n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None, timeout: float
+) -> None:
+    """Generate a sample batch, run real workers on it, and show the outcome.
+
+    Exit status 0 when the batch ran to the end, 1 when the demo gave up waiting, 128+N when
+    stopped by signal N; everything it started is stopped either way.
+    """
+    from pipeline import demo as demo_
 
     with _handled():
-        store = _open_store(broker=True)
-        # Started first: Flower shows only the task events it saw.
-        flower_proc = start_flower(flower_port) if flower_port else None
-        try:
-            _demo(store, n_files, n_workers, data_dir, flower_port)
-        finally:
-            if flower_proc is not None:
-                stop_workers([flower_proc])
-    raise SystemExit(EXIT_OK)
-
-
-def wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM; either way the caller's cleanup then runs."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # Explicitly: a process started in the background may inherit SIGINT ignored, and an
-    # unhandled SIGTERM would skip the cleanup (orphaning the workers and Flower).
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def start_flower(port: int) -> subprocess.Popen[bytes]:
-    """A local Flower for the demo: bound to 127.0.0.1, no password, logs under the state dir."""
-    log_dir = local.state_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLOWER_TASKS_COLUMNS": FLOWER_COLUMNS}
-    env.pop(FLOWER_AUTH_ENV, None)
-    log = (log_dir / "flower.log").open("wb")
-    proc = subprocess.Popen(
-        flower_command(port, "--address=127.0.0.1"),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    err.print(f"Flower on http://127.0.0.1:{port}/tasks (log in {escape(str(log_dir))})")
-    return proc
-
-
-def _demo(
-    store: Store, n_files: int, n_workers: int, data_dir: str | None, flower_port: int | None
-) -> None:
-    from pipeline import sample
-
-    applied = store.upgrade()
-    if applied:
-        err.print(f"schema: applied {', '.join(applied)}")
-    folder = pathlib.Path(data_dir) if data_dir else local.state_dir() / "demo-data"
-    if not folder.exists() or not any(folder.iterdir()):
-        paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
-        err.print(
-            f"wrote {len(paths)} sample files to {escape(str(folder))} "
-            "(some malformed lines, one poison file)"
+        status = demo_.main(
+            lambda: _open_store(broker=True),
+            out=out,
+            err=err,
+            n_files=n_files,
+            n_workers=n_workers,
+            data_dir=data_dir,
+            flower_port=flower_port,
+            timeout=timeout,
+            submit=_submit,
+            follow=follow,
+            show=print_overview,
         )
-    batch_id = "demo"
-    report = _submit(
-        store,
-        (),
-        None,
-        str(folder / "*"),
-        batch_id,
-        producer.DEFAULT_TASK,
-        "events",
-        3,
-        False,
-        True,
-    )
-    if report.enqueued == 0 and report.in_flight_before == 0:
-        out.print(
-            f"[green]nothing to do:[/green] all {report.seen} files of batch "
-            f"{batch_id!r} are already done"
-        )
-        print_overview(store.overview(batch_id), batch_id)
-        return
-    logs = escape(str(local.state_dir() / "logs"))
-    err.print(f"starting {n_workers} workers (logs in {logs})")
-    procs = start_workers(n_workers, local.state_dir() / "logs")
-    try:
-        overview = follow(store, batch_id, timeout=600)
-        print_overview(overview, batch_id)
-        if flower_port:
-            out.print(f"\nFlower: http://127.0.0.1:{flower_port}/tasks; Ctrl-C to stop")
-            wait_for_stop()
-    finally:
-        stop_workers(procs)
-    if not flower_port:
-        out.print(
-            "\nRun `pipeline demo` again to see every file recognised as done. To watch a "
-            "run in Flower,\nstart from an empty state folder: "
-            f"rm -rf {escape(str(local.state_dir()))} && pipeline demo --flower 5555"
-        )
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

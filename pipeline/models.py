@@ -211,6 +211,9 @@ class Overview:
     expired_leases: int
     dead: tuple[DeadFile, ...]
     records: Stats | None = None
+    # One batch's running time so far: its first claim to its last file's end (None when
+    # nothing has both yet, or for all batches).
+    batch_seconds: float | None = None
 
     def totals(self) -> dict[Status, int]:
         result = dict.fromkeys(Status, 0)

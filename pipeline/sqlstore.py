@@ -111,6 +111,16 @@ def engine_url(url: str) -> sa.URL:
     return parsed
 
 
+def libpq_url(url: str) -> tuple[str, str | None]:
+    """The URL as libpq tools (psql) read it, without its password; and the password."""
+    parsed = sa.make_url(url)
+    password = parsed.password
+    plain = parsed.set(drivername="postgresql", password=None)
+    return plain.render_as_string(hide_password=False), (
+        None if password is None else str(password)
+    )
+
+
 @contextlib.contextmanager
 def translate(url: str) -> Iterator[None]:
     """Turn driver errors into the project's own, at this one boundary, by SQLSTATE."""
@@ -583,9 +593,11 @@ class PostgresStore:
             for r in self._fast("dead", {"batch_id": batch_id, "limit": dead_limit})
         )
         records = None
+        seconds = None
         if batch_id is not None:
             (t,) = self._fast("totals", {"batch_id": batch_id})
             records = Stats(int(t.total), int(t.filtered), int(t.persisted))
+            seconds = None if t.seconds is None else float(t.seconds)
         age = (
             (act.db_now - act.oldest_live_start).total_seconds()
             if act.oldest_live_start is not None
@@ -598,6 +610,7 @@ class PostgresStore:
             expired_leases=int(act.expired_leases),
             dead=dead,
             records=records,
+            batch_seconds=seconds,
         )
 
     def attempt_outcomes(self) -> dict[str, int]:

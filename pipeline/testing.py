@@ -826,6 +826,7 @@ class MemoryStore:
                 DeadFile(r.file_url, r.error_message, r.updated_at, r.attempt) for r in dead_rows
             )
             records = None
+            seconds = None
             if batch_id is not None:
                 done = [r for r in rows if r.status is Status.COMPLETED]
                 records = Stats(
@@ -833,6 +834,12 @@ class MemoryStore:
                     sum(r.records_filtered for r in done),
                     sum(r.records_persisted for r in done),
                 )
+                starts = [r.started_at for r in rows if r.started_at is not None]
+                ends = [r.completed_at for r in done if r.completed_at is not None] + [
+                    r.updated_at for r in rows if r.status is Status.DEAD
+                ]
+                if starts and ends:
+                    seconds = (max(ends) - min(starts)).total_seconds()
         return Overview(
             counts=counts,
             completed_last_minute=completed_last_minute,
@@ -840,6 +847,7 @@ class MemoryStore:
             expired_leases=expired,
             dead=dead,
             records=records,
+            batch_seconds=seconds,
         )
 
     def attempt_outcomes(self) -> dict[str, int]:

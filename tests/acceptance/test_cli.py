@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from pipeline import sample
+from pipeline import local, sample
 from tests.support.cli_helpers import (
     Result,
     assert_no_traceback,
@@ -161,11 +162,11 @@ def write_jsonl(path: pathlib.Path, ids: list[str]) -> pathlib.Path:
 
 
 def with_password(database_url: str, **changes: Any) -> str:
-    return (
-        sa.make_url(database_url)
-        .set(password=PASSWORD, **changes)
-        .render_as_string(hide_password=False)
-    )
+    url = sa.make_url(database_url).set(password=PASSWORD, **changes)
+    if "port" in changes:
+        # Another address: on TCP, even where the server is a unix socket (the embedded one).
+        url = url.set(host="127.0.0.1").difference_update_query(["host"])
+    return url.render_as_string(hide_password=False)
 
 
 # -- submit -----------------------------------------------------------------------------------
@@ -616,6 +617,28 @@ def demo_folder() -> Iterator[pathlib.Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def closing_command(result: Result, needle: str) -> str:
+    """The closing line of a demo run that holds `needle`, as a shell command."""
+    lines = [line.strip() for line in result.stdout.splitlines() if needle in line]
+    assert lines, f"no closing line with {needle!r}\n{result.describe()}"
+    return lines[0]
+
+
+def run_as_printed(command: str, cwd: pathlib.Path, timeout: float = 60) -> Result:
+    """Run a printed command line through the shell, in an env without PIPELINE_ variables."""
+    proc = subprocess.run(
+        ["bash", "-c", command],
+        env=cli_env(),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return Result((command,), proc.returncode, proc.stdout, proc.stderr)
+
+
 @pytest.mark.slow
 def test_demo__runs_on_private_servers_then_has_nothing_to_do_and_leaves_nothing_running(
     demo_folder: pathlib.Path,
@@ -631,26 +654,67 @@ def test_demo__runs_on_private_servers_then_has_nothing_to_do_and_leaves_nothing
     assert re.search(rf"demo\s*│\s*{cells}\s*│", first.stdout), first.describe()
     assert "30 files, 30 enqueued" in first.flat_stderr
     assert "latest dead files" in first.stdout
-    socket = re.search(r"redis\+socket://(\S+?\.socket)", first.flat_stderr)
-    assert socket is not None, first.flat_stderr
-    needles = (socket.group(1),)
+    # The private Redis is a plain redis:// URL on loopback, its password masked.
+    broker = re.search(r"redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", first.flat_stderr)
+    assert broker is not None, first.flat_stderr
+    # A finished batch: its own rate, not the last minute's.
+    assert re.search(
+        r"throughput: 30 files in [\d.]+s \([\d.]+ files/s, [\d,]+ records/s\)", first.stdout
+    ), first.describe()
+    assert "in the last minute" not in first.stdout
+    # The bar's final frame: the wait's rate and the time left.
+    assert re.search(r"30/30 .*\d+\.\d files/s, eta 0:00", first.flat_stderr), first.stderr
 
     second = run_cli("demo", "--files", "30", env=env, cwd=tmp_path, timeout=60)
     assert second.returncode == 0, second.describe()
     assert "nothing to do" in second.stdout, second.describe()
     assert "30 files, 0 enqueued, 29 already completed, 1 already dead" in second.flat_stderr
-    # Each run starts (and must stop) its own private Redis: watch both sockets.
-    again = re.search(r"redis\+socket://(\S+?\.socket)", second.flat_stderr)
+    again = re.search(r"redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", second.flat_stderr)
     assert again is not None, second.flat_stderr
-    needles = (*needles, again.group(1))
 
     # The private servers and workers stop with the command (a moment after, for the
-    # servers' own shutdown); nothing may keep running.
+    # servers' own shutdown); nothing may keep running, nothing listens on the ports.
     wait_until(
-        lambda: not processes_of(state, *needles),
+        lambda: not processes_of(state),
         timeout=30,
         what="the demo's processes to end",
-        describe=lambda: "\n".join(processes_of(state, *needles)),
+        describe=lambda: "\n".join(processes_of(state)),
+    )
+    for port in {int(broker.group(1)), int(again.group(1))}:
+        assert not local.port_open("127.0.0.1", port), f"something still listens on {port}"
+
+
+@pytest.mark.slow
+def test_demo__closing_lines_are_commands_that_work_as_printed(demo_folder: pathlib.Path) -> None:
+    state = demo_folder / "state"
+    env = cli_env(PIPELINE_STATE_DIR=str(state))
+    ran = run_cli("demo", "--files", "12", env=env, cwd=demo_folder, timeout=110)
+    assert ran.returncode == 0, ran.describe()
+    elsewhere = demo_folder / "elsewhere"
+    elsewhere.mkdir()
+
+    status = run_as_printed(closing_command(ran, " status --batch demo"), elsewhere)
+    assert status.returncode == 0, status.describe()
+    cells = r"\s*│\s*".join(["0", "0", "11", "0", "1"])
+    assert re.search(rf"demo\s*│\s*{cells}\s*│", status.stdout), status.describe()
+    assert "files/s" in status.stdout, status.describe()
+
+    shell = run_as_printed(closing_command(ran, " db shell -c "), elsewhere)
+    assert shell.returncode == 0, shell.describe()
+    assert "events" in closing_command(ran, " db shell -c ")
+    counts = dict(re.findall(r"^\s*(\w+)\s*\|\s*(\d+)\s*$", shell.stdout, re.M))
+    assert set(counts) == {"view", "signup", "purchase", "click"}, shell.describe()
+    assert sum(int(n) for n in counts.values()) == int(
+        re.search(r"records: \d+ read, \d+ filtered, (\d+) persisted", ran.stdout).group(1)  # type: ignore[union-attr]
+    )
+    flower = closing_command(ran, " demo --flower ")
+    assert flower.startswith("PIPELINE_STATE_DIR=$(mktemp -d) "), flower
+    # (demo --flower as printed runs in test_signals.py, on a free port.)
+    wait_until(
+        lambda: not processes_of(state),
+        timeout=30,
+        what="the commands' processes to end",
+        describe=lambda: "\n".join(processes_of(state)),
     )
 
 

@@ -161,6 +161,27 @@ def test_flower_cli__sigterm_stops_flower_too(stack: FlowerStack, run: dict[str,
     assert not _answers(stack, port)
 
 
+def test_flower_cli__sigkill_to_its_process_group_stops_flower_too(
+    stack: FlowerStack, run: dict[str, Any]
+) -> None:
+    """Flower runs in a session of its own (Ctrl-C reaches it once, through the wrapper);
+    a SIGKILL of the wrapper's process group must still not leave it serving."""
+    port = free_port()
+    proc = stack.start_flower(port)
+    wait_until(
+        lambda: _answers(stack, port),
+        timeout=30,
+        what=f"a third Flower on port {port}",
+        describe=stack.describe,
+    )
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 2, [p.cmdline() for p in tree]
+    proc.kill()  # SIGKILL to the wrapper's group: no handler runs, nothing is forwarded
+    _gone, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not _answers(stack, port)
+
+
 def _answers(stack: FlowerStack, port: int) -> bool:
     try:
         return stack.get(port, "/api/workers").status_code == 401

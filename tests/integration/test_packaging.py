@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -125,3 +128,99 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
             " (SELECT max(version) FROM pipeline_schema_version)"
         ).fetchone()
     assert row == (True, True, latest)
+
+
+OFFLINE = ROOT.parent / "shared" / "tools" / "offline"
+
+
+def _offline_prefix() -> list[str]:
+    """../shared/tools/offline when it can run here (a network namespace: nothing answers)."""
+    if not OFFLINE.exists():
+        return []
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False)
+    return [str(OFFLINE)] if probe.returncode == 0 else []
+
+
+def _unmet_requirements(wheel: pathlib.Path, extras: set[str]) -> list[str]:
+    """The wheel's requirements (with `extras`) that the installed distributions do not meet."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        meta = archive.read(name).decode()
+    unmet = []
+    for line in meta.splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is not None and not any(
+            req.marker.evaluate({"extra": extra}) for extra in extras | {""}
+        ):
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{req} (not installed)")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            unmet.append(f"{req} (installed {version})")
+    return unmet
+
+
+@pytest.mark.slow
+def test_wheel__installed_in_a_new_venv_runs_the_demo_offline(
+    wheel: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """`pip install '<wheel>[local]'` then `pipeline demo`, away from the checkout.
+
+    What this proves: the wheel alone (package, SQL, console script) runs the demo on its
+    private servers, from a folder that is not the checkout, with no service running (inside
+    ../shared/tools/offline where it can). What it does not: fetching the dependencies from
+    an index (nothing to fetch from offline). They come from this environment, on PYTHONPATH,
+    after checking that they meet every requirement the wheel declares with the `local` extra,
+    i.e. that pip would install it beside them without downloading anything.
+    """
+    assert _unmet_requirements(wheel, {"local"}) == []
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    pip = (sys.executable, "-m", "pip", "--python", venv / "bin" / "python")
+    _run(*pip, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    script = venv / "bin" / "pipeline"
+    assert script.exists(), "the wheel installs no `pipeline` command"
+    # Outside pytest's tree: the embedded Postgres's system user must reach the data folder
+    # (another pytest session resets /tmp/pytest-of-<user> to 0700).
+    home = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-wheel-"))
+    try:
+        home.chmod(0o755)
+        env = {
+            "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
+            "PYTHONPATH": sysconfig.get_paths()["purelib"],
+            "HOME": str(home),
+            "PIPELINE_STATE_DIR": str(home / "state"),
+            "COLUMNS": "200",
+        }
+        done = subprocess.run(
+            [*_offline_prefix(), str(script), "demo", "--files", "12"],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
+        report = f"{done.returncode}\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, report
+        cells = r"\s*│\s*".join(["0", "0", "11", "0", "1"])
+        assert re.search(rf"demo\s*│\s*{cells}\s*│", done.stdout), report
+        # The workers ran the wheel's code, not the checkout's.
+        logs = "".join(p.read_text() for p in (home / "state" / "logs").glob("worker*.log"))
+        assert "pipeline.ingest" in logs, logs[-2000:]
+        where = _run(
+            venv / "bin" / "python", "-c", "import pipeline; print(pipeline.__file__)",
+            cwd=home, env=env,
+        )  # fmt: skip
+        assert where.startswith(str(venv.resolve())), where
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

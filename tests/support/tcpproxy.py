@@ -19,12 +19,19 @@ from types import TracebackType
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to upstream_host:upstream_port, one thread pair per link."""
+    """Forwards 127.0.0.1:<port> to upstream_host:upstream_port, one thread pair per link.
+
+    An `upstream_host` that is a path (a folder, as libpq's `host=` takes it) means the unix
+    socket `.s.PGSQL.<upstream_port>` in it: the embedded Postgres listens on no TCP port.
+    """
 
     def __init__(
         self, upstream_port: int, *, upstream_host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.upstream_unix = (
+            f"{upstream_host}/.s.PGSQL.{upstream_port}" if upstream_host.startswith("/") else None
+        )
         self.port = port or free_port()
         self._lock = threading.Lock()
         self._links: set[socket.socket] = set()
@@ -32,6 +39,18 @@ class TcpProxy:
         self._accept_thread: threading.Thread | None = None
         self.accepted = 0
         self.cuts = 0
+
+    def _connect_upstream(self) -> socket.socket:
+        if self.upstream_unix is None:
+            return socket.create_connection(self.upstream, timeout=5)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5)
+            sock.connect(self.upstream_unix)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     # -- control ------------------------------------------------------------------------------
 
@@ -97,7 +116,7 @@ class TcpProxy:
             except OSError:
                 return  # the listener was closed by cut()
             try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream = self._connect_upstream()
                 upstream.settimeout(None)
             except OSError:
                 _close(client)
