@@ -55,11 +55,9 @@ def sink(file_url: str, *, checkpoint: Any) -> dict[str, int]:
     return _sink(file_url, checkpoint)
 
 
-@checkpointed(
-    name="tests.backoff", file_type="test", lease_seconds=LEASE, backoff=12, backoff_max=12
-)
+@checkpointed(name="tests.backoff", file_type="test", lease_seconds=LEASE, backoff=8, backoff_max=8)
 def backoff(file_url: str, *, checkpoint: Any) -> dict[str, int]:
-    """`tests.sink` with a backoff of 6-12 s between attempts."""
+    """`tests.sink` with a backoff of 4-8 s between attempts."""
     return _sink(file_url, checkpoint)
 
 
