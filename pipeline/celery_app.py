@@ -155,21 +155,50 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)  # let it close its connections
 
     def _loop(self, celery_app: Any) -> None:
         interval = sweep_interval()
         complained = False
-        # Jittered, so the workers of a fleet started together do not all ask at once.
-        while not self._stop.wait(interval * random.uniform(0.8, 1.0)):
-            try:
-                reap_once(celery_app=celery_app)
-                complained = False
-            except errors.PipelineError as error:  # unreachable, no schema, no URL set
-                if not complained:  # once per spell, not every few seconds
-                    logger.warning("sweep skipped: %s", error)
-                complained = True
-            except Exception:  # never let the sweeper die; the next round tries again
-                logger.exception("sweep failed")
+        # Its own store, opened on PIPELINE_DATABASE_URL and closed when the worker stops: the
+        # process's store may be swapped or closed by whoever set it (tests, embedded mode).
+        store: Store | None = None
+        try:
+            # Jittered, so the workers of a fleet started together do not all ask at once.
+            while not self._stop.wait(interval * random.uniform(0.8, 1.0)):
+                try:
+                    if store is None:
+                        import pipeline
+
+                        store = pipeline.open_store()
+                        _sweep_stores.append(store)
+                    reap_once(store, celery_app=celery_app)
+                    complained = False
+                except errors.PipelineError as error:  # unreachable, no schema, no URL set
+                    if not complained:  # once per spell, not every few seconds
+                        logger.warning("sweep skipped: %s", error)
+                    complained = True
+                except Exception:  # never let the sweeper die; the next round tries again
+                    logger.exception("sweep failed")
+        finally:
+            if store is not None:
+                store.close()
+                _sweep_stores.remove(store)
+
+
+# The sweepers' stores, referenced here so that a pool process forked from the worker never
+# frees (and so never closes, on the parent's socket) a sweeper's connection: it lets go of
+# them instead, as the process's own store does (see _after_fork).
+_sweep_stores: list[Store] = []
+
+
+def _release_sweep_stores() -> None:
+    for store in _sweep_stores:
+        store.after_fork()
+
+
+os.register_at_fork(after_in_child=_release_sweep_stores)
 
 
 app.steps["worker"].add(Sweeper)
