@@ -164,9 +164,11 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         # Its own store, opened on PIPELINE_DATABASE_URL and closed when the worker stops: the
         # process's store may be swapped or closed by whoever set it (tests, embedded mode).
         store: Store | None = None
+        jitter = random.Random()
         try:
-            # Jittered, so the workers of a fleet started together do not all ask at once.
-            while not self._stop.wait(interval * random.uniform(0.8, 1.0)):
+            # Jittered, so the workers of a fleet started together do not all ask at once; a
+            # generator of its own, leaving the process's `random` state to the tasks.
+            while not self._stop.wait(interval * jitter.uniform(0.8, 1.0)):
                 try:
                     if store is None:
                         import pipeline

@@ -56,21 +56,13 @@ def test_redis_flushed_mid_batch__reaper_brings_every_file_to_completed(
     assert cluster.scalar("SELECT count(*) FROM file_attempts") == 100
 
 
-@pytest.mark.parametrize(
-    ("broker", "reaper"),
-    [
-        # The sweep inside every worker only (no beat), on each broker.
-        pytest.param("redis", False, id="redis-sweep"),
-        pytest.param("rabbitmq", False, id="rabbitmq-sweep"),
-        # Beat sending pipeline.reap every second as well.
-        pytest.param("redis", True, id="redis-beat"),
-    ],
-)
+# The sweep inside every worker only (no beat), on each broker. (Beat sending pipeline.reap as
+# well is covered by the flushed-Redis test above.)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attempt(
     request: pytest.FixtureRequest,
     make_cluster: Callable[..., Cluster],
     broker: str,
-    reaper: bool,
 ) -> None:
     # A task whose database goes away waits where it stands (same process, same message) and
     # carries on under the same claim once the database is back; a claim whose reply was lost
@@ -87,8 +79,6 @@ def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attemp
         urls = [f"file:///outage/{i:02d}?sleep=0.2" for i in range(60)]
         cluster.start_worker(database_url=proxied_url)
         cluster.start_worker(database_url=proxied_url)
-        if reaper:
-            cluster.start_beat(interval=1, database_url=proxied_url)
         for url in urls:
             cluster.send(url)
         cluster.wait_sql(

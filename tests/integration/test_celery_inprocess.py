@@ -169,8 +169,15 @@ class Outcomes:
 
 
 @pytest.fixture
-def worker(store: PostgresStore, redis_url: str) -> Iterator[tuple[Outcomes, str]]:
-    """An in-process solo worker on a queue of its own; yields (outcomes, queue)."""
+def worker(
+    store: PostgresStore, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Outcomes, str]]:
+    """An in-process solo worker on a queue of its own; yields (outcomes, queue).
+
+    Without its sweep thread: in the test process it would sweep the database the store tests
+    share, racing their own `reap` calls (the acceptance tests' workers sweep their own).
+    """
+    monkeypatch.setenv("PIPELINE_SWEEP", "0")
     queue = f"inproc-{uuid.uuid4().hex[:10]}"
     outcomes = Outcomes()
     task_success.connect(outcomes.on_success, weak=False)
