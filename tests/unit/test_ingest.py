@@ -279,17 +279,22 @@ def test_tally__counts_and_keeps_five_examples(tmp_path: pathlib.Path) -> None:
     assert tally.details() == {"problems": tally.examples}
 
 
-def test_insert_params__match_the_sql(tmp_path: pathlib.Path) -> None:
-    url = write(tmp_path / "a.jsonl", jsonl({**GOOD, "city": "Zürich"}))
-    record = read(url)[0]
-    params = ingest.insert_params(url, record)
-    for name in params:
-        assert f":{name}" in ingest.INSERT_EVENT_SQL
-    assert params["line"] == 1
-    assert params["event_id"] == "e1"
-    assert json.loads(params["payload"]) == {"user": "u1", "n": 3, "city": "Zürich"}
-    with pytest.raises(ValueError, match="no event"):
-        ingest.insert_params(url, Record(3, problem="missing id"))
+def test_copy_rows__match_the_copy_columns_and_count_every_record(
+    tmp_path: pathlib.Path,
+) -> None:
+    url = write(tmp_path / "a.jsonl", jsonl({**GOOD, "city": "Zürich"}, "{bad", GOOD))
+    tally = Tally()
+    rows = list(ingest.copy_rows(url, ingest.read_records(url), tally))
+    columns = ingest.COPY_EVENTS_SQL.split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert columns == ["file_url", "line", "event_id", "ts", "type", "payload"]
+    assert [len(row) for row in rows] == [6, 6]
+    file_url, line, event_id, ts, kind, payload = rows[0]
+    assert (file_url, line, event_id, kind) == (url, 1, "e1", GOOD["type"])
+    assert ts.tzinfo is not None
+    assert isinstance(payload, str)
+    assert json.loads(payload) == {"user": "u1", "n": 3, "city": "Zürich"}
+    assert rows[1][1] == 3
+    assert (tally.total, tally.filtered, tally.candidates) == (3, 1, 2)
 
 
 def test_ingest__does_not_import_sqlalchemy_or_celery() -> None:
