@@ -151,6 +151,74 @@ def run_pipeline(fmt: str, paths: list[pathlib.Path], records: int) -> dict[str,
     return {"seconds": took, "rate": records / took, "peak_rss": rss.peak, "attempts": attempts}
 
 
+def run_long_file(folder: pathlib.Path, lines: int) -> dict[str, Any]:
+    """One file of `lines` records through one worker (-c 2), the row watched meanwhile.
+
+    Every 0.5 s, from another connection: the lease left (lease_expires_at - now(), on the
+    database clock) and its value, so the renewals show as distinct expiry times. The lease
+    is the shipped one (30 s, renewed every 10 s): a starved heartbeat would let it lapse
+    and the sweep hand the file to the other pool process (attempt 2).
+    """
+    from pipeline import app
+
+    path = folder / "long" / "long.jsonl"
+    path.parent.mkdir()
+    with path.open("w", encoding="utf-8") as out:
+        for start in range(0, lines, 100_000):
+            rows = rows_of(start // 100_000, min(100_000, lines - start))
+            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    size = path.stat().st_size
+    queue = f"bench-long-{uuid.uuid4().hex[:6]}"
+    margins: list[float] = []
+    expiries: set[Any] = set()
+    with common.fresh_database() as db:
+        env = common.env_for(db, queue)
+        common.flush_redis()
+        worker = common.start_worker("pipeline", queue, env, "-c", "2", "--pool", "prefork")
+        url = path.as_uri()
+        try:
+            common.wait_ready(app)
+            cmd = [common.pipeline_executable(), "submit", url, "--batch", f"long-{queue}"]
+            common.timed_run(cmd, env)
+            started = time.perf_counter()
+            with PeakRss(worker.pid) as rss, psycopg.connect(common.libpq_url(db)) as conn:
+                conn.autocommit = True
+                while True:
+                    status, left, expires = conn.execute(  # type: ignore[misc]
+                        "SELECT status, extract(epoch FROM lease_expires_at - now()),"
+                        " lease_expires_at FROM file_checkpoints WHERE file_url = %s",
+                        (url,),
+                    ).fetchone()
+                    if status != "processing":
+                        break
+                    if left is not None:
+                        margins.append(float(left))
+                        expiries.add(expires)
+                    time.sleep(0.5)
+            took = time.perf_counter() - started
+        finally:
+            common.stop(worker)
+        with psycopg.connect(common.libpq_url(db)) as conn:
+            status, attempt, persisted = conn.execute(  # type: ignore[misc]
+                "SELECT status, attempt, records_persisted FROM file_checkpoints"
+                " WHERE file_url = %s",
+                (url,),
+            ).fetchone()
+    path.unlink()
+    return {
+        "lines": lines,
+        "bytes": size,
+        "seconds": took,
+        "status": status,
+        "attempt": attempt,
+        "persisted": persisted,
+        "peak_rss": rss.peak,
+        "min_lease_left": min(margins, default=None),
+        "renewals": max(len(expiries) - 1, 0),
+        "samples": len(margins),
+    }
+
+
 # -- baselines -------------------------------------------------------------------------------
 
 
@@ -224,6 +292,12 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=40)
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--processes", type=int, default=2, help="baseline processes")
+    parser.add_argument(
+        "--long-lines",
+        type=int,
+        default=5_000_000,
+        help="lines of the one long file whose lease and RSS are watched (0: skip)",
+    )
     args = parser.parse_args()
     formats = args.formats.split(",")
     from pipeline import app
@@ -244,6 +318,9 @@ def main() -> None:
         for fmt in formats:
             results[fmt] = run_pipeline(fmt, made[fmt], args.records)
             print(f"  {fmt}: {results[fmt]['rate']:,.0f}/s", file=sys.stderr, flush=True)
+        if args.long_lines:
+            long = results["long"] = run_long_file(folder, args.long_lines)
+            print(f"  long file: {long}", file=sys.stderr, flush=True)
     base = results["json+COPY"]["rate"]
     rows = [
         [
@@ -289,6 +366,21 @@ def main() -> None:
         ratio = results["jsonl"]["rate"] / base
         verdict = common.verdict(ratio >= 0.8)
         md += f"\nTarget JSON Lines ingest >= 0.80 of json+COPY: {ratio:.2f} {verdict}\n"
+    if "long" in results:
+        long = results["long"]
+        left = long["min_lease_left"]
+        ok = long["status"] == "completed" and long["attempt"] == 1 and left is not None
+        ok = ok and left > 0
+        md += (
+            f"\nOne file of {long['lines']:,} lines ({long['bytes'] / 2**20:,.0f} MB JSON Lines), "
+            f"one worker -c 2, shipped 30 s lease: {long['status']} on attempt "
+            f"{long['attempt']} in {long['seconds']:.1f} s "
+            f"({long['lines'] / long['seconds']:,.0f} records/s), {long['persisted']:,} "
+            f"persisted; the lease was renewed {long['renewals']} times and never had less "
+            f"than {left if left is None else f'{left:.1f}'} s left ({long['samples']} "
+            f"samples, every 0.5 s); worker peak RSS {mb(long['peak_rss'])}. "
+            f"Lease kept and attempt 1: {common.verdict(ok)}\n"
+        )
     common.save("ingest", md, {"results": results, "records": args.records, "files": args.files})
 
 

@@ -150,6 +150,11 @@ def test_read_records__malformed_json_does_not_stop_the_file(tmp_path: pathlib.P
         ({"id": "  "}, "missing id"),
         ({"id": 7}, "id is not a string"),
         ({"ts": None}, "missing ts"),
+        ({"ts": ""}, "missing ts"),
+        ({"ts": " "}, "missing ts"),
+        ({"id": 7, "ts": ""}, "id is not a string"),
+        ({"id": "x" * 1001}, "id longer than 1000 bytes (1001)"),
+        ({"type": "é" * 501}, "type longer than 1000 bytes (1002)"),
         ({"ts": "yesterday"}, "ts not ISO 8601"),
         ({"ts": "2024-13-01"}, "ts not ISO 8601"),
         ({"ts": 1714564800}, "ts is not a string"),
@@ -168,6 +173,16 @@ def test_read_records__invalid_records(
     # json.dumps would write 1e400 as Infinity; spell it as a number the way a producer might.
     text = json.dumps(row).replace("Infinity", "1e400")
     assert problems(read(write(tmp_path / "a.jsonl", text + "\n"))) == [(1, problem)]
+
+
+@pytest.mark.parametrize("value", ["x" * 1000, "é" * 500, "€" * 333])
+def test_read_records__id_and_type_up_to_the_byte_limit_are_kept(
+    tmp_path: pathlib.Path, value: str
+) -> None:
+    row = {**GOOD, "id": value, "type": value}
+    (record,) = read(write(tmp_path / "a.jsonl", json.dumps(row, ensure_ascii=False) + "\n"))
+    assert record.event is not None
+    assert (record.event.id, record.event.type) == (value, value)
 
 
 def test_read_records__deep_nesting_is_a_problem_not_a_crash(tmp_path: pathlib.Path) -> None:
