@@ -111,15 +111,20 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
+    @staticmethod
+    def now(pid: int) -> int:
+        """The summed RSS of pid and its descendants at this moment."""
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+        return total
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.pid)
-                total = 0
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
-                self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self.now(self.pid))
             self._stop.wait(self.every)
 
 
@@ -135,6 +140,7 @@ def run_pipeline(fmt: str, paths: list[pathlib.Path], records: int) -> dict[str,
         worker = common.start_worker("pipeline", queue, env, "-c", "2", "--pool", "prefork")
         try:
             common.wait_ready(app)
+            idle = PeakRss.now(worker.pid)
             pattern = str(paths[0].parent / f"*.{fmt}")
             cmd = [common.pipeline_executable(), "submit", "--glob", pattern, "--batch", batch]
             with PeakRss(worker.pid) as rss:
@@ -148,7 +154,13 @@ def run_pipeline(fmt: str, paths: list[pathlib.Path], records: int) -> dict[str,
             ).fetchone()
     if count != records:
         raise RuntimeError(f"{fmt}: {count:,} events written, expected {records:,}")
-    return {"seconds": took, "rate": records / took, "peak_rss": rss.peak, "attempts": attempts}
+    return {
+        "seconds": took,
+        "rate": records / took,
+        "peak_rss": rss.peak,
+        "idle_rss": idle,
+        "attempts": attempts,
+    }
 
 
 def run_long_file(folder: pathlib.Path, lines: int) -> dict[str, Any]:
@@ -178,6 +190,7 @@ def run_long_file(folder: pathlib.Path, lines: int) -> dict[str, Any]:
         url = path.as_uri()
         try:
             common.wait_ready(app)
+            idle = PeakRss.now(worker.pid)
             cmd = [common.pipeline_executable(), "submit", url, "--batch", f"long-{queue}"]
             common.timed_run(cmd, env)
             started = time.perf_counter()
@@ -213,6 +226,7 @@ def run_long_file(folder: pathlib.Path, lines: int) -> dict[str, Any]:
         "attempt": attempt,
         "persisted": persisted,
         "peak_rss": rss.peak,
+        "idle_rss": idle,
         "min_lease_left": min(margins, default=None),
         "renewals": max(len(expiries) - 1, 0),
         "samples": len(margins),
@@ -350,14 +364,15 @@ def main() -> None:
                 f"{r['rate']:,.0f}",
                 f"{r['rate'] / base:.2f}",
                 f"{r['seconds']:.1f} s",
-                mb(r["peak_rss"]),
+                f"{mb(r['peak_rss'])} ({mb(r['idle_rss'])} idle)",
             ]
         )
     md = common.header(f"Ingest: {args.records:,} records in {args.files} files")
     md += (
         f"\nThe same rows as JSON Lines ({size / 2**20:,.0f} MB), CSV and .jsonl.gz; each side "
         "on a fresh database, into its `events` table (same indexes). Peak RSS: the worker's "
-        "process tree, summed. "
+        "process tree (main process and 2 pool children) summed, beside the same tree idle "
+        "before the submit. "
         + ("" if "psql" in results else "psql not found: its row is left out. ")
         + "\n\n"
     )
@@ -378,7 +393,8 @@ def main() -> None:
             f"({long['lines'] / long['seconds']:,.0f} records/s), {long['persisted']:,} "
             f"persisted; the lease was renewed {long['renewals']} times and never had less "
             f"than {left if left is None else f'{left:.1f}'} s left ({long['samples']} "
-            f"samples, every 0.5 s); worker peak RSS {mb(long['peak_rss'])}. "
+            f"samples, every 0.5 s); worker peak RSS {mb(long['peak_rss'])} "
+            f"({mb(long['idle_rss'])} idle). "
             f"Lease kept and attempt 1: {common.verdict(ok)}\n"
         )
     common.save("ingest", md, {"results": results, "records": args.records, "files": args.files})
