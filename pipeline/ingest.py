@@ -5,33 +5,35 @@ JSON Lines (`.jsonl`, `.ndjson`, `.json`) or CSV with a header (`.csv`), optiona
 `problem` and the file goes on; a file that cannot be read as text at all raises `BadInput`
 (retrying will not help), while OSErrors such as FileNotFoundError propagate (retryable).
 JSON is parsed with msgspec (measured 2.7x json.loads here); a line it refuses is parsed
-again with the standard library, whose verdict (and message) is the one kept.
+again with the standard library, whose verdict (and message) is the one kept. Opening the
+file and cutting it into checked lines is `pipeline.textfile`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import datetime as dt
-import gzip
 import json
 import math
 import os
 import posixpath
-import stat
 import urllib.parse
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
-import fsspec
 import msgspec
-from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import urls
+from pipeline import textfile, urls
 from pipeline.errors import PermanentError
 from pipeline.models import Stats
+
+# Re-exported: the task's callers and tests know them as ingest.BadInput and so on.
+from pipeline.textfile import MAX_LINE_BYTES as MAX_LINE_BYTES
+from pipeline.textfile import BadContent as BadContent
+from pipeline.textfile import BadInput as BadInput
+from pipeline.textfile import Block
+from pipeline.textfile import NotRegularFile as NotRegularFile
 
 # Executed by the task inside the checkpoint transaction, after DELETE_EVENTS_SQL: the file's
 # old events are gone first, so the unique (file_url, line) cannot conflict and plain COPY
@@ -44,10 +46,6 @@ DELETE_EVENTS_SQL = "DELETE FROM events WHERE file_url = :file_url"
 JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson", ".json")
 CSV_EXTENSIONS = (".csv",)
 MAX_EXAMPLES = 5
-# A "line" this long is almost surely a binary file without newlines; refusing it keeps
-# memory bounded instead of buffering the whole file.
-MAX_LINE_BYTES = 32 * 1024 * 1024
-_CHUNK_BYTES = 1024 * 1024
 _REQUIRED = ("id", "ts", "type")
 # `type` is in a btree index (events_type_ts_idx), whose entries Postgres caps at about
 # 2.7 KB: a longer value would fail the whole file's transaction, so it is refused per line.
@@ -56,19 +54,6 @@ MAX_FIELD_BYTES = {"id": 1000, "type": 1000}
 # Lengths (in characters) whose UTF-8 form cannot exceed the limits: most values skip the encode.
 _SHORT_ID = MAX_FIELD_BYTES["id"] // 4
 _SHORT_TYPE = MAX_FIELD_BYTES["type"] // 4
-
-
-# PermanentError is what the @checkpointed decorator treats as not worth a retry.
-class BadInput(PermanentError):
-    """The file cannot be processed as it is; retrying will not help."""
-
-
-class BadContent(BadInput):
-    """The file is not UTF-8 text (binary, another encoding, or a broken gzip stream)."""
-
-
-class NotRegularFile(BadInput):
-    """The URL names something that is not a regular file (a FIFO, a directory, a device)."""
 
 
 class UnsupportedFormat(BadInput):
@@ -163,7 +148,7 @@ def read_records(url: str) -> Iterator[Record]:
     """Stream the file's records in order; the format is checked now, the file read lazily."""
     kind, compression = file_format(url)
     fs, path = urls.filesystem(url)
-    return _records(url, _open(url, fs, path, compression), kind)
+    return _records(kind, textfile.read_blocks(url, fs, path, compression))
 
 
 def copy_rows(file_url: str, records: Iterable[Record], tally: Tally) -> Iterator[tuple[Any, ...]]:
@@ -243,126 +228,18 @@ def parse_ts(text: str) -> dt.datetime | None:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
 
 
-# -- reading ---------------------------------------------------------------------------------
-
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
+# -- parsing ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any]:
-    """The file's bytes, opened only if it is a regular file (or an object)."""
-    if isinstance(fs, LocalFileSystem):
-        with _open_local(url, path) as raw:
-            if compression is None:
-                yield raw
-            else:
-                with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
-                    yield unzipped
-        return
-    info = fs.info(path)
-    if info.get("type") not in ("file", None):
-        raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
-    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-    with fsspec.core.OpenFile(fs, path, mode="rb", compression=compression) as stream:
-        yield stream
-
-
-@contextlib.contextmanager
-def _open_local(url: str, path: str) -> Iterator[BinaryIO]:
-    # O_NONBLOCK: opening a FIFO must not wait for a writer; the check is on the descriptor
-    # opened (fstat), so a file swapped for a FIFO after a stat cannot slip through.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-            raise NotRegularFile(f"not a regular file: {path} is {kind}", url=url)
-        os.set_blocking(fd, True)
-        raw = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with raw:
-        yield raw
-
-
-def _records(url: str, opener: Any, kind: str) -> Iterator[Record]:
-    try:
-        with opener as stream:
-            blocks = _line_blocks(url, stream)
-            yield from _json_records(blocks) if kind == "jsonl" else _csv_records(blocks)
-    # A broken gzip stream is content, not an outage: the next attempt reads the same bytes.
-    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise BadContent(f"not a valid gzip file: {exc}", url=url) from exc
-
-
-_BOM = "\ufeff".encode()
-
-
-def _line_blocks(url: str, stream: Any) -> Iterator[tuple[int, list[bytes], bool]]:
-    """(number of the first line, lines without their b"\\n", whether each had one) in
-    blocks of whole lines, each block checked at once: no NUL byte and strict UTF-8, or
-    BadContent. Only the file's last line can lack its newline.
-
-    A block ends on a newline, which no UTF-8 sequence contains, so checking a block is
-    checking each of its lines; the error names the first bad line, as a line-by-line
-    check would.
-    """
-    pending = bytearray()
-    number = 1
-    while chunk := stream.read(_CHUNK_BYTES):
-        end = chunk.rfind(b"\n")
-        if end == -1:
-            pending += chunk
-            if len(pending) > MAX_LINE_BYTES:
-                raise BadContent(
-                    f"line {number} is longer than {MAX_LINE_BYTES // 2**20} MiB; not a text file?",
-                    url=url,
-                    line=number,
-                )
-            continue
-        block = bytes(pending) + chunk[:end] if pending else chunk[:end]
-        pending = bytearray(chunk[end + 1 :])
-        lines = _checked(url, number, block)
-        yield number, lines, True
-        number += len(lines)
-    if pending:
-        yield number, _checked(url, number, bytes(pending)), False
-
-
-def _checked(url: str, number: int, block: bytes) -> list[bytes]:
-    # (line, rank, problem): the first bad line wins and, on one line, a NUL before bad UTF-8.
-    bad: list[tuple[int, int, str]] = []
-    if (nul := block.find(b"\x00")) != -1:
-        bad.append((block.count(b"\n", 0, nul), 0, "binary content (NUL byte)"))
-    if not block.isascii():
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = block.count(b"\n", 0, exc.start)
-            bad.append((line, 1, f"not UTF-8 text: byte 0x{block[exc.start]:02x}"))
-    if bad:
-        offset, _rank, problem = min(bad)
-        line = number + offset
-        raise BadContent(f"{problem} on line {line}", url=url, line=line)
-    lines = block.split(b"\n")
-    if number == 1:
-        # Spreadsheet exports start with a byte order mark; it is not part of the header.
-        lines[0] = lines[0].removeprefix(_BOM)
-    return lines
+def _records(kind: str, blocks: Iterator[Block]) -> Iterator[Record]:
+    return _json_records(blocks) if kind == "jsonl" else _csv_records(blocks)
 
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _json_records(blocks: Iterable[tuple[int, list[bytes], bool]]) -> Iterator[Record]:
+def _json_records(blocks: Iterable[Block]) -> Iterator[Record]:
     decode = _decoder.decode
     for first, lines, _ended in blocks:
         for number, raw in enumerate(lines, start=first):
@@ -401,7 +278,7 @@ def _json_record_slowly(number: int, text: str) -> Record:
     return _record(number, fields)
 
 
-def _csv_lines(blocks: Iterable[tuple[int, list[bytes], bool]]) -> Iterator[str]:
+def _csv_lines(blocks: Iterable[Block]) -> Iterator[str]:
     for _first, lines, ended in blocks:
         if ended:
             # The newline back on: csv needs it inside a quoted field that spans lines.
@@ -410,7 +287,7 @@ def _csv_lines(blocks: Iterable[tuple[int, list[bytes], bool]]) -> Iterator[str]
             yield from (raw.decode("utf-8") for raw in lines)
 
 
-def _csv_records(blocks: Iterable[tuple[int, list[bytes], bool]]) -> Iterator[Record]:
+def _csv_records(blocks: Iterable[Block]) -> Iterator[Record]:
     reader = csv.reader(_csv_lines(blocks))
     header: list[str] | None = None
     while True:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from pipeline import ingest, sample, urls
+from pipeline import ingest, sample, textfile, urls
 from pipeline.ingest import BadContent, Record, Tally, UnsupportedFormat
 from pipeline.models import Stats
 
@@ -243,8 +243,9 @@ def test_read_records__broken_gzip_is_bad_content(tmp_path: pathlib.Path) -> Non
 def test_read_records__endless_line_is_bad_content(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 256)
+    # The reading moved to pipeline.textfile (ingest re-exports MAX_LINE_BYTES, read-only).
+    monkeypatch.setattr(textfile, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(textfile, "_CHUNK_BYTES", 256)
     url = write(tmp_path / "a.jsonl", jsonl(GOOD) + "x" * 5000)
     with pytest.raises(BadContent, match="line 2 is longer than"):
         read(url)
