@@ -178,7 +178,8 @@ def test_malformed_lines__filtered_counted_and_described_on_the_row(
 def test_not_utf8__dead_at_once_without_retry_and_nothing_written(
     store: PostgresStore, tmp_path: pathlib.Path
 ) -> None:
-    # Enough valid lines first that some were already inserted when the bad byte came.
+    # Valid lines first; they share the bad byte's 1 MiB block, which is refused before any
+    # of its rows is sent (a bad line past the first block: ..._bad_halfway_... below).
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(jsonl(*(event(n) for n in range(1, 601))) + b'{"id": "caf\xe9"}\n')
 
@@ -191,7 +192,7 @@ def test_not_utf8__dead_at_once_without_retry_and_nothing_written(
     assert (row.status, row.attempt) == (Status.DEAD, 1)
     assert "not UTF-8 text: byte 0xe9 on line 601" in (row.error_message or "")
     assert [(a.outcome, a.error_class) for a in row.attempts] == [("failed", "BadContent")]
-    assert events(store, url(path)) == []  # the 600 inserted rows rolled back with the attempt
+    assert events(store, url(path)) == []
 
 
 @pytest.fixture
