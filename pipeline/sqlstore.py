@@ -167,6 +167,24 @@ def execute_many(connection: sa.Connection, sql: str, rows: Sequence[Mapping[str
     return max(int(result.rowcount), 0)
 
 
+def copy_rows(connection: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+    """Stream rows through `COPY ... FROM STDIN` (text format) on a task's connection, inside
+    its transaction; the rows copied.
+
+    The rows are pulled as the copy goes (psycopg sends them in chunks), so memory stays flat
+    however many there are. An exception from the rows (a file found bad halfway) ends the
+    COPY with an error: the transaction is then aborted, and rolled back with everything in it.
+    """
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    count = 0
+    with driver.cursor() as cursor, cursor.copy(sql) as copy:
+        write = copy.write_row
+        for row in rows:
+            write(row)
+            count += 1
+    return count
+
+
 @dataclasses.dataclass(frozen=True)
 class PgTransaction:
     """A transaction for a task's output; `connection` is a SQLAlchemy Connection."""

@@ -178,7 +178,8 @@ def test_malformed_lines__filtered_counted_and_described_on_the_row(
 def test_not_utf8__dead_at_once_without_retry_and_nothing_written(
     store: PostgresStore, tmp_path: pathlib.Path
 ) -> None:
-    # Enough valid lines first that some were already inserted when the bad byte came.
+    # Valid lines first; they share the bad byte's 1 MiB block, which is refused before any
+    # of its rows is sent (a bad line past the first block: ..._bad_halfway_... below).
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(jsonl(*(event(n) for n in range(1, 601))) + b'{"id": "caf\xe9"}\n')
 
@@ -191,7 +192,7 @@ def test_not_utf8__dead_at_once_without_retry_and_nothing_written(
     assert (row.status, row.attempt) == (Status.DEAD, 1)
     assert "not UTF-8 text: byte 0xe9 on line 601" in (row.error_message or "")
     assert [(a.outcome, a.error_class) for a in row.attempts] == [("failed", "BadContent")]
-    assert events(store, url(path)) == []  # the 600 inserted rows rolled back with the attempt
+    assert events(store, url(path)) == []
 
 
 @pytest.fixture
@@ -292,3 +293,82 @@ def test_rerun_in_a_new_generation__events_are_the_new_content(
     assert result.successful(), result.traceback
     assert stats_of(store, url(path)) == ("completed", 1, 1, 0, 1)
     assert [(r[0], r[1]) for r in events(store, url(path))] == [(1, "new1")]
+
+
+def test_new_generation_bad_halfway__copy_rolled_back_with_the_delete(
+    store: PostgresStore, tmp_path: pathlib.Path
+) -> None:
+    path = tmp_path / "halfway.jsonl"
+    path.write_bytes(jsonl(event(1), event(2)))
+    assert ingest_file.apply(args=[url(path)]).successful()
+    old = events(store, url(path))
+    # Past the first 1 MiB read: the COPY has sent rows (and the DELETE ran) when the NUL comes.
+    good = jsonl(*({**event(n), "id": f"new{n}"} for n in range(1, 40_001)))
+    assert len(good) > 2 * 2**20
+    path.write_bytes(good + b'{"id": "x\x00"}\n' + jsonl(event(9)))
+    assert [w.file_url for w in store.requeue(url(path), force=True)] == [url(path)]
+
+    result = ingest_file.apply(args=[url(path)])
+
+    assert result.failed()
+    row = store.get(url(path))
+    assert row is not None
+    assert (row.status, row.attempt) == (Status.DEAD, 1)
+    assert "binary content (NUL byte) on line 40001" in (row.error_message or "")
+    # Neither the new rows nor the deletion of the old ones were committed.
+    assert events(store, url(path)) == old
+
+
+def test_new_generation__replaces_every_old_line_under_the_unique_key(
+    store: PostgresStore, tmp_path: pathlib.Path
+) -> None:
+    path = tmp_path / "grow.jsonl"
+    path.write_bytes(jsonl(*(event(n) for n in range(1, 4))))
+    assert ingest_file.apply(args=[url(path)]).successful()
+    path.write_bytes(jsonl(*({**event(n), "id": f"v2-{n}"} for n in range(1, 6))))
+    store.requeue(url(path), force=True)
+
+    assert ingest_file.apply(args=[url(path)]).successful()
+
+    assert [(r[0], r[1]) for r in events(store, url(path))] == [(n, f"v2-{n}") for n in range(1, 6)]
+    total = store.scalar("SELECT count(*) FROM events WHERE file_url = :u", {"u": url(path)})
+    assert total == 5
+
+
+HOSTILE = "tab\there, newline\nthere, cr\r, backslash \\ and \\N, \\.\u2028 Zürich 🦆 \x7f"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_copy__tabs_newlines_backslashes_and_unicode_round_trip_exactly(
+    store: PostgresStore, tmp_path: pathlib.Path, suffix: str
+) -> None:
+    path = tmp_path / f"hostile{suffix}"
+    if suffix == ".jsonl":
+        rows = [
+            {"id": HOSTILE, "ts": "2024-03-01T10:00:00Z", "type": "\\N", HOSTILE: [HOSTILE]},
+            {"id": "\\", "ts": "2024-03-01T10:00:00Z", "type": "t\t", "k": {"\\": "\t\n"}},
+        ]
+        path.write_bytes(
+            "".join(
+                json.dumps(r, ensure_ascii=a) + "\n" for r in rows for a in (True, False)
+            ).encode()
+        )
+        expected = [
+            (r["id"], r["type"], {k: v for k, v in r.items() if k not in "id ts type"})
+            for r in rows
+            for _ in (1, 2)
+        ]
+    else:
+        import csv
+        import io
+
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(
+            [["id", "ts", "type", "note"], [HOSTILE, "2024-03-01T10:00:00Z", "\\N", HOSTILE]]
+        )
+        path.write_text(out.getvalue())
+        expected = [(HOSTILE, "\\N", {"note": HOSTILE})]
+
+    assert ingest_file.apply(args=[url(path)]).successful()
+
+    assert [(r[1], r[2], r[4]) for r in events(store, url(path))] == expected

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from pipeline import ingest, sample, urls
+from pipeline import ingest, sample, textfile, urls
 from pipeline.ingest import BadContent, Record, Tally, UnsupportedFormat
 from pipeline.models import Stats
 
@@ -150,6 +150,11 @@ def test_read_records__malformed_json_does_not_stop_the_file(tmp_path: pathlib.P
         ({"id": "  "}, "missing id"),
         ({"id": 7}, "id is not a string"),
         ({"ts": None}, "missing ts"),
+        ({"ts": ""}, "missing ts"),
+        ({"ts": " "}, "missing ts"),
+        ({"id": 7, "ts": ""}, "id is not a string"),
+        ({"id": "x" * 1001}, "id longer than 1000 bytes (1001)"),
+        ({"type": "é" * 501}, "type longer than 1000 bytes (1002)"),
         ({"ts": "yesterday"}, "ts not ISO 8601"),
         ({"ts": "2024-13-01"}, "ts not ISO 8601"),
         ({"ts": 1714564800}, "ts is not a string"),
@@ -168,6 +173,16 @@ def test_read_records__invalid_records(
     # json.dumps would write 1e400 as Infinity; spell it as a number the way a producer might.
     text = json.dumps(row).replace("Infinity", "1e400")
     assert problems(read(write(tmp_path / "a.jsonl", text + "\n"))) == [(1, problem)]
+
+
+@pytest.mark.parametrize("value", ["x" * 1000, "é" * 500, "€" * 333])
+def test_read_records__id_and_type_up_to_the_byte_limit_are_kept(
+    tmp_path: pathlib.Path, value: str
+) -> None:
+    row = {**GOOD, "id": value, "type": value}
+    (record,) = read(write(tmp_path / "a.jsonl", json.dumps(row, ensure_ascii=False) + "\n"))
+    assert record.event is not None
+    assert (record.event.id, record.event.type) == (value, value)
 
 
 def test_read_records__deep_nesting_is_a_problem_not_a_crash(tmp_path: pathlib.Path) -> None:
@@ -228,8 +243,9 @@ def test_read_records__broken_gzip_is_bad_content(tmp_path: pathlib.Path) -> Non
 def test_read_records__endless_line_is_bad_content(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 256)
+    # The reading moved to pipeline.textfile (ingest re-exports MAX_LINE_BYTES, read-only).
+    monkeypatch.setattr(textfile, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(textfile, "_CHUNK_BYTES", 256)
     url = write(tmp_path / "a.jsonl", jsonl(GOOD) + "x" * 5000)
     with pytest.raises(BadContent, match="line 2 is longer than"):
         read(url)
@@ -279,17 +295,22 @@ def test_tally__counts_and_keeps_five_examples(tmp_path: pathlib.Path) -> None:
     assert tally.details() == {"problems": tally.examples}
 
 
-def test_insert_params__match_the_sql(tmp_path: pathlib.Path) -> None:
-    url = write(tmp_path / "a.jsonl", jsonl({**GOOD, "city": "Zürich"}))
-    record = read(url)[0]
-    params = ingest.insert_params(url, record)
-    for name in params:
-        assert f":{name}" in ingest.INSERT_EVENT_SQL
-    assert params["line"] == 1
-    assert params["event_id"] == "e1"
-    assert json.loads(params["payload"]) == {"user": "u1", "n": 3, "city": "Zürich"}
-    with pytest.raises(ValueError, match="no event"):
-        ingest.insert_params(url, Record(3, problem="missing id"))
+def test_copy_rows__match_the_copy_columns_and_count_every_record(
+    tmp_path: pathlib.Path,
+) -> None:
+    url = write(tmp_path / "a.jsonl", jsonl({**GOOD, "city": "Zürich"}, "{bad", GOOD))
+    tally = Tally()
+    rows = list(ingest.copy_rows(url, ingest.read_records(url), tally))
+    columns = ingest.COPY_EVENTS_SQL.split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert columns == ["file_url", "line", "event_id", "ts", "type", "payload"]
+    assert [len(row) for row in rows] == [6, 6]
+    file_url, line, event_id, ts, kind, payload = rows[0]
+    assert (file_url, line, event_id, kind) == (url, 1, "e1", GOOD["type"])
+    assert ts.tzinfo is not None
+    assert isinstance(payload, str)
+    assert json.loads(payload) == {"user": "u1", "n": 3, "city": "Zürich"}
+    assert rows[1][1] == 3
+    assert (tally.total, tally.filtered, tally.candidates) == (3, 1, 2)
 
 
 def test_ingest__does_not_import_sqlalchemy_or_celery() -> None:

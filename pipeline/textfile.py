@@ -1,0 +1,154 @@
+"""A file's bytes as checked lines: regular files only, read in blocks of whole lines.
+
+Each block is checked at once for what makes a file not text (a NUL byte, bytes that are not
+UTF-8), which is a `BadContent` naming the first bad line; a line longer than MAX_LINE_BYTES
+is one too (a binary file without newlines), so memory stays bounded whatever the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import PermanentError
+
+# A "line" this long is almost surely a binary file without newlines; refusing it keeps
+# memory bounded instead of buffering the whole file.
+MAX_LINE_BYTES = 32 * 1024 * 1024
+_CHUNK_BYTES = 1024 * 1024
+# (number of the first line, the lines without their b"\\n", whether each had one)
+Block = tuple[int, list[bytes], bool]
+
+
+# PermanentError is what the @checkpointed decorator treats as not worth a retry.
+class BadInput(PermanentError):
+    """The file cannot be processed as it is; retrying will not help."""
+
+
+class BadContent(BadInput):
+    """The file is not UTF-8 text (binary, another encoding, or a broken gzip stream)."""
+
+
+class NotRegularFile(BadInput):
+    """The URL names something that is not a regular file (a FIFO, a directory, a device)."""
+
+
+def read_blocks(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Block]:
+    """The file's lines in checked blocks; opened when the first block is asked for."""
+    try:
+        with _open(url, fs, path, compression) as stream:
+            yield from _line_blocks(url, stream)
+    # A broken gzip stream is content, not an outage: the next attempt reads the same bytes.
+    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+        raise BadContent(f"not a valid gzip file: {exc}", url=url) from exc
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+@contextlib.contextmanager
+def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any]:
+    """The file's bytes, opened only if it is a regular file (or an object)."""
+    if isinstance(fs, LocalFileSystem):
+        with _open_local(url, path) as raw:
+            if compression is None:
+                yield raw
+            else:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                    yield unzipped
+        return
+    info = fs.info(path)
+    if info.get("type") not in ("file", None):
+        raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
+    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+    with fsspec.core.OpenFile(fs, path, mode="rb", compression=compression) as stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _open_local(url: str, path: str) -> Iterator[BinaryIO]:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the check is on the descriptor
+    # opened (fstat), so a file swapped for a FIFO after a stat cannot slip through.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(f"not a regular file: {path} is {kind}", url=url)
+        os.set_blocking(fd, True)
+        raw = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with raw:
+        yield raw
+
+
+_BOM = "\ufeff".encode()
+
+
+def _line_blocks(url: str, stream: Any) -> Iterator[Block]:
+    """(number of the first line, lines without their b"\\n", whether each had one) in
+    blocks of whole lines, each block checked at once: no NUL byte and strict UTF-8, or
+    BadContent. Only the file's last line can lack its newline.
+
+    A block ends on a newline, which no UTF-8 sequence contains, so checking a block is
+    checking each of its lines; the error names the first bad line, as a line-by-line
+    check would.
+    """
+    pending = bytearray()
+    number = 1
+    while chunk := stream.read(_CHUNK_BYTES):
+        end = chunk.rfind(b"\n")
+        if end == -1:
+            pending += chunk
+            if len(pending) > MAX_LINE_BYTES:
+                raise BadContent(
+                    f"line {number} is longer than {MAX_LINE_BYTES // 2**20} MiB; not a text file?",
+                    url=url,
+                    line=number,
+                )
+            continue
+        block = bytes(pending) + chunk[:end] if pending else chunk[:end]
+        pending = bytearray(chunk[end + 1 :])
+        lines = _checked(url, number, block)
+        yield number, lines, True
+        number += len(lines)
+    if pending:
+        yield number, _checked(url, number, bytes(pending)), False
+
+
+def _checked(url: str, number: int, block: bytes) -> list[bytes]:
+    # (line, rank, problem): the first bad line wins and, on one line, a NUL before bad UTF-8.
+    bad: list[tuple[int, int, str]] = []
+    if (nul := block.find(b"\x00")) != -1:
+        bad.append((block.count(b"\n", 0, nul), 0, "binary content (NUL byte)"))
+    if not block.isascii():
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = block.count(b"\n", 0, exc.start)
+            bad.append((line, 1, f"not UTF-8 text: byte 0x{block[exc.start]:02x}"))
+    if bad:
+        offset, _rank, problem = min(bad)
+        line = number + offset
+        raise BadContent(f"{problem} on line {line}", url=url, line=line)
+    lines = block.split(b"\n")
+    if number == 1:
+        # Spreadsheet exports start with a byte order mark; it is not part of the header.
+        lines[0] = lines[0].removeprefix(_BOM)
+    return lines
