@@ -364,17 +364,13 @@ def _execute(
             except errors.LostClaim:
                 # A newer claim took the file over (we were frozen or too slow): our writes
                 # were fenced off and rolled back; the new holder's result stands.
-                logger.warning("claim on %s lost; output discarded", claim.file_url)
-                return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
+                return _output_discarded(claim)
             except errors.StoreUnavailable as error:
                 if _raised_during(error, errors.LostClaim):
                     # The rollback on the way out of a lost claim failed because the takeover
                     # ended our output transaction's session (pipeline_fence_v1): still a lost
                     # claim, not an outage, and nothing of ours was committed.
-                    logger.warning("claim on %s lost; output discarded", claim.file_url)
-                    return _skipped(
-                        claim.file_url, "claim lost to a newer execution; output discarded"
-                    )
+                    return _output_discarded(claim)
                 # The database went away mid-execution: wait for it here, holding the message
                 # and the pool process, then find out what became of the claim.
                 logger.warning(
@@ -458,8 +454,17 @@ def _run_once(
                 first = (str(error) or type(error).__name__).splitlines()[0]
                 raise errors.StoreUnavailable(masking.scrub(first)) from error
             raise
-    # committed: output and 'completed' together
+    return _completed(claim, stats)  # committed: output and 'completed' together
+
+
+def _completed(claim: Claim, stats: Stats) -> dict[str, Any]:
+    """The task's result for a file it completed."""
     return {"file_url": claim.file_url, "attempt": claim.attempt, **stats.as_dict()}
+
+
+def _output_discarded(claim: Claim) -> dict[str, Any]:
+    logger.warning("claim on %s lost; output discarded", claim.file_url)
+    return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
 
 
 def _where_is(store: Store, claim: Claim) -> dict[str, Any] | bool | None:
@@ -469,7 +474,7 @@ def _where_is(store: Store, claim: Claim) -> dict[str, Any] | bool | None:
         return True
     row = store.get(claim.file_url)
     if row is not None and row.token == claim.token and row.status is Status.COMPLETED:
-        return {"file_url": claim.file_url, "attempt": claim.attempt, **row.stats.as_dict()}
+        return _completed(claim, row.stats)
     return None
 
 
