@@ -63,6 +63,27 @@ def fresh_database(prefix: str = "pipeline_bench") -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.contextmanager
+def fresh_database_at(root: pathlib.Path, prefix: str = "pipeline_bench_before") -> Iterator[str]:
+    """As fresh_database, with the schema of the source tree at `root` (another version of this
+    project, e.g. `git archive` of an earlier commit), applied by that tree's own code."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_SERVER, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_SERVER.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+    try:
+        subprocess.run(
+            [sys.executable, "-c", f"import pipeline; pipeline.open_store({url!r}).upgrade()"],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            cwd=root,
+            check=True,
+        )
+        yield url
+    finally:
+        with psycopg.connect(PG_SERVER, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def flush_redis() -> None:
     import redis
 
@@ -115,7 +136,12 @@ def env_for(database_url: str, queue: str, **extra: str) -> dict[str, str]:
 
 
 def start_worker(
-    app_module: str, queue: str, env: dict[str, str], *extra: str, name: str | None = None
+    app_module: str,
+    queue: str,
+    env: dict[str, str],
+    *extra: str,
+    name: str | None = None,
+    cwd: pathlib.Path | str = ROOT,
 ) -> subprocess.Popen[bytes]:
     node = name or f"bench-{uuid.uuid4().hex[:6]}@%h"
     cmd = [
@@ -139,7 +165,8 @@ def start_worker(
     return subprocess.Popen(
         cmd,
         env=env,
-        cwd=ROOT,
+        # `python -m` puts the working folder first on sys.path: the code under test
+        cwd=cwd,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
