@@ -2,8 +2,8 @@
 -- Parameters use SQLAlchemy's :name form.
 
 -- claim --
--- Claim a file (grant, or refuse with done / busy / not_due / dead); see pipeline_claim_v2.
-SELECT * FROM pipeline_claim_v2(:file_url, :worker, :lease_seconds, :max_attempts,
+-- Claim a file (grant, or refuse with done / busy / not_due / dead); see pipeline_claim_v3.
+SELECT * FROM pipeline_claim_v3(:file_url, :worker, :lease_seconds, :max_attempts,
                                 :file_type, :task_name, :task_id,
                                 CAST(:resume_tokens AS bigint[]), :token)
 
@@ -21,13 +21,13 @@ RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double preci
 
 -- complete --
 -- Mark the current claim completed with its stats; false when the token is stale.
-SELECT pipeline_complete_v1(:file_url, :token, :total, :filtered, :persisted,
+SELECT pipeline_complete_v2(:file_url, :token, :total, :filtered, :persisted,
                             :processing_time_ms, CAST(:details AS jsonb)) AS ok
 
 -- fail --
 -- Record a failed execution: failed (retry no earlier than :retry_in seconds from now) or
 -- dead; no row when the token is stale.
-SELECT * FROM pipeline_fail_v2(:file_url, :token, :error_class, :error_message, :retryable,
+SELECT * FROM pipeline_fail_v3(:file_url, :token, :error_class, :error_message, :retryable,
                                :retry_in)
 
 -- get --
@@ -39,10 +39,10 @@ SELECT file_url, file_type, status, attempt, max_attempts, generation, token, re
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
--- The attempt history of one file, oldest first.
+-- The attempt history of one file, oldest first, the running one included (pipeline_attempts).
 SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_class,
        error_message
-  FROM file_attempts WHERE file_url = :file_url ORDER BY token
+  FROM pipeline_attempts WHERE file_url = :file_url ORDER BY token
 
 -- register --
 -- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file
@@ -96,8 +96,8 @@ UPDATE file_checkpoints
 RETURNING file_url, task_name, status
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v2.
-SELECT * FROM pipeline_reap_v2(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v3.
+SELECT * FROM pipeline_reap_v3(:waiting_seconds, :limit, :overdue_seconds)
 
 -- summary --
 -- Counts by batch and status.
@@ -140,9 +140,9 @@ SELECT file_url, error_message, updated_at, attempt FROM file_checkpoints
  LIMIT :limit
 
 -- attempt_outcomes --
--- Executions by outcome, for the metrics.
-SELECT outcome, count(*) AS n FROM file_attempts GROUP BY outcome
+-- Executions by outcome, for the metrics (the running ones from the checkpoint rows).
+SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY outcome
 
 -- abandon --
--- Release the claim of a process known to be dead; see pipeline_abandon_v1.
-SELECT * FROM pipeline_abandon_v1(:file_url, :worker, :task_id)
+-- Release the claim of a process known to be dead; see pipeline_abandon_v2.
+SELECT * FROM pipeline_abandon_v2(:file_url, :worker, :task_id)

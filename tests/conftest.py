@@ -88,6 +88,20 @@ def pg_store(database_url: str) -> Iterator[PostgresStore]:
     store.close()
 
 
+@pytest.fixture
+def fresh_database_url(database_url: str) -> Iterator[str]:
+    """An empty database on the test server, dropped afterwards."""
+    name = f"pipeline_fresh_{uuid.uuid4().hex[:10]}"
+    admin_url = sa.make_url(database_url).set(database="postgres", drivername="postgresql")
+    admin = admin_url.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(database_url).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis URL on the database number the tests own.

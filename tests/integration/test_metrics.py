@@ -138,7 +138,7 @@ def test_metrics__dead_expired_and_attempts_match_the_table(
     assert value(figures, "pipeline_expired_leases") == expired
     outcomes = {
         r.outcome: r.n
-        for r in rows(filled, "SELECT outcome, count(*) AS n FROM file_attempts GROUP BY 1")
+        for r in rows(filled, "SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY 1")
     }
     assert outcomes == {"completed": 3, "failed": 3, "running": 4, "lost": 1}
     for outcome, n in outcomes.items():
