@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 import uuid
@@ -23,6 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psycopg
 
 from bench import common
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def profile(url: str, n: int, registered: bool) -> dict[str, object]:
@@ -46,10 +53,17 @@ def profile(url: str, n: int, registered: bool) -> dict[str, object]:
         conn.execute("SELECT pg_stat_statements_reset()")
         conn.execute("SELECT pg_stat_reset()")
         (start_lsn,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()  # type: ignore[misc]
+    # CPU time, which the machine's other load inflates far less than the wall clock: this
+    # process's (the store's Python and psycopg) and its database backend's (/proc, in ticks).
+    backend = store._driver().info.backend_pid  # type: ignore[attr-defined]
+    backend_cpu = _cpu_seconds(backend)
+    client_cpu = time.process_time()
     started = time.perf_counter()
     for u in urls[200:]:
         pair(u)
     took = time.perf_counter() - started
+    client_cpu = time.process_time() - client_cpu
+    backend_cpu = _cpu_seconds(backend) - backend_cpu
     store.close()
     with psycopg.connect(dsn, autocommit=True) as conn:
         (end_lsn,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()  # type: ignore[misc]
@@ -78,6 +92,8 @@ def profile(url: str, n: int, registered: bool) -> dict[str, object]:
         ).fetchall()
     return {
         "pairs_per_s": n / took,
+        "client_us": client_cpu / n * 1e6,
+        "backend_us": backend_cpu / n * 1e6,
         "wal_bytes": float(wal_bytes) / n,
         "kinds": [(k, c / n, s / c, f) for k, c, s, f in kinds],
         "tables": [(t, i / n, u / n, h / n) for t, i, u, h in tables],
@@ -95,7 +111,7 @@ def main() -> None:
 
     from tests.support.pgcluster import PgCluster
 
-    folder = __import__("pathlib").Path(tempfile.mkdtemp(prefix="pipeline-profile-"))
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-profile-"))
     cluster = PgCluster(folder)
     cluster._ctl(
         "-w",
@@ -115,6 +131,8 @@ def main() -> None:
         )
         for registered in (False, True):
             rates = []
+            client: list[float] = []
+            backend: list[float] = []
             result: dict[str, object] = {}
             for r in range(args.rounds):
                 url = cluster.create_database(f"profile_{uuid.uuid4().hex[:8]}")
@@ -128,6 +146,8 @@ def main() -> None:
                 s.close()
                 result = profile(url, args.pairs, registered)
                 rates.append(float(result["pairs_per_s"]))  # type: ignore[arg-type]
+                client.append(float(result["client_us"]))  # type: ignore[arg-type]
+                backend.append(float(result["backend_us"]))  # type: ignore[arg-type]
                 print(
                     f"  {'registered' if registered else 'new'} round {r + 1}: {rates[-1]:,.0f}/s",
                     file=sys.stderr,
@@ -140,6 +160,10 @@ def main() -> None:
             md += f"\n### {what}\n\n"
             wal = f"{result['wal_bytes']:,.0f}"
             md += f"pairs/s: {common.spread(rates)}; WAL per pair: {wal} bytes\n\n"
+            md += (
+                f"CPU per pair: database backend {common.spread(backend)} us, client (store,"
+                f" psycopg) {common.spread(client)} us\n\n"
+            )
             md += common.table(
                 ["WAL record", "per pair", "bytes each", "FPI bytes (all)"],
                 [[k, f"{c:.2f}", f"{s:,.0f}", f"{f:,}"] for k, c, s, f in result["kinds"]],  # type: ignore[union-attr]
