@@ -15,7 +15,6 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import PermanentError
@@ -24,6 +23,9 @@ from pipeline.errors import PermanentError
 # memory bounded instead of buffering the whole file.
 MAX_LINE_BYTES = 32 * 1024 * 1024
 _CHUNK_BYTES = 1024 * 1024
+# Bytes fetched per request from remote storage (s3fs would take 50 MiB at a time): memory per
+# open file stays at about two of these however large the object.
+REMOTE_BLOCK_BYTES = 8 * 1024 * 1024
 # (number of the first line, the lines without their b"\\n", whether each had one)
 Block = tuple[int, list[bytes], bool]
 
@@ -74,8 +76,8 @@ def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any
     info = fs.info(path)
     if info.get("type") not in ("file", None):
         raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
-    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-    with fsspec.core.OpenFile(fs, path, mode="rb", compression=compression) as stream:
+    # fs.open rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+    with fs.open(path, mode="rb", compression=compression, block_size=REMOTE_BLOCK_BYTES) as stream:
         yield stream
 
 
