@@ -8,6 +8,7 @@ is one too (a binary file without newlines), so memory stays bounded whatever th
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import stat
@@ -17,6 +18,7 @@ from typing import Any, BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import masking
 from pipeline.errors import PermanentError
 
 # A "line" this long is almost surely a binary file without newlines; refusing it keeps
@@ -73,12 +75,25 @@ def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any
                 with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
                     yield unzipped
         return
-    info = fs.info(path)
-    if info.get("type") not in ("file", None):
-        raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
-    # fs.open rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-    with fs.open(path, mode="rb", compression=compression, block_size=REMOTE_BLOCK_BYTES) as stream:
+    try:
+        info = fs.info(path)
+        if info.get("type") not in ("file", None):
+            raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
+        # fs.open rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+        opened = fs.open(path, mode="rb", compression=compression, block_size=REMOTE_BLOCK_BYTES)
+    except FileNotFoundError as exc:
+        raise _not_found(url, exc) from exc
+    with opened as stream:
         yield stream
+
+
+def _not_found(url: str, exc: FileNotFoundError) -> FileNotFoundError:
+    """A remote backend's FileNotFoundError, saying so with the URL (s3fs's holds only the key,
+    fsspec's HTTP one only the URL) and what the server answered, when it said (a 503 on HTTP
+    reads as not found too). Still a FileNotFoundError: a missing file is retried."""
+    cause = exc.__cause__ or exc.__context__
+    reason = "No such object" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    return FileNotFoundError(errno.ENOENT, masking.scrub(reason), url)
 
 
 @contextlib.contextmanager
