@@ -80,11 +80,19 @@ def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any
         if info.get("type") not in ("file", None):
             raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
         # fs.open rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-        opened = fs.open(path, mode="rb", compression=compression, block_size=REMOTE_BLOCK_BYTES)
+        opened = fs.open(path, mode="rb", compression=compression, block_size=_block_size(fs))
     except FileNotFoundError as exc:
         raise _not_found(url, exc) from exc
     with opened as stream:
         yield stream
+
+
+def _block_size(fs: Any) -> int:
+    """REMOTE_BLOCK_BYTES, or 0 over HTTP: one streamed GET per read of the file. A web server
+    need not answer ranges (`python -m http.server` does not, and fsspec then refuses every
+    block past the first), and a retry reads the file from its start anyway."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return 0 if {"http", "https"} & set(protocols) else REMOTE_BLOCK_BYTES
 
 
 def _not_found(url: str, exc: FileNotFoundError) -> FileNotFoundError:

@@ -3,13 +3,15 @@
     server = FileServer().start()
     url = server.put("/d/a.jsonl", data, etag='"v1"')          # or last_modified=..., chunked=True
     server.arm("/d/a.jsonl", "503")                            # the next GET answers 503
-    server.arm("/d/b.jsonl", "short", after_byte=1)            # a GET past the first byte: the
-                                                               # length promised, half sent, closed
+    server.arm("/d/b.jsonl", "short")                          # the next GET: the length
+                                                               # promised, half sent, closed
 
 HEAD gives the length (and ETag / Last-Modified when set); GET honours one `Range: bytes=a-b`
-(206), as fsspec's HTTPFileSystem asks. A `chunked` resource's GET bodies are sent with
-Transfer-Encoding: chunked. Faults: "503"; "short" (a Content-Length larger than what is sent,
-then the connection closes); "cut" (a chunked body that stops without its last chunk).
+(206) unless the resource has `ranges=False`, which answers 200 with the whole body and says
+nothing about ranges, as `python -m http.server` does. A `chunked` resource's GET bodies
+are sent with Transfer-Encoding: chunked. Faults: "503"; "short" (a Content-Length larger
+than what is sent, then the connection closes); "cut" (a chunked body that stops without its
+last chunk).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Resource:
     etag: str | None = None
     last_modified: str | None = None
     chunked: bool = False
+    ranges: bool = True  # False: a Range header is ignored (200, the whole body)
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class FileServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.files: dict[str, Resource] = {}
         self.log: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.ranges: list[str | None] = []  # the Range header of each GET answered
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -116,7 +120,7 @@ def _handler(files: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             body, start, code = resource.body, 0, 200
-            if match := _RANGE.match(self.headers.get("Range", "")):
+            if resource.ranges and (match := _RANGE.match(self.headers.get("Range", ""))):
                 start = int(match.group(1))
                 end = min(int(match.group(2) or len(body) - 1), len(body) - 1)
                 body, code = resource.body[start : end + 1], 206
@@ -126,6 +130,7 @@ def _handler(files: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             files.log.append((self.command, self.path, code))
+            files.ranges.append(self.headers.get("Range"))
             self.send_response(code)
             if code == 206:
                 end = start + len(body) - 1
@@ -151,7 +156,8 @@ def _handler(files: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _validators(self, resource: Resource) -> None:
-            self.send_header("Accept-Ranges", "bytes")
+            if resource.ranges:
+                self.send_header("Accept-Ranges", "bytes")
             if resource.etag:
                 self.send_header("ETag", resource.etag)
             if resource.last_modified:
