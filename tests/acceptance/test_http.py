@@ -26,6 +26,7 @@ from tests.support.workers import Cluster
 pytestmark = pytest.mark.slow
 
 WAIT = "60"
+DATE = "Tue, 01 Dec 2026 10:00:00 GMT"
 
 
 class World:
@@ -85,10 +86,9 @@ def summary(result: Result) -> str:
 def test_submit_urls_wait__fingerprints_from_etag_or_last_modified_and_records_once(
     world: World, prefix: str
 ) -> None:
-    date = "Tue, 01 Dec 2026 10:00:00 GMT"
     tagged = world.server.put(f"{prefix}/a.jsonl", jsonl(12, "a"), etag='"a-v1"')
     dated_body = jsonl(8, "b")
-    dated = world.server.put(f"{prefix}/b.jsonl", dated_body, last_modified=date)
+    dated = world.server.put(f"{prefix}/b.jsonl", dated_body, last_modified=DATE)
     zipped = world.server.put(f"{prefix}/c.jsonl.gz", gzip.compress(jsonl(5, "c")), etag='W/"c"')
     # Larger than a read block, on a server that ignores Range (as `python -m http.server`)
     big_body = jsonl(2500, "d", blank=4000)
@@ -99,7 +99,7 @@ def test_submit_urls_wait__fingerprints_from_etag_or_last_modified_and_records_o
 
     assert result.returncode == 0, result.describe()
     assert "4 files, 4 enqueued" in summary(result)
-    stamp = int(email.utils.parsedate_to_datetime(date).timestamp())
+    stamp = int(email.utils.parsedate_to_datetime(DATE).timestamp())
     expected = {
         tagged: ('"a-v1"', 12),
         dated: (f"{len(dated_body)}:{stamp}", 8),
@@ -120,40 +120,25 @@ def test_resubmit__unchanged_enqueues_nothing_and_a_changed_etag_is_a_new_genera
 ) -> None:
     path = f"{prefix}/changing.jsonl"
     url = world.server.put(path, jsonl(4, "v1"), etag='"1"')
+    steady = world.server.put(f"{prefix}/steady.jsonl", jsonl(2, "s"), last_modified=DATE)
     listing = tmp_path / "urls.txt"
-    listing.write_text(url + "\n")
+    listing.write_text(f"{url}\n{steady}\n")
     first = world.cli("submit", "--from", str(listing), "--batch", "http-gen", "--wait")
     assert first.returncode == 0, first.describe()
 
-    again = world.cli("submit", "--from", str(listing), "--batch", "http-gen")
-    assert "1 files, 0 enqueued, 1 already completed" in summary(again)
-
+    # steady.jsonl is resubmitted unchanged beside the changed one: it enqueues nothing.
     world.server.put(path, jsonl(6, "v2"), etag='"2"')
     changed = world.cli("submit", "--from", str(listing), "--batch", "http-gen", "--wait")
 
     assert changed.returncode == 0, changed.describe()
-    assert "1 files, 1 enqueued" in summary(changed)
+    assert "2 files, 1 enqueued, 1 already completed" in summary(changed)
     row = world.cluster.checkpoint(url)
     assert row is not None
     assert (row.status, row.generation, row.fingerprint) == ("completed", 2, '"2"'), row
     assert [e.event_id for e in world.events(url)] == [f"v2-{i}" for i in range(6)]
 
 
-def test_404__dead_after_its_attempts_with_the_error(world: World, prefix: str) -> None:
-    url = f"{world.server.base}{prefix}/missing.jsonl"
-
-    result = world.cli("submit", url, "--batch", "http-404", "--wait", "--timeout", WAIT)
-
-    assert result.returncode == 1, result.describe()
-    row = world.cluster.checkpoint(url)
-    assert row is not None
-    assert (row.status, row.attempt) == ("dead", 3), row
-    assert "No such object" in row.error_message, row
-    assert url in row.error_message, row
-    assert "404" in row.error_message, row
-
-
-def test_503_and_bodies_cut_short__retried_never_completing_a_partial_file(
+def test_faulty_server__404_dead_503_and_cut_bodies_retried_never_leaving_partial_events(
     world: World, prefix: str
 ) -> None:
     # The cut files are 10 MB and stop halfway: the first attempt has streamed about 1,250
@@ -170,11 +155,19 @@ def test_503_and_bodies_cut_short__retried_never_completing_a_partial_file(
         urls[kind] = world.server.put(path, body, etag=f'"{kind}"', chunked=chunked)
         faults[kind] = world.server.arm(path, kind)
 
+    missing = f"{world.server.base}{prefix}/missing.jsonl"
+
     result = world.cli(
-        "submit", *urls.values(), "--batch", "http-flaky", "--wait", "--timeout", WAIT
+        "submit", *urls.values(), missing, "--batch", "http-flaky", "--wait", "--timeout", WAIT
     )
 
-    assert result.returncode == 0, result.describe()
+    assert result.returncode == 1, result.describe()  # the 404 ended dead
+    row = world.cluster.checkpoint(missing)
+    assert row is not None
+    assert (row.status, row.attempt) == ("dead", 3), row
+    assert "No such object" in row.error_message, row
+    assert "404" in row.error_message, row
+    assert missing in row.error_message, row
     for kind, url in urls.items():
         n = files[kind][2]
         assert faults[kind].fired == 1, kind
