@@ -128,20 +128,30 @@ class PeakRss:
             self._stop.wait(self.every)
 
 
-def run_pipeline(fmt: str, paths: list[pathlib.Path], records: int) -> dict[str, Any]:
-    """The reference task on one format's files through a real worker; records/s and RSS."""
+def run_pipeline(
+    fmt: str,
+    paths: list[pathlib.Path],
+    records: int,
+    *,
+    pattern: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The reference task on one format's files through a real worker; records/s and RSS.
+
+    `pattern`: another glob over the same files (an s3:// copy), read with `extra_env`.
+    """
     from pipeline import app
 
     queue = f"bench-ingest-{uuid.uuid4().hex[:6]}"
     batch = f"bench-ingest-{fmt.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
     with common.fresh_database() as db:
-        env = common.env_for(db, queue)
+        env = common.env_for(db, queue, **(extra_env or {}))
         common.flush_redis()
         worker = common.start_worker("pipeline", queue, env, "-c", "2", "--pool", "prefork")
         try:
             common.wait_ready(app)
             idle = PeakRss.now(worker.pid)
-            pattern = str(paths[0].parent / f"*.{fmt}")
+            pattern = pattern or str(paths[0].parent / f"*.{fmt}")
             cmd = [common.pipeline_executable(), "submit", "--glob", pattern, "--batch", batch]
             with PeakRss(worker.pid) as rss:
                 took, _ = common.timed_run([*cmd, "--wait"], env)

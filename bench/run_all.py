@@ -29,6 +29,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
         "bench_ingest.py",
         ["--records", "100000", "--files", "8", "--long-lines", "300000"],
     ),
+    ("ingest_s3", "bench_ingest_s3.py", ["--records", "50000", "--rounds", "1"]),
 ]
 
 

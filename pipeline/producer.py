@@ -98,6 +98,9 @@ class Interrupts:
                 signal.signal(sig, handler)
 
 
+# URLs fingerprinted one by one at submit (see from_lines).
+_STAT_SCHEMES = ("file:", "http://", "https://")
+
 Source = Iterator[tuple[int, str, str | None, str | None, str | None]]
 """(line, raw text, url, fingerprint, refusal reason) per input item."""
 
@@ -124,9 +127,11 @@ def from_lines(items: Iterable[str | lines.Refused], *, fingerprints: bool = Tru
             shown = str(exc.data.get("url") or text)
             yield number, shown, None, None, str(exc.data.get("reason", exc))
             continue
-        # A stat is cheap locally; a HEAD per remote URL is not, so remote lists go without
-        # (globs carry their fingerprints from the listing).
-        fp = urls.fingerprint(url) if fingerprints and url.startswith("file:") else None
+        # A stat is cheap locally. An HTTP URL has no listing to carry its fingerprint, so it
+        # gets a HEAD (one round trip each): without it a changed file could never start a new
+        # generation. Object stores go without: a HEAD per key is a billed request, and
+        # `--glob` carries fingerprints from the listing at one request per 1,000 keys.
+        fp = urls.fingerprint(url) if fingerprints and url.startswith(_STAT_SCHEMES) else None
         yield number, text, url, fp, None
 
 
@@ -134,6 +139,8 @@ def from_glob(pattern: str) -> Source:
     """Files matching a glob on any fsspec filesystem, with fingerprints from the listing."""
     if masking.has_userinfo(pattern):
         urls.normalize(pattern)  # refused: credentials belong in storage options
+    if problem := urls.scheme_problem(pattern):
+        raise errors.InvalidURL(f"--glob {masking.scrub(pattern)!r}: {problem}", url=pattern)
     try:
         fs, path = urls.filesystem(pattern)
     # fsspec's own errors for a scheme it does not know or cannot load

@@ -8,6 +8,7 @@ is one too (a binary file without newlines), so memory stays bounded whatever th
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import stat
@@ -15,15 +16,18 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import masking
 from pipeline.errors import PermanentError
 
 # A "line" this long is almost surely a binary file without newlines; refusing it keeps
 # memory bounded instead of buffering the whole file.
 MAX_LINE_BYTES = 32 * 1024 * 1024
 _CHUNK_BYTES = 1024 * 1024
+# Bytes fetched per request from remote storage (s3fs would take 50 MiB at a time): memory per
+# open file stays at about two of these however large the object.
+REMOTE_BLOCK_BYTES = 8 * 1024 * 1024
 # (number of the first line, the lines without their b"\\n", whether each had one)
 Block = tuple[int, list[bytes], bool]
 
@@ -71,12 +75,33 @@ def _open(url: str, fs: Any, path: str, compression: str | None) -> Iterator[Any
                 with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
                     yield unzipped
         return
-    info = fs.info(path)
-    if info.get("type") not in ("file", None):
-        raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
-    # OpenFile rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
-    with fsspec.core.OpenFile(fs, path, mode="rb", compression=compression) as stream:
+    try:
+        info = fs.info(path)
+        if info.get("type") not in ("file", None):
+            raise NotRegularFile(f"not a regular file: {info.get('type')}", url=url)
+        # fs.open rather than fsspec.open(url): fsspec would not percent-decode a file:// URL.
+        opened = fs.open(path, mode="rb", compression=compression, block_size=_block_size(fs))
+    except FileNotFoundError as exc:
+        raise _not_found(url, exc) from exc
+    with opened as stream:
         yield stream
+
+
+def _block_size(fs: Any) -> int:
+    """REMOTE_BLOCK_BYTES, or 0 over HTTP: one streamed GET per read of the file. A web server
+    need not answer ranges (`python -m http.server` does not, and fsspec then refuses every
+    block past the first), and a retry reads the file from its start anyway."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return 0 if {"http", "https"} & set(protocols) else REMOTE_BLOCK_BYTES
+
+
+def _not_found(url: str, exc: FileNotFoundError) -> FileNotFoundError:
+    """A remote backend's FileNotFoundError, saying so with the URL (s3fs's holds only the key,
+    fsspec's HTTP one only the URL) and what the server answered, when it said (a 503 on HTTP
+    reads as not found too). Still a FileNotFoundError: a missing file is retried."""
+    cause = exc.__cause__ or exc.__context__
+    reason = "No such object" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    return FileNotFoundError(errno.ENOENT, masking.scrub(reason), url)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ project turns a normalised URL back into something to open.
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import functools
 import os
 import pathlib
@@ -39,6 +40,19 @@ _BLANKS = " \t\n\r\f\v"
 _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 # Spellings fsspec treats as the same filesystem; folding them keeps one key per file.
 _SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+# The extra of this package that installs the fsspec implementation a scheme needs (pyproject's
+# optional dependencies): a refusal names it rather than the bare library.
+EXTRAS: Mapping[str, str] = {
+    "s3": "s3",
+    "s3a": "s3",
+    "http": "http",
+    "https": "http",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+}
 # Schemes whose authority is a DNS host (case-insensitive), with their default ports. Other
 # schemes keep the authority as given: for s3/gs it is a bucket, for memory:// it is a path.
 _HOST_SCHEMES: Mapping[str, int | None] = {
@@ -242,14 +256,28 @@ def _upper_escapes(text: str) -> str:
 def _filesystem_problem(scheme: str) -> str | None:
     """Why no installed fsspec filesystem serves the scheme, or None when one does."""
     # Cached: a refused scheme would otherwise retry a failing import for every URL.
+    extra = EXTRAS.get(scheme)
     try:
         fsspec.get_filesystem_class(scheme)
-    except ValueError:
-        return f"no fsspec filesystem serves scheme {scheme!r}"
-    except ImportError as exc:
+    except (ValueError, ImportError) as exc:
+        # fsspec may not know a scheme until its package registers it (adlfs adds abfss):
+        # either way what is missing is the extra.
+        if extra:
+            return f"scheme {scheme!r} needs pipeline[{extra}]: pip install 'pipeline[{extra}]'"
+        if isinstance(exc, ValueError):
+            return f"no fsspec filesystem serves scheme {scheme!r}"
         # fsspec's message names the package to install, e.g. "Install s3fs to access S3".
         return f"scheme {scheme!r} needs a package that is not installed ({exc})"
     return None
+
+
+def scheme_problem(url: str) -> str | None:
+    """Why no installed filesystem serves the URL's scheme (naming the extra), or None."""
+    match = _SCHEME_URL.match(url)
+    if match is None or _FILE_URL.match(url):
+        return None
+    scheme = match.group(1).lower()
+    return _filesystem_problem(_SCHEME_ALIASES.get(scheme, scheme))
 
 
 def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
@@ -259,23 +287,39 @@ def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
     if etag:
         return str(etag)
     size = info.get("size")
-    mtime = _timestamp(info.get("mtime") or info.get("LastModified") or info.get("created"))
-    if size is None or mtime is None:
+    # mtime: local and most filesystems; LastModified: s3fs without an ETag; Last-Modified: the
+    # HTTP header as fsspec's HTTPFileSystem passes it on (RFC 7231 date).
+    mtime = _timestamp(
+        info.get("mtime")
+        or info.get("LastModified")
+        or info.get("Last-Modified")
+        or info.get("created")
+    )
+    if mtime is None:
         return None
+    if size is None:
+        if info.get("Last-Modified") is None:
+            return None
+        # A chunked HTTP response has no length: the date alone still tells a change.
+        size = "-"
     return f"{size}:{mtime:.6f}".rstrip("0").rstrip(".")
 
 
 def _timestamp(value: object) -> float | None:
-    """Seconds since the epoch from a number, a datetime or an ISO 8601 string."""
+    """Seconds since the epoch from a number, a datetime, an ISO 8601 or an HTTP date."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
+        text = value.strip()
         try:
-            value = dt.datetime.fromisoformat(value.strip())
+            value = dt.datetime.fromisoformat(text)
         except ValueError:
-            return None
+            try:  # an HTTP date: "Tue, 01 Dec 2026 10:00:00 GMT"
+                value = email.utils.parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                return None
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
