@@ -26,6 +26,7 @@ from sqlalchemy import exc as sa_exc
 from pipeline import errors, masking
 from pipeline.models import (
     Attempt,
+    Change,
     Checkpoint,
     Claim,
     ClaimResult,
@@ -561,7 +562,9 @@ class PostgresStore:
             },
         )
         return [
-            Registration(r.file_url, Status(r.status), bool(r.needs_task), r.task_name)
+            Registration(
+                r.file_url, Status(r.status), bool(r.needs_task), r.task_name, Change(r.change)
+            )
             for r in rows
         ]
 

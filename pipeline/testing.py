@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pipeline import errors
 from pipeline.models import (
     Attempt,
+    Change,
     Checkpoint,
     Claim,
     ClaimResult,
@@ -636,7 +637,7 @@ class MemoryStore:
                         batch_id=batch_id,
                         fingerprint=fingerprint,
                     )
-                    result.append(Registration(url, Status.PENDING, True, task_name))
+                    result.append(Registration(url, Status.PENDING, True, task_name, Change.NEW))
                 elif (
                     row.status in (Status.COMPLETED, Status.DEAD)
                     and fingerprint is not None
@@ -649,7 +650,9 @@ class MemoryStore:
                     row.batch_id = batch_id
                     row.task_name = task_name
                     row.max_attempts = max_attempts
-                    result.append(Registration(url, Status.PENDING, True, task_name))
+                    result.append(
+                        Registration(url, Status.PENDING, True, task_name, Change.CHANGED)
+                    )
                 else:
                     # Still pending: enqueued again, as queries.sql `register` does.
                     again = row.status is Status.PENDING
