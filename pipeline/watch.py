@@ -91,7 +91,7 @@ def scan(
         # A signal during the listing (which may take seconds on a big prefix) ends it at
         # once: nothing is registered yet. The names are listed before anything is written.
         with interrupts.reading() if interrupts else contextlib.nullcontext():
-            listed = list(producer.from_glob(pattern))
+            listed = list(producer.from_glob(pattern, refresh=True))
         report.list_seconds = time.monotonic() - started
         for start in range(0, len(listed), chunk_size):
             _scan_chunk(

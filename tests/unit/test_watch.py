@@ -62,7 +62,7 @@ def test_scan__one_register_call_per_chunk(folder: pathlib.Path) -> None:
 def test_scan__a_storage_error_skips_the_scan_with_one_line(
     folder: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(pattern: str) -> producer.Source:
+    def broken(pattern: str, **_: object) -> producer.Source:
         raise PermissionError("Access Denied\nsecond line of detail")
         yield  # pragma: no cover
 
