@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 from pipeline import urls
 from tests.support import s3server
 from tests.support.cli_helpers import PIPELINE, REPO, assert_no_traceback, cli_env, run_cli
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, free_port
 from tests.support.workers import Cluster, wait_until
 
 LINE = '{"id": "%s", "ts": "2024-01-01T00:00:00Z", "type": "click"}\n'
@@ -163,13 +164,29 @@ def test_two_watches_of_one_prefix__every_file_enqueued_exactly_once(
         assert "stopped by SIGTERM" in w.log()
 
 
-def test_sigint_between_scans__stops_at_once_with_130(
+def test_sigint_between_scans__stops_at_once_with_130_metrics_served_meanwhile(
     cluster: Cluster, idle_env: dict[str, str], tmp_path: pathlib.Path, watches: list[Watch]
 ) -> None:
     _files(tmp_path / "in", range(2))
-    w = Watch([f"{tmp_path}/in/*.jsonl", "--every", "1h"], idle_env, tmp_path / "w.log")
+    port = free_port()
+    w = Watch(
+        [f"{tmp_path}/in/*.jsonl", "--every", "1h", "--metrics-port", str(port)],
+        idle_env,
+        tmp_path / "w.log",
+    )
     watches.append(w)
     w.wait_scans(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    label = f'{{pattern="{tmp_path}/in/*.jsonl"}}'
+    for line in (
+        f"pipeline_watch_scans_total{label} 1.0",
+        f"pipeline_watch_new_total{label} 2.0",
+        f"pipeline_watch_enqueued_total{label} 2.0",
+        f"pipeline_watch_files_seen{label} 2.0",
+    ):
+        assert line in metrics, metrics
+    assert f"pipeline_watch_scan_duration_seconds{label}" in metrics
     started = time.monotonic()
     assert w.stop(signal.SIGINT) == 130
     assert time.monotonic() - started < 5  # the hour's sleep did not hold it
