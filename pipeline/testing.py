@@ -614,6 +614,7 @@ class MemoryStore:
         file_type: str = "unknown",
         task_name: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        changes_only: bool = False,
     ) -> list[Registration]:
         """queries.sql `register`: insert new URLs; a changed completed/dead file regenerates."""
         # One entry per URL, as the SQL's DISTINCT ON (the first fingerprint given wins here).
@@ -657,6 +658,8 @@ class MemoryStore:
                     # Still pending: enqueued again, as queries.sql `register` does.
                     again = row.status is Status.PENDING
                     result.append(Registration(url, row.status, again, row.task_name))
+        if changes_only:
+            return [r for r in result if r.change is not Change.UNCHANGED]
         return result
 
     @staticmethod

@@ -139,6 +139,7 @@ def _scan_chunk(
         file_type=file_type,
         task_name=task_name,
         max_attempts=max_attempts,
+        changes_only=True,
     )
     for reg in registrations:
         # Only what this statement created or regenerated: a row still pending from an

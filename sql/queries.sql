@@ -54,6 +54,7 @@ SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_
 -- Only the rows that are new or changed in the statement's snapshot reach the upsert: an
 -- unchanged URL is neither written nor locked (ON CONFLICT DO UPDATE locks every conflicting
 -- row, even when its WHERE is false), so a scan of known files writes no WAL at all.
+-- With :changes_only, only the new and changed rows come back (a watch needs no others).
 WITH input AS (
     SELECT DISTINCT ON (u.file_url) u.file_url, u.fingerprint
       FROM unnest(CAST(:urls AS text[]), CAST(:fingerprints AS text[])) AS u(file_url, fingerprint)
@@ -100,6 +101,7 @@ SELECT k.file_url,
             ELSE 'new' END AS change
   FROM known k
   LEFT JOIN upserted u ON u.file_url = k.file_url
+ WHERE NOT CAST(:changes_only AS boolean) OR u.file_url IS NOT NULL
 
 -- requeue --
 -- Operator requeue: dead / failed (and completed with force) rows back to pending, in a new

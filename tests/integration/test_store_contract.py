@@ -621,6 +621,19 @@ def test_register__tells_new_changed_and_unchanged_apart(store: Store) -> None:
     assert (pending.change, pending.needs_task) == (Change.UNCHANGED, True)
 
 
+def test_register__changes_only_returns_only_the_new_and_changed_rows(store: Store) -> None:
+    store.register([(URL, "etag-1"), (OTHER, "etag-1")])
+    make_completed(store)
+    found = store.register(
+        [(URL, "etag-2"), (OTHER, "etag-1"), ("file:///data/c.csv", "x")], changes_only=True
+    )
+    assert sorted((r.file_url, r.change) for r in found) == [
+        (URL, Change.CHANGED),
+        ("file:///data/c.csv", Change.NEW),
+    ]
+    assert store.register([(URL, "etag-2"), (OTHER, "etag-1")], changes_only=True) == []
+
+
 # -- history, counters, the cap ---------------------------------------------------------------
 
 
