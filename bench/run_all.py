@@ -24,6 +24,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("submit", "bench_submit.py", ["--urls", "1000", "--rounds", "1"]),
     ("scale", "bench_scale.py", ["--rows", "20000", "--rounds", "2"]),
     ("recovery", "bench_recovery.py", ["--rounds", "1"]),
+    ("watch", "bench_watch.py", ["--objects", "5000", "--new", "500", "--rounds", "1"]),
     (
         "ingest",
         "bench_ingest.py",

@@ -9,9 +9,9 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_process_init
 
-from pipeline import config, errors, messages
+from pipeline import config, errors, masking, messages, producer, watchspec
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
 logger = logging.getLogger("pipeline")
@@ -231,6 +231,46 @@ def reap(waiting_seconds: float | None = None) -> dict[str, int]:
         # Next beat tick tries again; nothing was changed.
         logger.warning("reaper skipped: %s", error)
         return {"reaped": 0, "enqueued": 0, "dead": 0, "queued": 0}
+
+
+@app.task(name=watchspec.SCAN_TASK, ignore_result=True, acks_late=False)
+def watch_scan(
+    pattern: str,
+    batch_id: str = watchspec.DEFAULT_BATCH,
+    task_name: str = producer.DEFAULT_TASK,
+    file_type: str = "events",
+) -> dict[str, object]:
+    """Beat task: one scan of a watched pattern (see pipeline.watch); returns its report."""
+    from pipeline import watch
+
+    with app.producer_or_acquire() as publisher:
+
+        def send(name: str, url: str) -> None:
+            app.send_task(name, args=[url], producer=publisher)
+
+        report = watch.scan(
+            get_store(), pattern, send, task_name=task_name, batch_id=batch_id, file_type=file_type
+        )
+    (logger.warning if report.error else logger.info)("%s", report.line())
+    return report.as_dict()
+
+
+@beat_init.connect
+def _schedule_watches(sender: Any, **_: Any) -> None:
+    """Add a scan entry per watched pattern (`pipeline_watch`, from PIPELINE_WATCH) to the
+    schedule beat runs; a malformed setting stops beat at start, with its reason."""
+    setting = sender.app.conf.get("pipeline_watch")
+    try:
+        specs = watchspec.parse(setting)
+    except errors.InvalidInput as error:
+        logger.critical("beat: %s", error)
+        # SystemExit, not an Exception: Celery's signal dispatch logs and swallows those,
+        # and beat would run on without the watches.
+        raise SystemExit(2) from None
+    if specs:
+        sender.scheduler.update_from_dict(watchspec.beat_entries(specs))
+    for spec in specs:
+        logger.info("beat: watching %s", masking.scrub(spec.shown))
 
 
 def describe() -> str:

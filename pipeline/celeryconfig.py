@@ -5,7 +5,8 @@ Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RE
 (default "pipeline"), PIPELINE_TASK_MODULES (comma-separated modules with user tasks),
 PIPELINE_REAP_INTERVAL (seconds between sweeps in every worker, and under beat, default 5),
 PIPELINE_REAP_WAITING_SECONDS (how long a pending row waits for its task before the reaper
-re-enqueues it, default 120; read by beat, or by the worker when beat does not set it).
+re-enqueues it, default 120; read by beat, or by the worker when beat does not set it),
+PIPELINE_WATCH (patterns beat scans, see pipeline/watchspec.py).
 """
 
 from __future__ import annotations
@@ -82,3 +83,9 @@ beat_schedule = {
         ),
     }
 }
+
+# Patterns `celery beat` watches: one `pipeline.watch_scan` entry each, added when beat starts
+# (pipeline.celery_app), which refuses a malformed value there with its reason. Entries
+# `PATTERN EVERY [batch=NAME] [task=NAME]`, separated by ";" (pipeline/watchspec.py); a config
+# module of your own may set a list of such strings, or of dicts, instead.
+pipeline_watch = os.environ.get("PIPELINE_WATCH", "")

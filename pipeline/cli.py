@@ -1,4 +1,4 @@
-"""The `pipeline` command line: submit, status, requeue, reap, db, worker, demo."""
+"""The `pipeline` command line: submit, watch, status, requeue, reap, db, worker, demo."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import config, errors, lines, local, masking, producer, workers
+from pipeline import config, errors, lines, local, masking, producer, urls, watchspec, workers
 from pipeline.models import Overview, Status
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
@@ -255,13 +255,7 @@ def _submit(
         )
     if pattern:
         sources.append(producer.from_glob(pattern))
-    try:
-        send, close = producer.celery_sender(app)
-    except Exception as error:  # kombu raises its own errors when the broker is down
-        broker = app.conf.broker_url
-        raise errors.PipelineError(
-            f"broker {config.mask_url(broker)} unreachable: {masking.scrub(str(error), broker)}"
-        ) from error
+    send, close = _sender(app)
     report = producer.SubmitReport()
     interrupts = producer.Interrupts()
     try:
@@ -553,6 +547,133 @@ def requeue(
         work = store.requeue(url, batch_id=batch_id, statuses=chosen or None, force=force)
         sent = enqueue(work, default_task=producer.DEFAULT_TASK)
     click.echo(f"requeued {len(work)} files, enqueued {sent}")
+
+
+# -- watch ------------------------------------------------------------------------------------
+
+
+def _interval(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return watchspec.parse_interval(value)
+    except errors.InvalidInput as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@main.command()
+@click.argument("pattern")
+@click.option(
+    "--every",
+    default="30s",
+    show_default=True,
+    callback=_interval,
+    help="time between the starts of two scans (30s, 5m, 1h)",
+)
+@click.option(
+    "--batch",
+    "batch_id",
+    default=watchspec.DEFAULT_BATCH,
+    show_default=True,
+    callback=_name("batch"),
+    help="batch of the files found",
+)
+@click.option(
+    "--task",
+    "task_name",
+    default=producer.DEFAULT_TASK,
+    show_default=True,
+    callback=_name("task"),
+    help="checkpointed task to run",
+)
+@click.option("--file-type", default="events", show_default=True, callback=_name("file type"))
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--once", is_flag=True, help="one scan, then exit (1 when it was skipped)")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), help="serve the scans' Prometheus metrics"
+)
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True)
+def watch(
+    pattern: str,
+    every: float,
+    batch_id: str,
+    task_name: str,
+    file_type: str,
+    max_attempts: int,
+    once: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
+) -> None:
+    """Scan PATTERN (a glob on any fsspec filesystem) every --every; register what is new or
+    changed and enqueue only that. One line per scan. Stops between scans on Ctrl-C or SIGTERM
+    (exit 128 + the signal's number); a signal during a scan finishes the chunk in hand.
+    """
+    from pipeline import metrics as exporter
+    from pipeline import watch as watcher
+    from pipeline.celery_app import app
+
+    with _handled():
+        if masking.has_userinfo(pattern):
+            urls.normalize(pattern)  # refused, with the credentials masked
+        store = _open_store(broker=True)
+        send, close = _sender(app)
+        collector = None
+        if metrics_port is not None:
+            try:
+                collector = exporter.serve_watch(pattern, port=metrics_port, addr=metrics_addr)
+            except OSError as error:
+                raise errors.PipelineError(
+                    f"cannot listen on {metrics_addr}:{metrics_port}: {error}"
+                ) from error
+        interrupts = producer.Interrupts()
+
+        def scan_once() -> watcher.ScanReport:
+            return watcher.scan(
+                store,
+                pattern,
+                send,
+                task_name=task_name,
+                batch_id=batch_id,
+                file_type=file_type,
+                max_attempts=max_attempts,
+                interrupts=interrupts,
+            )
+
+        last: list[watcher.ScanReport] = []
+
+        def on_scan(report: watcher.ScanReport) -> None:
+            last[:] = [report]
+            if collector is not None:
+                collector.observe(report)
+            colour = "yellow" if report.error else "dim" if not report.enqueued else "green"
+            err.print(f"[{colour}]{escape(report.line())}[/{colour}]", soft_wrap=True)
+
+        err.print(
+            f"watching {escape(masking.scrub(pattern))} every "
+            f"{watchspec.format_interval(every)} (batch {escape(batch_id)}, task "
+            f"{escape(task_name)})"
+        )
+        try:
+            with interrupts.installed():
+                stopped = watcher.run(
+                    scan_once, every, interrupts=interrupts, on_scan=on_scan, once=once
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                close()
+    if stopped:
+        err.print(f"stopped by {stopped}")
+        raise SystemExit(128 + signal.Signals[stopped].value)
+    raise SystemExit(EXIT_OK if last and last[-1].ok else EXIT_FAILED)
+
+
+def _sender(app: Any) -> tuple[Any, Any]:
+    """producer.celery_sender, its broker errors as the project's own."""
+    try:
+        return producer.celery_sender(app)
+    except Exception as error:  # kombu raises its own errors when the broker is down
+        broker = app.conf.broker_url
+        raise errors.PipelineError(
+            f"broker {config.mask_url(broker)} unreachable: {masking.scrub(str(error), broker)}"
+        ) from error
 
 
 @main.command()

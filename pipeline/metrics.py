@@ -1,4 +1,4 @@
-"""Prometheus metrics of the checkpoint table, for alerts Flower cannot give.
+"""Prometheus metrics of the checkpoint table, for alerts Flower cannot give, and of watches.
 
 The table is read by a background refresh every `interval` seconds, not per scrape: a scrape
 only serves the last snapshot, so any number of scrapers costs the database nothing more.
@@ -10,14 +10,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pipeline import errors, masking
 from pipeline.models import Overview, Status
 from pipeline.store import Store
+
+if TYPE_CHECKING:
+    from pipeline.watch import ScanReport as WatchReport
 
 logger = logging.getLogger("pipeline.metrics")
 
@@ -129,3 +133,62 @@ def serve(
 
     threading.Thread(target=loop, name="pipeline-metrics-refresh", daemon=True).start()
     return collector, stop
+
+
+class WatchCollector(Collector):
+    """A watch's scans: totals since it started and the figures of the last scan."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = masking.scrub(pattern)
+        self._lock = threading.Lock()
+        self._totals = {"scans": 0, "failed": 0, "new": 0, "changed": 0, "enqueued": 0}
+        self._last: dict[str, float] = {"seen": 0, "seconds": 0.0, "list_seconds": 0.0, "at": 0}
+
+    def observe(self, report: WatchReport) -> None:
+        with self._lock:
+            self._totals["scans"] += 1
+            if not report.ok:
+                self._totals["failed"] += 1
+                return
+            for key in ("new", "changed", "enqueued"):
+                self._totals[key] += getattr(report, key)
+            self._last = {
+                "seen": report.seen,
+                "seconds": report.seconds,
+                "list_seconds": report.list_seconds,
+                "at": time.time(),
+            }
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        with self._lock:
+            totals, last = dict(self._totals), dict(self._last)
+        labels = ["pattern"]
+        for key, help_text in (
+            ("scans", "Scans started"),
+            ("failed", "Scans skipped on a storage or database error"),
+            ("new", "New files registered and enqueued"),
+            ("changed", "Changed files (a new generation) enqueued"),
+            ("enqueued", "Tasks sent"),
+        ):
+            name = "pipeline_watch_scans_failed" if key == "failed" else f"pipeline_watch_{key}"
+            family = CounterMetricFamily(name, help_text, labels=labels)
+            family.add_metric([self.pattern], totals[key])
+            yield family
+        for key, name, help_text in (
+            ("seen", "pipeline_watch_files_seen", "Files listed by the last successful scan"),
+            ("seconds", "pipeline_watch_scan_duration_seconds", "The last successful scan"),
+            ("list_seconds", "pipeline_watch_listing_duration_seconds", "Its listing alone"),
+            ("at", "pipeline_watch_last_scan_timestamp_seconds", "When it ended (Unix time)"),
+        ):
+            gauge = GaugeMetricFamily(name, help_text, labels=labels)
+            gauge.add_metric([self.pattern], last[key])
+            yield gauge
+
+
+def serve_watch(pattern: str, *, port: int, addr: str = "0.0.0.0") -> WatchCollector:
+    """Start the HTTP server of a watch's metrics; feed it with `observe(report)`."""
+    collector = WatchCollector(pattern)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(port, addr=addr, registry=registry)
+    return collector

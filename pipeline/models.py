@@ -172,6 +172,15 @@ class FailResult:
         return self.status is Status.FAILED
 
 
+class Change(enum.StrEnum):
+    """What registering a URL found: a new row, a new generation of changed content, or
+    neither (a known row, left as it was)."""
+
+    NEW = "new"
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Registration:
     """The outcome of registering one URL at submit."""
@@ -180,6 +189,7 @@ class Registration:
     status: Status
     needs_task: bool
     task_name: str | None
+    change: Change = Change.UNCHANGED
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

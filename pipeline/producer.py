@@ -135,8 +135,13 @@ def from_lines(items: Iterable[str | lines.Refused], *, fingerprints: bool = Tru
         yield number, text, url, fp, None
 
 
-def from_glob(pattern: str) -> Source:
-    """Files matching a glob on any fsspec filesystem, with fingerprints from the listing."""
+def from_glob(pattern: str, *, refresh: bool = False) -> Source:
+    """Files matching a glob on any fsspec filesystem, with fingerprints from the listing.
+
+    `refresh` drops the filesystem's cached listings first: s3fs and others keep them per
+    instance, and fsspec hands out one instance per configuration, so a long-running caller
+    (watch) would otherwise list the same objects for ever.
+    """
     if masking.has_userinfo(pattern):
         urls.normalize(pattern)  # refused: credentials belong in storage options
     if problem := urls.scheme_problem(pattern):
@@ -148,6 +153,8 @@ def from_glob(pattern: str) -> Source:
         raise errors.InvalidURL(
             f"--glob {masking.scrub(pattern)!r}: {masking.scrub(str(error))}", url=pattern
         ) from error
+    if refresh:
+        fs.invalidate_cache()
     found = fs.glob(path, detail=True)
     for number, (name, info) in enumerate(sorted(found.items()), start=1):
         if info.get("type") == "directory":

@@ -113,7 +113,11 @@ class Store(Protocol):
         file_type: str = "unknown",
         task_name: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    ) -> list[Registration]: ...
+        changes_only: bool = False,
+    ) -> list[Registration]:
+        """Register URLs (with their fingerprints) as pending; one Registration per distinct
+        URL, or with `changes_only` only for those this call created or regenerated."""
+        ...
 
     def requeue(
         self,

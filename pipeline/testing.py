@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pipeline import errors
 from pipeline.models import (
     Attempt,
+    Change,
     Checkpoint,
     Claim,
     ClaimResult,
@@ -613,6 +614,7 @@ class MemoryStore:
         file_type: str = "unknown",
         task_name: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        changes_only: bool = False,
     ) -> list[Registration]:
         """queries.sql `register`: insert new URLs; a changed completed/dead file regenerates."""
         # One entry per URL, as the SQL's DISTINCT ON (the first fingerprint given wins here).
@@ -636,7 +638,7 @@ class MemoryStore:
                         batch_id=batch_id,
                         fingerprint=fingerprint,
                     )
-                    result.append(Registration(url, Status.PENDING, True, task_name))
+                    result.append(Registration(url, Status.PENDING, True, task_name, Change.NEW))
                 elif (
                     row.status in (Status.COMPLETED, Status.DEAD)
                     and fingerprint is not None
@@ -649,11 +651,15 @@ class MemoryStore:
                     row.batch_id = batch_id
                     row.task_name = task_name
                     row.max_attempts = max_attempts
-                    result.append(Registration(url, Status.PENDING, True, task_name))
+                    result.append(
+                        Registration(url, Status.PENDING, True, task_name, Change.CHANGED)
+                    )
                 else:
                     # Still pending: enqueued again, as queries.sql `register` does.
                     again = row.status is Status.PENDING
                     result.append(Registration(url, row.status, again, row.task_name))
+        if changes_only:
+            return [r for r in result if r.change is not Change.UNCHANGED]
         return result
 
     @staticmethod

@@ -66,8 +66,29 @@ _HOST_SCHEMES: Mapping[str, int | None] = {
 }
 
 
+# A URL already in canonical form: a lower-case scheme whose authority is not a DNS host, then
+# only characters no rule below changes (no escape, port, userinfo, query, fragment, control
+# character). Object names listed from a bucket are nearly all such: a scan of 100,000 of them
+# skips urlsplit and the checks (about 40 us each) and stays close to the listing's own time.
+_CANONICAL = re.compile(r"([a-z][a-z0-9+.-]*)://[A-Za-z0-9._~/=+,-]*")
+
+
 def normalize(raw: str, *, base: pathlib.Path | None = None) -> str:
     """The canonical URL of a local path or URL; raises InvalidURL with the reason."""
+    if (
+        (match := _CANONICAL.fullmatch(raw))
+        and len(raw) <= MAX_URL_LENGTH
+        and "::" not in raw
+        and (scheme := match.group(1)) not in _HOST_SCHEMES
+        and scheme not in _SCHEME_ALIASES
+        and scheme != "file"
+        and _filesystem_problem(scheme) is None
+    ):
+        return raw
+    return _normalize(raw, base)
+
+
+def _normalize(raw: str, base: pathlib.Path | None) -> str:
     text = raw.strip(_BLANKS)
     if not text:
         raise _refuse(raw, "empty URL")

@@ -47,18 +47,34 @@ SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_
 -- register --
 -- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file
 -- whose content fingerprint changed starts a new generation; anything else is left alone.
--- Returns every input URL with its status and whether a task must be enqueued for it: a new
--- or regenerated row, or one still `pending` (its message may have been lost, e.g. by an
+-- Returns every input URL with its status, whether it was `new`, `changed` (a new
+-- generation) or `unchanged`, and whether a task must be enqueued for it: a new or
+-- regenerated row, or one still `pending` (its message may have been lost, e.g. by an
 -- interrupted submit; a duplicate message costs one claim, a lost one strands the file).
+-- Only the rows that are new or changed in the statement's snapshot reach the upsert: an
+-- unchanged URL is neither written nor locked (ON CONFLICT DO UPDATE locks every conflicting
+-- row, even when its WHERE is false), so a scan of known files writes no WAL at all.
+-- With :changes_only, only the new and changed rows come back (a watch needs no others).
 WITH input AS (
     SELECT DISTINCT ON (u.file_url) u.file_url, u.fingerprint
       FROM unnest(CAST(:urls AS text[]), CAST(:fingerprints AS text[])) AS u(file_url, fingerprint)
      ORDER BY u.file_url
+), known AS (
+    SELECT i.file_url, i.fingerprint, c.file_url IS NOT NULL AS existed, c.status, c.task_name,
+           c.file_url IS NULL
+           OR (c.status IN ('completed', 'dead')
+               AND i.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
+               AND i.fingerprint <> c.fingerprint) AS candidate
+      FROM input i
+      LEFT JOIN file_checkpoints c ON c.file_url = i.file_url
 ), upserted AS (
     INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
                                        batch_id, fingerprint)
-    SELECT i.file_url, :file_type, 'pending', :max_attempts, :task_name, :batch_id, i.fingerprint
-      FROM input i
+    SELECT k.file_url, :file_type, 'pending', :max_attempts, :task_name, :batch_id, k.fingerprint
+      FROM known k
+     WHERE k.candidate
+     -- one order for every registering session: concurrent ones wait, never deadlock
+     ORDER BY k.file_url
     ON CONFLICT (file_url) DO UPDATE
        SET status = 'pending', attempt = 0, generation = c.generation + 1, token = NULL,
            lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
@@ -67,19 +83,25 @@ WITH input AS (
            fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
            task_name = excluded.task_name, max_attempts = excluded.max_attempts,
            updated_at = now()
+     -- checked again on the row as it is now: a concurrent register (another watch of the
+     -- same prefix) may have inserted or regenerated it since the snapshot; then it is theirs
      WHERE c.status IN ('completed', 'dead')
        AND excluded.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
        AND excluded.fingerprint <> c.fingerprint
     RETURNING c.file_url, c.status, c.task_name
 )
-SELECT i.file_url,
-       coalesce(u.status, c.status) AS status,
-       u.file_url IS NOT NULL OR c.status = 'pending' AS needs_task,
-       coalesce(u.task_name, c.task_name) AS task_name
-  FROM input i
-  LEFT JOIN upserted u ON u.file_url = i.file_url
-  -- the statement's snapshot: rows not touched above, as they were before it
-  LEFT JOIN file_checkpoints c ON c.file_url = i.file_url AND u.file_url IS NULL
+SELECT k.file_url,
+       -- 'pending' when a concurrent register inserted the row after this statement's
+       -- snapshot: it is theirs to enqueue, and this statement cannot see it
+       coalesce(u.status, k.status, 'pending') AS status,
+       u.file_url IS NOT NULL OR coalesce(k.status = 'pending', false) AS needs_task,
+       coalesce(u.task_name, k.task_name) AS task_name,
+       CASE WHEN u.file_url IS NULL THEN 'unchanged'
+            WHEN k.existed THEN 'changed'
+            ELSE 'new' END AS change
+  FROM known k
+  LEFT JOIN upserted u ON u.file_url = k.file_url
+ WHERE NOT CAST(:changes_only AS boolean) OR u.file_url IS NOT NULL
 
 -- requeue --
 -- Operator requeue: dead / failed (and completed with force) rows back to pending, in a new

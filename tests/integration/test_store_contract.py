@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import errors
-from pipeline.models import Claim, Outcome, Reason, Refusal, Stats, Status
+from pipeline.models import Change, Claim, Outcome, Reason, Refusal, Stats, Status
 from pipeline.sqlstore import PostgresStore
 from pipeline.store import Store
 from pipeline.testing import MemoryStore, backdate_retry, expire_lease
@@ -603,6 +603,35 @@ def test_submit__a_missing_fingerprint_never_regenerates(store: Store) -> None:
     assert [r.needs_task for r in store.register([(URL, "etag-2")])] == [False]
     assert [r.needs_task for r in store.register([OTHER])] == [False]
     assert {r.status for r in (store.get(URL), store.get(OTHER)) if r} == {Status.COMPLETED}
+
+
+def test_register__tells_new_changed_and_unchanged_apart(store: Store) -> None:
+    first = store.register([(URL, "etag-1"), (OTHER, "etag-1")])
+    assert {(r.file_url, r.change) for r in first} == {(URL, Change.NEW), (OTHER, Change.NEW)}
+    make_completed(store)
+    make_completed(store, OTHER)
+    again = store.register([(URL, "etag-2"), (OTHER, "etag-1"), ("file:///data/c.csv", "x")])
+    assert sorted((r.file_url, r.change, r.needs_task) for r in again) == [
+        (URL, Change.CHANGED, True),
+        (OTHER, Change.UNCHANGED, False),
+        ("file:///data/c.csv", Change.NEW, True),
+    ]
+    # A pending row registered again is unchanged, though submit still enqueues it.
+    (pending,) = store.register([("file:///data/c.csv", "y")])
+    assert (pending.change, pending.needs_task) == (Change.UNCHANGED, True)
+
+
+def test_register__changes_only_returns_only_the_new_and_changed_rows(store: Store) -> None:
+    store.register([(URL, "etag-1"), (OTHER, "etag-1")])
+    make_completed(store)
+    found = store.register(
+        [(URL, "etag-2"), (OTHER, "etag-1"), ("file:///data/c.csv", "x")], changes_only=True
+    )
+    assert sorted((r.file_url, r.change) for r in found) == [
+        (URL, Change.CHANGED),
+        ("file:///data/c.csv", Change.NEW),
+    ]
+    assert store.register([(URL, "etag-2"), (OTHER, "etag-1")], changes_only=True) == []
 
 
 # -- history, counters, the cap ---------------------------------------------------------------

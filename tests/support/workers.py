@@ -352,10 +352,11 @@ class Cluster:
         interval: float = 1.0,
         waiting_seconds: float | None = None,
         database_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> Proc:
         """Start `celery -A pipeline beat`: it sends `pipeline.reap` every `interval` seconds."""
         name = f"beat-{uuid.uuid4().hex[:6]}"
-        extra = {"PIPELINE_REAP_INTERVAL": str(interval)}
+        extra = {"PIPELINE_REAP_INTERVAL": str(interval), **(extra_env or {})}
         if waiting_seconds is not None:
             extra["PIPELINE_REAP_WAITING_SECONDS"] = str(waiting_seconds)
         argv = [

@@ -24,8 +24,8 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 LOCAL_DEFAULT = "local-only-password"
-SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "metrics")
-PIPELINE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics")
+SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "metrics", "watch")
+PIPELINE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics", "watch")
 # ${VAR}, ${VAR:-default}, ${VAR-default}
 INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?:(?::?-)(?P<default>[^}]*))?\}")
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|BASIC_AUTH", re.IGNORECASE)
@@ -121,7 +121,7 @@ def test_compose__depends_on_waits_for_a_condition(service: str) -> None:
             assert "healthcheck" in services()[target], f"{target} has no healthcheck"
 
 
-@pytest.mark.parametrize("service", ["worker", "beat", "flower", "metrics"])
+@pytest.mark.parametrize("service", ["worker", "beat", "flower", "metrics", "watch"])
 def test_compose__pipeline_services_start_after_the_migration(service: str) -> None:
     depends = services()[service]["depends_on"]
     assert depends["migrate"]["condition"] == "service_completed_successfully"
@@ -148,6 +148,32 @@ def test_compose__command_is_one_the_project_provides(service: str) -> None:
         result = run_help([sys.executable, "-m", "celery", *argv[1:]])
     assert result.returncode == 0, (argv, result.stdout[-2000:], result.stderr[-2000:])
     assert "Usage:" in result.stdout
+
+
+def test_compose__watch_scans_the_pattern_workers_can_read(tmp_path: pathlib.Path) -> None:
+    """The pattern and interval come from the environment with working defaults, and the
+    folder the watch lists is mounted, at the same path, in the workers that read it."""
+    argv = command("watch")
+    assert argv[:2] == ["pipeline", "watch"], argv
+    raw = [str(part) for part in services()["watch"]["command"]]
+    assert INTERPOLATION.fullmatch(raw[2])["var"] == "PIPELINE_WATCH_PATTERN"  # type: ignore[index]
+    assert INTERPOLATION.fullmatch(raw[raw.index("--every") + 1])["var"] == "PIPELINE_WATCH_EVERY"  # type: ignore[index]
+    from pipeline import watchspec
+
+    assert watchspec.parse_interval(argv[argv.index("--every") + 1]) == 30.0
+    pattern = argv[2]
+    mounts = {with_defaults(str(v)).split(":")[1] for v in services()["watch"]["volumes"]}
+    assert any(pattern.startswith(m + "/") for m in mounts), (pattern, mounts)
+    worker_mounts = {with_defaults(str(v)) for v in services()["worker"].get("volumes", [])}
+    assert {with_defaults(str(v)) for v in services()["watch"]["volumes"]} <= worker_mounts
+    # Its default pattern, run for real on a copy of the layout: the image's command works.
+    (tmp_path / "data" / "incoming" / "day1").mkdir(parents=True)
+    (tmp_path / "data" / "incoming" / "day1" / "a.jsonl").write_text("{}\n")
+    local_pattern = str(tmp_path) + pattern
+    from pipeline import producer
+
+    found = [url for _, _, url, _, _ in producer.from_glob(local_pattern)]
+    assert [u.rsplit("/", 2)[-2:] for u in found] == [["day1", "a.jsonl"]]
 
 
 def test_compose__flower_has_basic_auth() -> None:

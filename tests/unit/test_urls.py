@@ -7,7 +7,9 @@ import pathlib
 from collections.abc import Iterator
 
 import fsspec
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from pipeline import urls
 from pipeline.errors import InvalidURL
@@ -246,3 +248,23 @@ def test_fingerprint__prefers_etag_then_parses_times() -> None:
     assert info({"size": 3, "created": "2024-01-01T00:00:00"}) == "3:1704067200"
     assert info({"size": 3}) is None
     assert info({"type": "directory", "size": 0, "mtime": 1}) is None
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    scheme=st.sampled_from(["s3", "gs", "memory", "http", "https", "file", "s3a", "S3", "ftp"]),
+    rest=st.text(alphabet="abcXYZ019._~/=+,-:@%?#", max_size=40),
+)
+def test_normalize__the_fast_path_for_canonical_urls_agrees_with_the_full_rules(
+    scheme: str, rest: str
+) -> None:
+    raw = f"{scheme}://{rest}"
+    try:
+        full: str | None = urls._normalize(raw, None)
+    except InvalidURL:
+        full = None
+    try:
+        fast: str | None = urls.normalize(raw)
+    except InvalidURL:
+        fast = None
+    assert fast == full
