@@ -138,17 +138,6 @@ def test_normalize__unknown_scheme_is_refused() -> None:
     assert refusal("nosuchfs://bucket/a.jsonl") == "no fsspec filesystem serves scheme 'nosuchfs'"
 
 
-def test_normalize__scheme_without_its_package_names_the_package() -> None:
-    try:
-        fsspec.get_filesystem_class("s3")
-    except ImportError:
-        pass
-    else:
-        pytest.skip("s3fs is installed here")
-    reason = refusal("s3://bucket/a.jsonl")
-    assert reason == "scheme 's3' needs pipeline[s3]: pip install 'pipeline[s3]'"
-
-
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
