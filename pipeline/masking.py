@@ -64,6 +64,9 @@ def scrub(text: str, *urls: str | None) -> str:
     return _USERINFO_IN_TEXT.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
 
 
+_AZURE_SCHEMES = frozenset({"abfs", "abfss", "az", "adl", "wasb", "wasbs"})
+
+
 def has_userinfo(url: str) -> bool:
     """Whether a URL's authority carries a user or password (`scheme://user:pw@...`)."""
     _, sep, rest = url.partition("://")
@@ -71,7 +74,9 @@ def has_userinfo(url: str) -> bool:
         return False
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     if "@" in authority:
-        return True
+        # Azure spells the container there: abfss://container@account.dfs.core.windows.net/
+        userinfo = authority.rpartition("@")[0]
+        return not (url[: -len(rest) - 3].lower() in _AZURE_SCHEMES and ":" not in userinfo)
     # A password holding "/", "?" or "#" ends the authority early ("u:pa/ss@host"): what
     # follows a ":" there is then no port, and an "@" comes later.
     _, colon, after = authority.partition(":")

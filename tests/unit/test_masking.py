@@ -76,6 +76,7 @@ def test_scrub__pieces_of_a_password_a_parser_cut_short_are_removed() -> None:
         "s3://KEY:SE/CRET@bucket/x",
         "memory://u:p@x/y",
         "webhdfs://user@nn/x",
+        "abfss://container:ACCOUNTKEY@account.dfs.core.windows.net/x",
     ],
 )
 def test_has_userinfo__credentials_in_file_urls_are_seen(url: str) -> None:
@@ -86,4 +87,16 @@ def test_has_userinfo__credentials_in_file_urls_are_seen(url: str) -> None:
     "url", ["https://host:8080/a@b.jsonl", "s3://bucket/a@b", "file:///tmp/a@b", "/tmp/x"]
 )
 def test_has_userinfo__an_at_sign_in_the_path_is_not_credentials(url: str) -> None:
+    assert not masking.has_userinfo(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "abfss://container@account.dfs.core.windows.net/in/a.jsonl",
+        "az://container@account/x",
+        "wasbs://container@account.blob.core.windows.net/x",
+    ],
+)
+def test_has_userinfo__an_azure_container_before_the_at_sign_is_not_credentials(url: str) -> None:
     assert not masking.has_userinfo(url)
