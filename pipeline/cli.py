@@ -11,7 +11,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,19 +19,24 @@ import kombu.exceptions
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
-from rich.text import Text
 
-from pipeline import config, errors, lines, local, masking, producer, urls, watchspec, workers
-from pipeline.models import Overview, Status
+from pipeline import (
+    config,
+    display,
+    errors,
+    lines,
+    local,
+    masking,
+    producer,
+    urls,
+    watchspec,
+    workers,
+)
+from pipeline.models import Status
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
 err = Console(stderr=True)
@@ -219,7 +223,7 @@ def submit(
             _warn_if_no_worker_has(task_name)
         if wait:
             try:
-                overview = follow(store, batch_id, timeout=timeout)
+                overview = display.follow(store, batch_id, timeout=timeout)
             except KeyboardInterrupt:
                 # Only the following stops: every file is registered and enqueued already.
                 err.print(
@@ -227,9 +231,9 @@ def submit(
                     f"go on (`pipeline status --batch {escape(batch_id)}`)"
                 )
                 raise SystemExit(128 + signal.SIGINT) from None
-            print_overview(overview, batch_id)
+            display.print_overview(overview, batch_id)
             finished = overview.totals()
-            if finished[Status.DEAD] or _unfinished(overview):
+            if finished[Status.DEAD] or display.unfinished(overview):
                 status = EXIT_FAILED
         raise SystemExit(status)
 
@@ -349,153 +353,7 @@ def _merge(total: producer.SubmitReport, part: producer.SubmitReport) -> None:
     total.refused.extend(part.refused[: producer.MAX_REFUSED_KEPT - len(total.refused)])
 
 
-def _unfinished(overview: Overview) -> int:
-    t = overview.totals()
-    return t[Status.PENDING] + t[Status.PROCESSING] + t[Status.FAILED]
-
-
-class RateColumn(ProgressColumn):
-    """The batch's files per second and the time left at that rate (task field `rate`).
-
-    The rate is the batch's own, from the database (files finished over its running time),
-    so a short batch shows one too and the end estimate uses the whole run, not the last poll.
-    """
-
-    def render(self, task: Task) -> Text:
-        rate = task.fields.get("rate")
-        if not rate:
-            return Text("-- files/s, eta --:--")
-        left = 0.0 if task.total is None else max(0.0, task.total - task.completed) / rate
-        minutes, seconds = divmod(round(left), 60)
-        return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
-
-
-def follow(
-    store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
-) -> Overview:
-    """Show a live progress bar until every file of the batch is completed or dead."""
-    deadline = time.monotonic() + timeout if timeout else None
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
-        TextColumn("{task.fields[running]} running"),
-        RateColumn(),
-        TimeElapsedColumn(),
-        console=err,
-    ) as bar:
-        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
-        while True:
-            overview = store.overview(batch_id)
-            t = overview.totals()
-            done = t[Status.COMPLETED] + t[Status.DEAD]
-            seconds = overview.batch_seconds
-            bar.update(
-                tid,
-                rate=done / seconds if done and seconds else None,
-                total=sum(t.values()),
-                completed=done,
-                ok=t[Status.COMPLETED],
-                dead=t[Status.DEAD],
-                running=t[Status.PROCESSING],
-            )
-            if not _unfinished(overview):
-                return overview
-            if deadline is not None and time.monotonic() > deadline:
-                err.print(f"[yellow]gave up waiting after {timeout:.0f}s[/yellow]")
-                return overview
-            time.sleep(poll)
-
-
 # -- status -----------------------------------------------------------------------------------
-
-
-def overview_json(overview: Overview) -> dict[str, Any]:
-    return {
-        "counts": {str(s): n for s, n in overview.totals().items()},
-        "batches": {
-            (batch or ""): {str(s): n for s, n in counts.items()}
-            for batch, counts in overview.counts.items()
-        },
-        "completed_last_minute": overview.completed_last_minute,
-        "oldest_live_lease_age_seconds": overview.oldest_live_lease_age,
-        "expired_leases": overview.expired_leases,
-        "dead": [
-            {
-                # Rows registered before credentials in file URLs were refused may hold some.
-                "file_url": masking.scrub(d.file_url),
-                "error": masking.scrub(d.error) if d.error else d.error,
-                "at": d.when.isoformat(),
-                "attempts": d.attempts,
-            }
-            for d in overview.dead
-        ],
-        "records": overview.records.as_dict() if overview.records else None,
-    }
-
-
-def print_overview(overview: Overview, batch_id: str | None = None) -> None:
-    table = Table(title=f"batch {escape(batch_id)}" if batch_id else "all batches")
-    table.add_column("batch")
-    for status in Status:
-        table.add_column(str(status), justify="right")
-    for batch, counts in sorted(overview.counts.items(), key=lambda kv: kv[0] or ""):
-        table.add_row(escape(batch or "(none)"), *[str(counts.get(s, 0)) for s in Status])
-    if len(overview.counts) > 1:
-        t = overview.totals()
-        table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
-    out.print(table)
-    out.print(throughput_line(overview, batch_id))
-    if overview.records is not None:
-        r = overview.records
-        out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
-    if overview.dead:
-        dead = Table(title="latest dead files")
-        # The end of a file's URL tells files apart: cut long ones from the left.
-        width = max(24, out.width // 2 - 8)
-        dead.add_column("file", no_wrap=True, max_width=width)
-        dead.add_column("attempts", justify="right")
-        dead.add_column("error")
-        for d in overview.dead:
-            dead.add_row(
-                escape(shorten_left(masking.scrub(d.file_url), width)),
-                str(d.attempts),
-                escape(masking.scrub((d.error or "")[:200])),
-            )
-        out.print(dead)
-
-
-def shorten_left(text: str, width: int) -> str:
-    """`text` cut to `width` characters from the left, at a `/` where one is near: `…/b.jsonl`."""
-    if len(text) <= width:
-        return text
-    tail = text[-(width - 1) :]
-    cut = tail.find("/")
-    # At a path separator when that keeps most of the room (and the whole file name).
-    if 0 <= cut < width // 2:
-        tail = tail[cut:]
-    return "…" + tail
-
-
-def throughput_line(overview: Overview, batch_id: str | None) -> str:
-    """A finished batch's own rate over its running time; for live work, the last minute."""
-    t = overview.totals()
-    finished = t[Status.COMPLETED] + t[Status.DEAD]
-    seconds = overview.batch_seconds
-    if batch_id is not None and not _unfinished(overview) and finished and seconds:
-        records = overview.records.total if overview.records is not None else 0
-        return (
-            f"throughput: {finished} files in {seconds:.1f}s "
-            f"({finished / seconds:.1f} files/s, {records / seconds:,.0f} records/s)"
-        )
-    age = overview.oldest_live_lease_age
-    return (
-        f"throughput: {overview.completed_last_minute} files completed in the last minute "
-        f"({overview.completed_last_minute / 60:.1f}/s); oldest live claim: "
-        f"{'none' if age is None else f'{age:.1f}s'}; expired leases waiting for the reaper: "
-        f"{overview.expired_leases}"
-    )
 
 
 @main.command()
@@ -515,9 +373,9 @@ def status(batch_id: str | None, as_json: bool, dead_limit: int) -> None:
         store = _open_store()
         overview = store.overview(batch_id, dead_limit=dead_limit)
     if as_json:
-        click.echo(json.dumps(overview_json(overview), indent=2))
+        click.echo(json.dumps(display.overview_json(overview), indent=2))
     else:
-        print_overview(overview, batch_id)
+        display.print_overview(overview, batch_id)
 
 
 # -- requeue / reap ---------------------------------------------------------------------------
@@ -872,8 +730,8 @@ def demo(
             flower_port=flower_port,
             timeout=timeout,
             submit=_submit,
-            follow=follow,
-            show=print_overview,
+            follow=display.follow,
+            show=display.print_overview,
         )
     raise SystemExit(status)
 

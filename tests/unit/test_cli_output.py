@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from pipeline import cli
+from pipeline import display
 from pipeline.models import DeadFile, Overview, Stats, Status
 
 POISON = "file:///home/someone/projects/pipeline/.pipeline/demo-data/part-0663-poison.jsonl"
@@ -38,49 +38,49 @@ def test_throughput__finished_batch_reports_its_own_rate_over_its_running_time()
     done = overview(
         {Status.COMPLETED: 1999, Status.DEAD: 1}, seconds=11.0, last_minute=1999, records=77000
     )
-    line = cli.throughput_line(done, "b")
+    line = display.throughput_line(done, "b")
     assert line == "throughput: 2000 files in 11.0s (181.8 files/s, 7,000 records/s)"
     assert "last minute" not in line
 
 
 def test_throughput__live_batch_keeps_the_last_minute_figure() -> None:
     live = overview({Status.COMPLETED: 100, Status.PENDING: 50}, seconds=20.0, last_minute=90)
-    line = cli.throughput_line(live, "b")
+    line = display.throughput_line(live, "b")
     assert line.startswith("throughput: 90 files completed in the last minute (1.5/s)"), line
 
 
 def test_throughput__all_batches_keep_the_last_minute_figure() -> None:
     done = overview({Status.COMPLETED: 10}, seconds=None, last_minute=10)
-    assert "in the last minute" in cli.throughput_line(done, None)
+    assert "in the last minute" in display.throughput_line(done, None)
 
 
 @pytest.mark.parametrize("width", [24, 30, 40, 60])
 def test_shorten_left__keeps_the_file_name_and_fits(width: int) -> None:
-    short = cli.shorten_left(POISON, width)
+    short = display.shorten_left(POISON, width)
     assert len(short) <= width
     assert short.startswith("…")
     assert short.endswith("part-0663-poison.jsonl")
 
 
 def test_shorten_left__short_text_unchanged() -> None:
-    assert cli.shorten_left("file:///a.jsonl", 40) == "file:///a.jsonl"
+    assert display.shorten_left("file:///a.jsonl", 40) == "file:///a.jsonl"
 
 
 def test_dead_files_table__narrow_terminal_shows_the_name_cut_from_the_left(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=screen, width=80, color_system=None))
+    monkeypatch.setattr(display, "out", Console(file=screen, width=80, color_system=None))
     when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     dead = (DeadFile(POISON, "binary content (NUL byte) on line 1", when, 1),)
-    cli.print_overview(overview({Status.DEAD: 1}, seconds=1.0, dead=dead), "b")
+    display.print_overview(overview({Status.DEAD: 1}, seconds=1.0, dead=dead), "b")
     text = screen.getvalue()
     assert "…/part-0663-poison.jsonl" in text, text
     assert "file:///home" not in text
 
 
 def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
-    column = cli.RateColumn()
+    column = display.RateColumn()
     progress = Progress(console=Console(file=io.StringIO()), auto_refresh=False)
     tid = progress.add_task("b", total=300, rate=None)
     (task,) = progress.tasks

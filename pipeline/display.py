@@ -1,0 +1,173 @@
+"""What the status command and a submit's --wait show: the live bar, the table, the JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from pipeline import masking
+from pipeline.models import Overview, Status
+from pipeline.store import Store
+
+err = Console(stderr=True)
+out = Console()
+
+
+def unfinished(overview: Overview) -> int:
+    t = overview.totals()
+    return t[Status.PENDING] + t[Status.PROCESSING] + t[Status.FAILED]
+
+
+class RateColumn(ProgressColumn):
+    """The batch's files per second and the time left at that rate (task field `rate`).
+
+    The rate is the batch's own, from the database (files finished over its running time),
+    so a short batch shows one too and the end estimate uses the whole run, not the last poll.
+    """
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        if not rate:
+            return Text("-- files/s, eta --:--")
+        left = 0.0 if task.total is None else max(0.0, task.total - task.completed) / rate
+        minutes, seconds = divmod(round(left), 60)
+        return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
+
+
+def follow(
+    store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
+) -> Overview:
+    """Show a live progress bar until every file of the batch is completed or dead."""
+    deadline = time.monotonic() + timeout if timeout else None
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
+        TextColumn("{task.fields[running]} running"),
+        RateColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
+        while True:
+            overview = store.overview(batch_id)
+            t = overview.totals()
+            done = t[Status.COMPLETED] + t[Status.DEAD]
+            seconds = overview.batch_seconds
+            bar.update(
+                tid,
+                rate=done / seconds if done and seconds else None,
+                total=sum(t.values()),
+                completed=done,
+                ok=t[Status.COMPLETED],
+                dead=t[Status.DEAD],
+                running=t[Status.PROCESSING],
+            )
+            if not unfinished(overview):
+                return overview
+            if deadline is not None and time.monotonic() > deadline:
+                err.print(f"[yellow]gave up waiting after {timeout:.0f}s[/yellow]")
+                return overview
+            time.sleep(poll)
+
+
+def overview_json(overview: Overview) -> dict[str, Any]:
+    return {
+        "counts": {str(s): n for s, n in overview.totals().items()},
+        "batches": {
+            (batch or ""): {str(s): n for s, n in counts.items()}
+            for batch, counts in overview.counts.items()
+        },
+        "completed_last_minute": overview.completed_last_minute,
+        "oldest_live_lease_age_seconds": overview.oldest_live_lease_age,
+        "expired_leases": overview.expired_leases,
+        "dead": [
+            {
+                # Rows registered before credentials in file URLs were refused may hold some.
+                "file_url": masking.scrub(d.file_url),
+                "error": masking.scrub(d.error) if d.error else d.error,
+                "at": d.when.isoformat(),
+                "attempts": d.attempts,
+            }
+            for d in overview.dead
+        ],
+        "records": overview.records.as_dict() if overview.records else None,
+    }
+
+
+def print_overview(overview: Overview, batch_id: str | None = None) -> None:
+    table = Table(title=f"batch {escape(batch_id)}" if batch_id else "all batches")
+    table.add_column("batch")
+    for status in Status:
+        table.add_column(str(status), justify="right")
+    for batch, counts in sorted(overview.counts.items(), key=lambda kv: kv[0] or ""):
+        table.add_row(escape(batch or "(none)"), *[str(counts.get(s, 0)) for s in Status])
+    if len(overview.counts) > 1:
+        t = overview.totals()
+        table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
+    out.print(table)
+    out.print(throughput_line(overview, batch_id))
+    if overview.records is not None:
+        r = overview.records
+        out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
+    if overview.dead:
+        dead = Table(title="latest dead files")
+        # The end of a file's URL tells files apart: cut long ones from the left.
+        width = max(24, out.width // 2 - 8)
+        dead.add_column("file", no_wrap=True, max_width=width)
+        dead.add_column("attempts", justify="right")
+        dead.add_column("error")
+        for d in overview.dead:
+            dead.add_row(
+                escape(shorten_left(masking.scrub(d.file_url), width)),
+                str(d.attempts),
+                escape(masking.scrub((d.error or "")[:200])),
+            )
+        out.print(dead)
+
+
+def shorten_left(text: str, width: int) -> str:
+    """`text` cut to `width` characters from the left, at a `/` where one is near: `…/b.jsonl`."""
+    if len(text) <= width:
+        return text
+    tail = text[-(width - 1) :]
+    cut = tail.find("/")
+    # At a path separator when that keeps most of the room (and the whole file name).
+    if 0 <= cut < width // 2:
+        tail = tail[cut:]
+    return "…" + tail
+
+
+def throughput_line(overview: Overview, batch_id: str | None) -> str:
+    """A finished batch's own rate over its running time; for live work, the last minute."""
+    t = overview.totals()
+    finished = t[Status.COMPLETED] + t[Status.DEAD]
+    seconds = overview.batch_seconds
+    if batch_id is not None and not unfinished(overview) and finished and seconds:
+        records = overview.records.total if overview.records is not None else 0
+        return (
+            f"throughput: {finished} files in {seconds:.1f}s "
+            f"({finished / seconds:.1f} files/s, {records / seconds:,.0f} records/s)"
+        )
+    age = overview.oldest_live_lease_age
+    return (
+        f"throughput: {overview.completed_last_minute} files completed in the last minute "
+        f"({overview.completed_last_minute / 60:.1f}/s); oldest live claim: "
+        f"{'none' if age is None else f'{age:.1f}s'}; expired leases waiting for the reaper: "
+        f"{overview.expired_leases}"
+    )
