@@ -34,6 +34,10 @@ class InvalidURL(PipelineError):
     """The file URL is not valid."""
 
 
+class ListingFailed(PipelineError):
+    """The files matching a pattern could not be listed (storage unreachable, no credentials)."""
+
+
 class InvalidInput(PipelineError):
     """The input given cannot be used as it is."""
 

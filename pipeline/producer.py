@@ -155,7 +155,15 @@ def from_glob(pattern: str, *, refresh: bool = False) -> Source:
         ) from error
     if refresh:
         fs.invalidate_cache()
-    found = fs.glob(path, detail=True)
+    try:
+        found = fs.glob(path, detail=True)
+    # Whatever the backend raises (OSError, botocore's NoCredentialsError, a timeout): one
+    # line naming the pattern, never the SDK's traceback.
+    except Exception as error:
+        text = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        raise errors.ListingFailed(
+            f"could not list {masking.scrub(pattern)!r}: {masking.scrub(text)}", url=pattern
+        ) from error
     for number, (name, info) in enumerate(sorted(found.items()), start=1):
         if info.get("type") == "directory":
             continue

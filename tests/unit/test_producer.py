@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import producer
+from pipeline import errors, producer
 from pipeline.models import Registration, Status
 from pipeline.testing import MemoryStore
 
@@ -231,3 +231,25 @@ def test_submit__glob_fingerprints_detect_a_changed_file(
     row = store.get(a.as_uri())
     assert row is not None
     assert (row.status, row.generation) == (Status.PENDING, 2)
+
+
+class _NoCredentials(Exception):
+    """Stands for an SDK's own error (botocore's NoCredentialsError is not an OSError)."""
+
+
+class _UnlistableFilesystem:
+    def glob(self, path: str, detail: bool = False) -> dict[str, Any]:
+        raise _NoCredentials("Unable to locate credentials\n  (a second line)")
+
+
+def test_from_glob__a_listing_the_backend_refuses_is_one_line_naming_the_pattern(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        producer.urls, "filesystem", lambda pattern: (_UnlistableFilesystem(), "b/in/*.jsonl")
+    )
+    with pytest.raises(errors.ListingFailed) as caught:
+        list(producer.from_glob("memory://b/in/*.jsonl"))
+    assert str(caught.value) == (
+        "could not list 'memory://b/in/*.jsonl': _NoCredentials: Unable to locate credentials"
+    )
