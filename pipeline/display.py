@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -48,10 +52,60 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
 
 
+class _DeferredInterrupt:
+    """Ctrl-C noted at once and acted on between polls, not raised inside rich's threads.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be can land between a
+    lock's acquire and the block it guards (rich's live display holds one around every
+    refresh), and the refresh thread then waits for that lock for ever while the main thread
+    joins it. A second Ctrl-C raises at once (a poll stuck on an unreachable database).
+    Only on the main thread, and only over Python's default handler: a caller with a handler
+    of its own (the demo's) keeps it.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_DeferredInterrupt]:
+        own = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        previous = signal.signal(signal.SIGINT, self._handler) if own else None
+        try:
+            yield self
+        finally:
+            if own:
+                signal.signal(signal.SIGINT, previous)
+
+
 def follow(
     store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
 ) -> Overview:
-    """Show a live progress bar until every file of the batch is completed or dead."""
+    """Show a live progress bar until every file of the batch is completed or dead.
+
+    Ctrl-C stops following (KeyboardInterrupt, raised once the bar is closed).
+    """
+    with _DeferredInterrupt().installed() as interrupt:
+        overview = _follow(store, batch_id, timeout, poll, interrupt)
+    if interrupt.received:
+        raise KeyboardInterrupt
+    return overview
+
+
+def _follow(
+    store: Store,
+    batch_id: str,
+    timeout: float | None,
+    poll: float,
+    interrupt: _DeferredInterrupt,
+) -> Overview:
     deadline = time.monotonic() + timeout if timeout else None
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -78,12 +132,19 @@ def follow(
                 dead=t[Status.DEAD],
                 running=t[Status.PROCESSING],
             )
-            if not unfinished(overview):
+            if not unfinished(overview) or interrupt.received:
                 return overview
             if deadline is not None and time.monotonic() > deadline:
                 err.print(f"[yellow]gave up waiting after {timeout:.0f}s[/yellow]")
                 return overview
-            time.sleep(poll)
+            _sleep_unless(interrupt, poll)
+
+
+def _sleep_unless(interrupt: _DeferredInterrupt, seconds: float) -> None:
+    """Sleep up to `seconds`, waking within 0.1 s of a Ctrl-C."""
+    end = time.monotonic() + seconds
+    while not interrupt.received and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
 
 
 def overview_json(overview: Overview) -> dict[str, Any]:

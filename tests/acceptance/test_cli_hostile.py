@@ -226,7 +226,12 @@ def test_sigint_during_submit__every_registered_row_has_its_message_resubmit_sen
     proc.stdin.flush()
     wait_until(lambda: len(_rows(world, batch)) >= 1000, timeout=30, what="a first chunk")
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired as stuck:
+        proc.kill()
+        _, rest = proc.communicate(timeout=30)
+        pytest.fail(f"still running 30 s after SIGINT: {(stuck.stderr or b'') + rest!r}")
     text = " ".join(stderr.decode().split())
     assert proc.returncode == 128 + signal.SIGINT, text
     assert "Traceback" not in text
@@ -338,7 +343,12 @@ def test_sigint_while_following_with_wait__stops_following_without_traceback(
     wait_until(lambda: len(_rows(world, batch)) == 1, timeout=30, what="the row registered")
     time.sleep(1.0)  # past the summary, into the progress bar
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired as stuck:
+        proc.kill()
+        _, rest = proc.communicate(timeout=30)
+        pytest.fail(f"still running 30 s after SIGINT: {(stuck.stderr or b'') + rest!r}")
     text = " ".join(stderr.decode().split())
     assert proc.returncode == 128 + signal.SIGINT, text
     assert "Traceback" not in text
