@@ -156,6 +156,30 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def _registration_options(command: Any) -> Any:
+    """--task, --file-type and --max-attempts: how submit and watch register the files."""
+    for option in reversed(
+        (
+            click.option(
+                "--task",
+                "task_name",
+                default=producer.DEFAULT_TASK,
+                show_default=True,
+                callback=_name("task"),
+                help="checkpointed task to run",
+            ),
+            click.option(
+                "--file-type", default="events", show_default=True, callback=_name("file type")
+            ),
+            click.option(
+                "--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("urls", nargs=-1)
 @click.option(
@@ -165,16 +189,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option(
     "--batch", "batch_id", callback=_name("batch"), help="batch name (default: a new one)"
 )
-@click.option(
-    "--task",
-    "task_name",
-    default=producer.DEFAULT_TASK,
-    show_default=True,
-    callback=_name("task"),
-    help="checkpointed task to run",
-)
-@click.option("--file-type", default="events", show_default=True, callback=_name("file type"))
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@_registration_options
 @click.option("--force", is_flag=True, help="run files again even if completed")
 @click.option("--wait", is_flag=True, help="follow the batch until every file is done")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
@@ -434,16 +449,7 @@ def _interval(ctx: click.Context, param: click.Parameter, value: str) -> float:
     callback=_name("batch"),
     help="batch of the files found",
 )
-@click.option(
-    "--task",
-    "task_name",
-    default=producer.DEFAULT_TASK,
-    show_default=True,
-    callback=_name("task"),
-    help="checkpointed task to run",
-)
-@click.option("--file-type", default="events", show_default=True, callback=_name("file type"))
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@_registration_options
 @click.option("--once", is_flag=True, help="one scan, then exit (1 when it was skipped)")
 @click.option(
     "--metrics-port", type=click.IntRange(1, 65535), help="serve the scans' Prometheus metrics"
