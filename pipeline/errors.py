@@ -65,3 +65,10 @@ class TransactionBroken(PipelineError):
 
 class TimeLimitExceeded(PipelineError):
     """The function ran past its task's soft time limit; the attempt failed."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: the message's first line` (the type alone for an empty message), 500 at most."""
+    name = type(error).__name__
+    text = f"{name}: {error}".splitlines()[0] if str(error) else name
+    return text[:500]

@@ -160,9 +160,9 @@ def from_glob(pattern: str, *, refresh: bool = False) -> Source:
     # Whatever the backend raises (OSError, botocore's NoCredentialsError, a timeout): one
     # line naming the pattern, never the SDK's traceback.
     except Exception as error:
-        text = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         raise errors.ListingFailed(
-            f"could not list {masking.scrub(pattern)!r}: {masking.scrub(text)}", url=pattern
+            f"could not list {masking.scrub(pattern)!r}: {masking.scrub(errors.one_line(error))}",
+            url=pattern,
         ) from error
     for number, (name, info) in enumerate(sorted(found.items()), start=1):
         if info.get("type") == "directory":

@@ -155,11 +155,10 @@ def _scan_chunk(
 
 
 def _one_line(error: BaseException, store: Store) -> str:
-    name = type(error).__name__
     if isinstance(error, errors.ListingFailed):
         text = str(error).splitlines()[0]  # it names its cause already
     else:
-        text = f"{name}: {error}".splitlines()[0] if str(error) else name
+        text = errors.one_line(error)
     return masking.scrub(text[:500], getattr(store, "url", None))
 
 
