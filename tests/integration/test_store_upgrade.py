@@ -67,7 +67,7 @@ def test_upgrade__claims_made_before_0006_end_with_one_attempt_row_each(
 
         store = pipeline.open_store(fresh_database_url)
         try:
-            assert store.upgrade() == ["0006_cheaper_checkpoint"]
+            assert store.upgrade()[0] == "0006_cheaper_checkpoint"
             # In use across the upgrade: the new functions end the old claims' rows in place.
             store.complete(done, old[done].token, {"total": 1, "filtered": 0, "persisted": 1})
             assert store.fail(failed, old[failed].token, "boom", retry_in=None).status is (
