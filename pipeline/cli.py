@@ -36,6 +36,7 @@ from pipeline import (
     watchspec,
     workers,
 )
+from pipeline.interrupts import Interrupts
 from pipeline.models import Status
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
@@ -215,7 +216,10 @@ def submit(
     if not urls and not from_file and not pattern:
         raise click.UsageError("give URLs, --from FILE, - for stdin, or --glob PATTERN")
     batch_id = batch_id or f"batch-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-    with _handled():
+    # One handler from the first line read to the last poll: a signal is noted wherever it
+    # lands, the submit's bar and the follow's bar included (pipeline.interrupts says why).
+    interrupts = Interrupts()
+    with _handled(), interrupts.installed():
         store = _open_store(broker=True)
         report = _submit(
             store,
@@ -228,6 +232,7 @@ def submit(
             max_attempts,
             force,
             not no_fingerprint,
+            interrupts,
         )
         if report.interrupted:
             raise SystemExit(128 + signal.Signals[report.interrupted].value)
@@ -238,14 +243,14 @@ def submit(
             _warn_if_no_worker_has(task_name)
         if wait:
             try:
-                overview = display.follow(store, batch_id, timeout=timeout)
+                overview = display.follow(store, batch_id, timeout=timeout, interrupts=interrupts)
             except KeyboardInterrupt:
                 # Only the following stops: every file is registered and enqueued already.
                 err.print(
                     f"[yellow]stopped following[/yellow] batch {escape(batch_id)}; its files "
                     f"go on (`pipeline status --batch {escape(batch_id)}`)"
                 )
-                raise SystemExit(128 + signal.SIGINT) from None
+                raise SystemExit(interrupts.exit_status) from None
             display.print_overview(overview, batch_id)
             finished = overview.totals()
             if finished[Status.DEAD] or display.unfinished(overview):
@@ -264,6 +269,7 @@ def _submit(
     max_attempts: int,
     force: bool,
     fingerprints: bool,
+    interrupts: Interrupts,
 ) -> producer.SubmitReport:
     from pipeline.celery_app import app
 
@@ -276,18 +282,14 @@ def _submit(
         sources.append(producer.from_glob(pattern))
     send, close = _sender(app)
     report = producer.SubmitReport()
-    interrupts = producer.Interrupts()
     try:
-        with (
-            Progress(
-                TextColumn("[bold]submit[/bold] {task.description}"),
-                TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
-                TimeElapsedColumn(),
-                console=err,
-                transient=True,
-            ) as bar,
-            interrupts.installed(),
-        ):
+        with Progress(
+            TextColumn("[bold]submit[/bold] {task.description}"),
+            TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
             tid = bar.add_task(escape(batch_id), seen=0, enqueued=0)
             for source in sources:
                 if report.interrupted:
@@ -487,7 +489,7 @@ def watch(
                 raise errors.PipelineError(
                     f"cannot listen on {metrics_addr}:{metrics_port}: {error}"
                 ) from error
-        interrupts = producer.Interrupts()
+        interrupts = Interrupts()
 
         def scan_once() -> watcher.ScanReport:
             return watcher.scan(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline import masking
+from pipeline.interrupts import Interrupts
 from pipeline.models import Overview, Status
 from pipeline.store import Store
 
@@ -52,49 +50,27 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:.1f} files/s, eta {minutes}:{seconds:02d}")
 
 
-class _DeferredInterrupt:
-    """Ctrl-C noted at once and acted on between polls, not raised inside rich's threads.
-
-    A KeyboardInterrupt raised wherever the main thread happens to be can land between a
-    lock's acquire and the block it guards (rich's live display holds one around every
-    refresh), and the refresh thread then waits for that lock for ever while the main thread
-    joins it. A second Ctrl-C raises at once (a poll stuck on an unreachable database).
-    Only on the main thread, and only over Python's default handler: a caller with a handler
-    of its own (the demo's) keeps it.
-    """
-
-    def __init__(self) -> None:
-        self.received = False
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.received:
-            raise KeyboardInterrupt
-        self.received = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_DeferredInterrupt]:
-        own = (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
-        previous = signal.signal(signal.SIGINT, self._handler) if own else None
-        try:
-            yield self
-        finally:
-            if own:
-                signal.signal(signal.SIGINT, previous)
-
-
 def follow(
-    store: Store, batch_id: str, *, timeout: float | None = None, poll: float = 0.5
+    store: Store,
+    batch_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 0.5,
+    interrupts: Interrupts | None = None,
 ) -> Overview:
     """Show a live progress bar until every file of the batch is completed or dead.
 
-    Ctrl-C stops following (KeyboardInterrupt, raised once the bar is closed).
+    A signal stops following: KeyboardInterrupt, raised once the bar is closed. It is acted
+    on between polls, never inside the bar's refresh (pipeline.interrupts says why), except
+    during a poll of the database, which it stops at once (the database may be unreachable).
+    `interrupts`: the caller's, already installed; without it, Ctrl-C is caught here unless
+    the caller has a SIGINT handler of its own.
     """
-    with _DeferredInterrupt().installed() as interrupt:
-        overview = _follow(store, batch_id, timeout, poll, interrupt)
-    if interrupt.received:
+    own = interrupts is None
+    flag = Interrupts() if interrupts is None else interrupts
+    with flag.installed_over_default() if own else contextlib.nullcontext(flag):
+        overview = _follow(store, batch_id, timeout, poll, flag)
+    if flag.received:
         raise KeyboardInterrupt
     return overview
 
@@ -104,7 +80,7 @@ def _follow(
     batch_id: str,
     timeout: float | None,
     poll: float,
-    interrupt: _DeferredInterrupt,
+    interrupts: Interrupts,
 ) -> Overview:
     deadline = time.monotonic() + timeout if timeout else None
     with Progress(
@@ -119,7 +95,8 @@ def _follow(
     ) as bar:
         tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
         while True:
-            overview = store.overview(batch_id)
+            with interrupts.reading():
+                overview = store.overview(batch_id)
             t = overview.totals()
             done = t[Status.COMPLETED] + t[Status.DEAD]
             seconds = overview.batch_seconds
@@ -132,19 +109,14 @@ def _follow(
                 dead=t[Status.DEAD],
                 running=t[Status.PROCESSING],
             )
-            if not unfinished(overview) or interrupt.received:
+            if not unfinished(overview):
                 return overview
             if deadline is not None and time.monotonic() > deadline:
                 err.print(f"[yellow]gave up waiting after {timeout:.0f}s[/yellow]")
                 return overview
-            _sleep_unless(interrupt, poll)
-
-
-def _sleep_unless(interrupt: _DeferredInterrupt, seconds: float) -> None:
-    """Sleep up to `seconds`, waking within 0.1 s of a Ctrl-C."""
-    end = time.monotonic() + seconds
-    while not interrupt.received and (left := end - time.monotonic()) > 0:
-        time.sleep(min(left, 0.1))
+            interrupts.sleep(poll)
+            if interrupts.received:
+                return overview
 
 
 def overview_json(overview: Overview) -> dict[str, Any]:

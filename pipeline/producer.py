@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pipeline import errors, lines, masking, urls
+from pipeline.interrupts import Interrupts
 from pipeline.models import Status
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
 
@@ -61,41 +61,6 @@ class SubmitReport:
         self.refused_count += 1
         if len(self.refused) < MAX_REFUSED_KEPT:
             self.refused.append((line, masking.scrub(text[:200]), reason))
-
-
-class Interrupts:
-    """SIGINT / SIGTERM during submit: while input is read (which may block on a terminal or
-    a pipe) the signal stops the read at once; anywhere else, registering and sending a
-    chunk included, it is only noted. Either way submit stops after the chunk in hand, so no
-    registered row lacks its message.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._reading = False
-
-    def handler(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        if self._reading:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        self._reading = True
-        try:
-            yield
-        finally:
-            self._reading = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[Interrupts]:
-        """This object's handler for SIGINT and SIGTERM, restored on the way out."""
-        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 # URLs fingerprinted one by one at submit (see from_lines).
@@ -205,6 +170,9 @@ def submit(
     report = SubmitReport()
     source = iter(source)
     while report.interrupted is None:
+        if interrupts and interrupts.received:  # before any line was read, or between chunks
+            report.interrupted = interrupts.received
+            break
         chunk: list[tuple[int, str, str | None, str | None, str | None]] = []
         exhausted = True
         try:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from pipeline import errors, masking, producer
+from pipeline.interrupts import Interrupts
 from pipeline.models import Change
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
 
@@ -77,7 +78,7 @@ def scan(
     file_type: str = "events",
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     chunk_size: int = producer.CHUNK,
-    interrupts: producer.Interrupts | None = None,
+    interrupts: Interrupts | None = None,
 ) -> ScanReport:
     """One scan of `pattern`; `send(task_name, url)` enqueues one task.
 
@@ -166,7 +167,7 @@ def run(
     scan_once: Callable[[], ScanReport],
     every: float,
     *,
-    interrupts: producer.Interrupts,
+    interrupts: Interrupts,
     on_scan: Callable[[ScanReport], None],
     once: bool = False,
     sleep: Callable[[float], None] = time.sleep,

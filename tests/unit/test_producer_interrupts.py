@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from pipeline import errors, producer
+from pipeline.interrupts import Interrupts
 from pipeline.testing import MemoryStore
 
 
@@ -25,7 +26,7 @@ def test_signal_while_sending__chunk_finished_then_submit_stops(sig: signal.Sign
         if len(sent) == 5:  # mid-chunk: registered rows are being sent
             os.kill(os.getpid(), sig)
 
-    with producer.Interrupts().installed() as interrupts:
+    with Interrupts().installed() as interrupts:
         report = producer.submit(store, _source(100), send, chunk_size=20, interrupts=interrupts)
     assert report.interrupted == sig.name
     assert len(sent) == 20  # the whole first chunk, not a row more
@@ -44,7 +45,7 @@ def test_signal_while_reading__lines_read_so_far_are_submitted() -> None:
                 os.kill(os.getpid(), signal.SIGINT)
             yield item
 
-    with producer.Interrupts().installed() as interrupts:
+    with Interrupts().installed() as interrupts:
         report = producer.submit(
             store, reading(), lambda t, u: sent.append(u), chunk_size=50, interrupts=interrupts
         )
@@ -55,7 +56,7 @@ def test_signal_while_reading__lines_read_so_far_are_submitted() -> None:
 
 def test_handlers_restored_after_submit() -> None:
     before = signal.getsignal(signal.SIGINT)
-    with producer.Interrupts().installed():
+    with Interrupts().installed():
         assert signal.getsignal(signal.SIGINT) != before
     assert signal.getsignal(signal.SIGINT) == before
 

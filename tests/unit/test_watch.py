@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline import errors, producer, watch
+from pipeline.interrupts import Interrupts
 from pipeline.testing import MemoryStore
 from tests.unit.test_producer import Sender, SpyStore, complete
 
@@ -101,7 +102,7 @@ def test_scan__a_signal_mid_scan_finishes_the_chunk_in_hand(
         if len(sent) == 1:
             os.kill(os.getpid(), sig)
 
-    with producer.Interrupts().installed() as interrupts:
+    with Interrupts().installed() as interrupts:
         report = _scan(store, folder, send, chunk_size=2, interrupts=interrupts)  # type: ignore[arg-type]
     assert report.interrupted == sig.name
     assert len(sent) == 2  # the first chunk, every registered row with its message
@@ -118,7 +119,7 @@ def test_run__scans_every_interval_until_a_signal_during_the_sleep() -> None:
         if len(slept) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with producer.Interrupts().installed() as interrupts:
+    with Interrupts().installed() as interrupts:
         stopped = watch.run(
             lambda: next(reports), 2.0, interrupts=interrupts, on_scan=seen.append, sleep=sleep
         )
@@ -128,7 +129,7 @@ def test_run__scans_every_interval_until_a_signal_during_the_sleep() -> None:
 
 
 def test_run__once_returns_after_one_scan() -> None:
-    with producer.Interrupts().installed() as interrupts:
+    with Interrupts().installed() as interrupts:
         seen: list[watch.ScanReport] = []
         stopped = watch.run(
             lambda: watch.ScanReport("p"), 30, interrupts=interrupts, on_scan=seen.append, once=True
