@@ -269,8 +269,10 @@ def _submit(
     max_attempts: int,
     force: bool,
     fingerprints: bool,
-    interrupts: Interrupts,
+    interrupts: Interrupts | None = None,
 ) -> producer.SubmitReport:
+    """Register and enqueue with a bar. `interrupts`: the caller's, installed; without it,
+    one is installed here for the submit (the demo's case)."""
     from pipeline.celery_app import app
 
     sources: list[producer.Source] = []
@@ -282,14 +284,20 @@ def _submit(
         sources.append(producer.from_glob(pattern))
     send, close = _sender(app)
     report = producer.SubmitReport()
+    own = interrupts is None
+    flag = Interrupts() if interrupts is None else interrupts
     try:
-        with Progress(
-            TextColumn("[bold]submit[/bold] {task.description}"),
-            TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as bar:
+        with (
+            # Installed outside the bar, so the bar closes while a signal is only noted.
+            flag.installed() if own else contextlib.nullcontext(flag),
+            Progress(
+                TextColumn("[bold]submit[/bold] {task.description}"),
+                TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            ) as bar,
+        ):
             tid = bar.add_task(escape(batch_id), seen=0, enqueued=0)
             for source in sources:
                 if report.interrupted:
@@ -306,7 +314,7 @@ def _submit(
                     progress=lambda r: bar.update(
                         tid, seen=report.seen + r.seen, enqueued=report.enqueued + r.enqueued
                     ),
-                    interrupts=interrupts,
+                    interrupts=flag,
                 )
                 _merge(report, part)
                 report.interrupted = part.interrupted
