@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
+import time
 from collections import Counter
 
 from pipeline import urls, watch
@@ -22,10 +23,12 @@ def test_race__two_watches_scanning_together_enqueue_each_file_once(
     reports: list[list[watch.ScanReport]] = [[], []]
     barrier = threading.Barrier(3, timeout=30)  # the two watches and the file writer
     made: list[str] = []
+    spans: list[list[tuple[float, float]]] = [[], []]  # (start, end) of each scan
 
     def watcher(i: int) -> None:
         for _ in range(ROUNDS):
             barrier.wait()  # the files of this round are written
+            started = time.monotonic()
             reports[i].append(
                 watch.scan(
                     stores[i],
@@ -34,6 +37,7 @@ def test_race__two_watches_scanning_together_enqueue_each_file_once(
                     batch_id="race",
                 )
             )
+            spans[i].append((started, time.monotonic()))
             barrier.wait()  # both scans of this round are done
 
     threads = [threading.Thread(target=watcher, args=(i,)) for i in range(2)]
@@ -57,6 +61,7 @@ def test_race__two_watches_scanning_together_enqueue_each_file_once(
     assert sorted(counts) == sorted(made)
     assert set(counts.values()) == {1}
     assert sum(r.new for rs in reports for r in rs) == len(made)
-    # Both really found new files: the scans ran side by side, not one after the other.
-    assert sent[0], len(sent[1])
-    assert sent[1], len(sent[0])
+    # The scans ran side by side, not one after the other. (Which of them wins a chunk's rows
+    # is the scheduler's choice: one may win them all, seen under load.)
+    overlapping = [max(a[0], b[0]) < min(a[1], b[1]) for a, b in zip(*spans, strict=True)]
+    assert all(overlapping), spans
