@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -34,13 +35,38 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+KEPT_BEGIN = (
+    "<!-- kept by hand: bench/run_all.py copies everything from here to the end marker as it is -->"
+)
+KEPT_END = (
+    "<!-- end of the part kept by hand; below, the sections bench/run_all.py wrote in its last run"
+    " -->"
+)
+
+
+def kept_by_hand(results: pathlib.Path) -> str | None:
+    """The part of an existing RESULTS.md between the two markers, markers included: the
+    summary and the before/after analyses, which no script writes (a run must not lose them)."""
+    if not results.exists():
+        return None
+    text = results.read_text()
+    begin, end = text.find(KEPT_BEGIN), text.find(KEPT_END)
+    if begin < 0 or end < begin:
+        return None
+    return text[begin : end + len(KEPT_END)] + "\n"
+
+
 def write_results(outcomes: dict[str, tuple[int, float]], quick: bool, total: float) -> None:
+    results = BENCH_DIR / "RESULTS.md"
+    kept = kept_by_hand(results)
     parts = [
         "# Benchmark results\n",
         "Regenerate with `make bench` (that is, `.venv/bin/python bench/run_all.py`; "
-        "`--quick` for a small smoke run). Each section below is bench/results/<name>.md, "
-        "written by bench/bench_<name>.py, which can also be run alone (see its --help). "
-        "Every ratio was measured side by side in the same run.\n",
+        "`--quick` for a small smoke run). The part between the two markers is kept by hand "
+        "(summary, before/after analyses, each with its commands) and copied over by every run; "
+        "each section after it is bench/results/<name>.md, written by bench/bench_<name>.py, "
+        "which can also be run alone (see its --help). Every ratio was measured side by side "
+        "in the same run.\n",
     ]
     if quick:
         parts.append(
@@ -49,6 +75,8 @@ def write_results(outcomes: dict[str, tuple[int, float]], quick: bool, total: fl
         )
     timing = ", ".join(f"{name} {took:,.0f} s" for name, (_, took) in outcomes.items())
     parts.append(f"Run time: {total:,.0f} s in all ({timing}).\n")
+    if kept is not None:
+        parts.append(kept)
     for name, _script, _quick in SCRIPTS:
         if name not in outcomes:
             continue
@@ -58,7 +86,7 @@ def write_results(outcomes: dict[str, tuple[int, float]], quick: bool, total: fl
             parts.append(f"## {name}\n\nFAILED in this run (exit status {code}); see its output.\n")
         elif section.exists():
             parts.append(section.read_text().rstrip() + "\n")
-    (BENCH_DIR / "RESULTS.md").write_text("\n".join(parts))
+    results.write_text("\n".join(parts))
 
 
 def main() -> None:
