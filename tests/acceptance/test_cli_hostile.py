@@ -207,6 +207,43 @@ def test_stdin_closed_or_not_utf8__clear_message_no_traceback(
 # -- an interrupted submit --------------------------------------------------------------------
 
 
+# The CLI as `pipeline` runs it, plus a stack dump of every thread on SIGUSR1: a run still up
+# 30 s after its SIGINT shows where it is stuck before it is killed.
+_WITH_STACK_DUMP = (
+    "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True);"
+    " from pipeline.cli import main; main()"
+)
+
+
+def _cli_dumping_stacks(*args: str) -> list[str]:
+    return [sys.executable, "-c", _WITH_STACK_DUMP, *args]
+
+
+def _stopped_by_sigint(proc: subprocess.Popen[bytes]) -> str:
+    """SIGINT now; the process must be gone within 30 s. Returns its stderr, on one line."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired as stuck:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        _, rest = proc.communicate(timeout=30)
+        dump = ((stuck.stderr or b"") + rest).decode(errors="replace")
+        pytest.fail(f"still running 30 s after SIGINT; stderr and stacks:\n{dump}")
+    return " ".join(stderr.decode().split())
+
+
+def _submit_wait(env: dict[str, str], queue: str, batch: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        _cli_dumping_stacks("submit", f"/data/{batch}.jsonl", "--batch", batch, "--wait"),
+        env={**env, "PIPELINE_QUEUE": queue},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def test_sigint_during_submit__every_registered_row_has_its_message_resubmit_sends_pending(
     world: Cluster, env: dict[str, str], idle_queue: str
 ) -> None:
@@ -214,7 +251,7 @@ def test_sigint_during_submit__every_registered_row_has_its_message_resubmit_sen
     names = [f"/data/int-{batch}/{i:05d}.jsonl" for i in range(5000)]
     environ = {**env, "PIPELINE_QUEUE": idle_queue}
     proc = subprocess.Popen(
-        [*PIPELINE, "submit", "-", "--batch", batch, "--no-fingerprint"],
+        _cli_dumping_stacks("submit", "-", "--batch", batch, "--no-fingerprint"),
         env=environ,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -226,17 +263,7 @@ def test_sigint_during_submit__every_registered_row_has_its_message_resubmit_sen
     proc.stdin.write("".join(n + "\n" for n in names[:2500]).encode())
     proc.stdin.flush()
     wait_until(lambda: len(_rows(world, batch)) >= 1000, timeout=30, what="a first chunk")
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired as stuck:
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(1.0)
-        proc.kill()
-        _, rest = proc.communicate(timeout=30)
-        dump = ((stuck.stderr or b"") + rest).decode(errors="replace")
-        pytest.fail(f"still running 30 s after SIGINT; stderr and stacks:\n{dump}")
-    text = " ".join(stderr.decode().split())
+    text = _stopped_by_sigint(proc)
     assert proc.returncode == 128 + signal.SIGINT, text
     assert "Traceback" not in text
     assert "interrupted by SIGINT" in text
@@ -331,38 +358,6 @@ def test_flower_empty_user_or_password__refused(env: dict[str, str], auth: str) 
     assert result.returncode == 2, result.describe()
     assert "neither empty" in result.flat_stderr
     assert os.environ.get("FLOWER_BASIC_AUTH") != auth
-
-
-def _submit_wait(env: dict[str, str], queue: str, batch: str) -> subprocess.Popen[bytes]:
-    # The CLI as `pipeline` runs it, plus a stack dump of every thread on SIGUSR1, so that a
-    # run still up after its SIGINT shows where it is stuck.
-    with_dump = (
-        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True);"
-        " from pipeline.cli import main; main()"
-    )
-    args = ["submit", f"/data/{batch}.jsonl", "--batch", batch, "--wait"]
-    return subprocess.Popen(
-        [sys.executable, "-c", with_dump, *args],
-        env={**env, "PIPELINE_QUEUE": queue},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _stopped_by_sigint(proc: subprocess.Popen[bytes]) -> str:
-    """SIGINT now; the process must be gone within 30 s. Returns its stderr, on one line."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired as stuck:
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(1.0)
-        proc.kill()
-        _, rest = proc.communicate(timeout=30)
-        dump = ((stuck.stderr or b"") + rest).decode(errors="replace")
-        pytest.fail(f"still running 30 s after SIGINT; stderr and stacks:\n{dump}")
-    return " ".join(stderr.decode().split())
 
 
 def test_sigint_while_following_with_wait__stops_following_without_traceback(
