@@ -169,10 +169,9 @@ def submit(
             check_name(kind, name)
     report = SubmitReport()
     source = iter(source)
+    if interrupts and interrupts.received:  # a signal before the first line: nothing is read
+        report.interrupted = interrupts.received
     while report.interrupted is None:
-        if interrupts and interrupts.received:  # before any line was read, or between chunks
-            report.interrupted = interrupts.received
-            break
         chunk: list[tuple[int, str, str | None, str | None, str | None]] = []
         exhausted = True
         try:
