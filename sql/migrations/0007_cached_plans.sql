@@ -14,19 +14,14 @@
 -- register, status), where parameters do matter.
 ALTER FUNCTION pipeline_claim_v3(text, text, double precision, integer, text, text, text,
                                  bigint[], bigint)
-    SET plan_cache_mode = auto;
-ALTER FUNCTION pipeline_claim_v3(text, text, double precision, integer, text, text, text,
-                                 bigint[], bigint)
+    SET plan_cache_mode = auto
     SET enable_seqscan = off;
 ALTER FUNCTION pipeline_complete_v2(text, bigint, integer, integer, integer, integer, jsonb)
-    SET plan_cache_mode = auto;
-ALTER FUNCTION pipeline_complete_v2(text, bigint, integer, integer, integer, integer, jsonb)
+    SET plan_cache_mode = auto
     SET enable_seqscan = off;
 ALTER FUNCTION pipeline_fail_v3(text, bigint, text, text, boolean, double precision)
-    SET plan_cache_mode = auto;
-ALTER FUNCTION pipeline_fail_v3(text, bigint, text, text, boolean, double precision)
+    SET plan_cache_mode = auto
     SET enable_seqscan = off;
 ALTER FUNCTION pipeline_abandon_v2(text, text, text)
-    SET plan_cache_mode = auto;
-ALTER FUNCTION pipeline_abandon_v2(text, text, text)
+    SET plan_cache_mode = auto
     SET enable_seqscan = off;
