@@ -4,7 +4,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml README.md CHANGELOG.md ./
 COPY pipeline ./pipeline
-COPY sql ./sql
 RUN pip install --no-cache-dir . && useradd --create-home pipeline
 USER pipeline
 CMD ["pipeline", "--help"]

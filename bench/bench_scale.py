@@ -8,7 +8,7 @@ autovacuum would have done). Measured:
 * `pipeline status` as a subprocess: wall time, and net of `pipeline --help` (interpreter
   start and imports), interleaved round by round; `store.overview()` in-process;
 * `CheckpointCollector.refresh()` (what the exporter does every interval) and one HTTP scrape
-  of `pipeline.metrics.serve` (the scrape serves the last snapshot by design);
+  of `pipeline.ops.metrics.serve` (the scrape serves the last snapshot by design);
 * `pipeline submit --from FILE` of the same N URLs (all registered already: nothing is
   enqueued), peak RSS of the subprocess (GNU time -v, cross-checked by psutil polling).
 
@@ -164,7 +164,7 @@ def load(url: str, rows: int, batches: int) -> dict[str, float]:
 
 def explain(url: str) -> dict[str, dict[str, Any]]:
     """EXPLAIN (ANALYZE, BUFFERS) of the queries behind status and the metrics refresh."""
-    from pipeline.sqlstore import driver_queries
+    from pipeline.store.postgres import driver_queries
 
     queries = driver_queries()
     params = {"batch_id": None, "limit": 10}
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed repetitions of each read")
     args = parser.parse_args()
     import pipeline
-    from pipeline import metrics
+    from pipeline.ops import metrics
 
     data: dict[str, Any] = {"rows": args.rows, "batches": args.batches}
     exe = common.pipeline_executable()

@@ -91,7 +91,7 @@ def submit_side(n: int, tmp: str, extra: dict[str, Any]) -> float:
 def raw_side(n: int) -> float:
     """URLs/s of apply_async in a loop on one producer connection."""
     from pipeline import app
-    from pipeline.reference import ingest_file
+    from pipeline.reference.task import ingest_file
 
     run = uuid.uuid4().hex[:8]
     queue = f"bench-raw-{run}"

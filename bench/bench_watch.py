@@ -7,7 +7,7 @@ objects took 72 s through s3fs, 14 s through the filer). A first scan registers 
 fresh database; its messages go to a queue nobody consumes, flushed after). Then, per round:
 
 * the listing alone: `fs.glob("bkt/in/**/*.jsonl", detail=True)` on a fresh s3fs client;
-* a scan that finds nothing new (`pipeline.watch.scan`, in this process: listing, one
+* a scan that finds nothing new (`pipeline.sources.watch.scan`, in this process: listing, one
   register statement per 1,000 URLs, no message);
 * a scan after `--new` more objects arrived (those registered and enqueued).
 
@@ -38,7 +38,8 @@ import psycopg
 from bench import common
 
 PATTERN = "s3://bkt/in/**/*.jsonl"
-# sql/queries.sql `register` before issue 11 (commit c88a510), for the side-by-side cost.
+# `register` of pipeline/store/sql/queries.sql before issue 11 (commit c88a510), for the
+# side-by-side cost.
 REGISTER_BEFORE = """
 WITH input AS (
     SELECT DISTINCT ON (u.file_url) u.file_url, u.fingerprint
@@ -146,8 +147,9 @@ def main() -> None:
     import s3fs
 
     import pipeline
-    from pipeline import producer, sqlstore, urls, watch
-    from pipeline.celery_app import app
+    from pipeline.sources import producer, urls, watch
+    from pipeline.store import postgres
+    from pipeline.worker.celery_app import app
     from tests.support import s3server
 
     folder = pathlib.Path(tempfile.mkdtemp(prefix="bench-watch-"))
@@ -240,7 +242,7 @@ def main() -> None:
         # The URLs and fingerprints the scans registered, as they registered them.
         listed = fs.glob("bkt/in/**/*.jsonl", detail=True)
         known = [(f"s3://{n}", urls.fingerprint_from_info(i)) for n, i in listed.items()]
-        now_cost = register_cost(database_url, sqlstore.driver_queries()["register"], known)
+        now_cost = register_cost(database_url, postgres.driver_queries()["register"], known)
         before_cost = register_cost(database_url, REGISTER_BEFORE, known)
 
     med = {k: common.median(v) for k, v in figures.items()}

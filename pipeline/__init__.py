@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.errors import LostClaim, PipelineError, SchemaMissing, StoreUnavailable
 from pipeline.models import Checkpoint, Claim, Reason, Refusal, Stats, Status
-from pipeline.sqlstore import PostgresStore
+from pipeline.store.postgres import PostgresStore
 
 
 def open_store(database_url: str | None = None) -> PostgresStore:
@@ -17,8 +17,8 @@ def open_store(database_url: str | None = None) -> PostgresStore:
     return PostgresStore(url)
 
 
-from pipeline.celery_app import app  # noqa: E402
-from pipeline.decorator import checkpointed  # noqa: E402
+from pipeline.worker.celery_app import app  # noqa: E402
+from pipeline.worker.decorator import checkpointed  # noqa: E402
 
 __all__ = [
     "Checkpoint",

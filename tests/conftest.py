@@ -17,8 +17,8 @@ import redis
 import sqlalchemy as sa
 
 import pipeline
-from pipeline import local
-from pipeline.sqlstore import PostgresStore
+from pipeline.cli import local
+from pipeline.store.postgres import PostgresStore
 from tests.support.workers import redis_url_on_db
 
 # Redis database numbers the test suite owns (PIPELINE_TEST_REDIS_URL overrides the server).

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from pipeline import local, sample
+from pipeline.cli import local
+from pipeline.reference import sample
 from tests.support.cli_helpers import (
     Result,
     assert_no_traceback,

@@ -211,7 +211,7 @@ def test_stdin_closed_or_not_utf8__clear_message_no_traceback(
 # 30 s after its SIGINT shows where it is stuck before it is killed.
 _WITH_STACK_DUMP = (
     "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True);"
-    " from pipeline.cli import main; main()"
+    " from pipeline.cli.main import main; main()"
 )
 
 

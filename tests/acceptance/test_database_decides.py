@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 import pipeline
-from pipeline import celery_app
+from pipeline.worker import celery_app
 from tests.support import celery_tasks
 from tests.support.brokers import unacked_on_rabbitmq
 from tests.support.pgcluster import PgCluster, private_cluster
@@ -278,7 +278,7 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
         assert spent == []
         assert cluster.scalar("SELECT count(*) FROM file_attempts WHERE attempt > 1") == 0
         # The bound stated in the README: at most MAX_STARTS_PER_ATTEMPT starts per attempt.
-        from pipeline.decorator import MAX_STARTS_PER_ATTEMPT
+        from pipeline.worker.decorator import MAX_STARTS_PER_ATTEMPT
 
         assert starts == 4 <= MAX_STARTS_PER_ATTEMPT
         assert cluster.scalar("SELECT count(*) FROM sink") == 1001

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from pipeline.reference import ingest_file
+from pipeline.reference.task import ingest_file
 from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.slow

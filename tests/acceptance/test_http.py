@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import textfile
+from pipeline.sources import textfile
 from tests.support.cli_helpers import Result, assert_no_traceback, cli_env, run_cli
 from tests.support.httpfiles import FileServer
 from tests.support.workers import Cluster

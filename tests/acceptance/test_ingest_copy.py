@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from pipeline.reference import ingest_file
+from pipeline.reference.task import ingest_file
 from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.slow

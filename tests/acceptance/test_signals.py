@@ -26,7 +26,7 @@ import pytest
 import redis
 import requests
 
-from pipeline import local
+from pipeline.cli import local
 from tests.support.cli_helpers import PIPELINE, assert_no_traceback, cli_env, processes_of, run_cli
 from tests.support.workers import drop_queue_keys, wait_until
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import urls
+from pipeline.sources import urls
 from tests.support import s3server
 from tests.support.cli_helpers import PIPELINE, REPO, assert_no_traceback, cli_env, run_cli
 from tests.support.tcpproxy import TcpProxy, free_port

@@ -17,8 +17,9 @@ import redis
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_retry, task_success
 
-from pipeline import celery_app, errors
-from pipeline.sqlstore import PostgresStore
+from pipeline import errors
+from pipeline.store.postgres import PostgresStore
+from pipeline.worker import celery_app
 from tests.support.celery_tasks import SINK_DDL, plain, sink
 from tests.support.tcpproxy import free_port
 from tests.support.workers import app_on, drop_queue_keys, wait_until

@@ -1,4 +1,4 @@
-"""The private servers of the zero-setup path (pipeline/local.py): URLs every client takes,
+"""The private servers of the zero-setup path (pipeline/cli/local.py): URLs every client takes,
 reuse across commands, recovery from what a killed command leaves behind."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import psutil
 import pytest
 import redis
 
-from pipeline import local
+from pipeline.cli import local
 
 START = (
     "import pathlib, sys; from pipeline import local; "

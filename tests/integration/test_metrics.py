@@ -19,9 +19,9 @@ import requests
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import metrics
 from pipeline.models import Claim
-from pipeline.sqlstore import PostgresStore
+from pipeline.ops import metrics
+from pipeline.store.postgres import PostgresStore
 from tests.support.flower_helpers import REPO, pipeline_executable
 from tests.support.tcpproxy import free_port
 from tests.support.workers import wait_until

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from pipeline import errors
-from pipeline.metrics import CheckpointCollector
-from pipeline.sqlstore import PostgresStore
+from pipeline.ops.metrics import CheckpointCollector
+from pipeline.store.postgres import PostgresStore
 
 
 @pytest.mark.parametrize("password", ["S3cret#Pw", "a/b?c@dd", "p@ss:w0rd#x"])

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from pipeline import sqlstore
+from pipeline.store import postgres
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -71,9 +71,9 @@ def empty_database_url(database_url: str) -> Iterator[str]:
 @pytest.mark.slow
 def test_wheel__contains_the_sql(wheel: pathlib.Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "pipeline/sql/queries.sql" in names
-    for _, name, _ in sqlstore.migrations():
-        assert f"pipeline/sql/migrations/{name}.sql" in names
+    assert "pipeline/store/sql/queries.sql" in names
+    for _, name, _ in postgres.migrations():
+        assert f"pipeline/store/sql/migrations/{name}.sql" in names
     assert "pipeline/__init__.py" in names
     assert not any(n.startswith(("tests/", "sql/")) for n in names)
 
@@ -99,7 +99,8 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
     where = _run(
         python,
         "-c",
-        "import pipeline, pipeline.sqlstore as s; print(pipeline.__file__); print(s.sql_dir())",
+        "import pipeline, pipeline.store.postgres as s;"
+        " print(pipeline.__file__); print(s.sql_dir())",
         cwd=elsewhere,
         env=env,
     ).split()
@@ -118,7 +119,7 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
         cwd=elsewhere,
         env=env,
     )
-    latest = sqlstore.migrations()[-1][0]
+    latest = postgres.migrations()[-1][0]
     assert f"schema version {latest}" in out
     dsn = sa.make_url(empty_database_url).set(drivername="postgresql")
     with psycopg.connect(dsn.render_as_string(hide_password=False)) as conn:

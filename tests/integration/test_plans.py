@@ -20,8 +20,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from pipeline import sqlstore
-from pipeline.sqlstore import PostgresStore
+from pipeline.store import postgres
+from pipeline.store.postgres import PostgresStore
 
 ROWS = 20_000
 WARM_UP = 12  # > 5 psycopg executions before it prepares + 5 custom plans before a generic one
@@ -40,7 +40,7 @@ class Session:
 
     def __init__(self, connection: sa.Connection) -> None:
         self.connection = connection
-        self.queries = sqlstore.queries()
+        self.queries = postgres.queries()
 
     def run(self, name: str, **params: Any) -> list[Any]:
         query = self.queries[name]

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from celery.exceptions import Retry
 
-from pipeline import celery_app, errors
+from pipeline import errors
 from pipeline.models import Status
-from pipeline.reference import ingest_file
-from pipeline.sqlstore import PostgresStore
+from pipeline.reference.task import ingest_file
+from pipeline.store.postgres import PostgresStore
+from pipeline.worker import celery_app
 
 
 @pytest.fixture

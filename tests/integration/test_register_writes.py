@@ -12,7 +12,7 @@ import threading
 import sqlalchemy as sa
 
 from pipeline.models import Change
-from pipeline.sqlstore import PostgresStore
+from pipeline.store.postgres import PostgresStore
 
 URLS = [f"file:///known/{i:04d}.jsonl" for i in range(300)]
 

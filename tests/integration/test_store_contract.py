@@ -13,9 +13,9 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.models import Change, Claim, Outcome, Reason, Refusal, Stats, Status
-from pipeline.sqlstore import PostgresStore
 from pipeline.store import Store
-from pipeline.testing import MemoryStore, backdate_retry, expire_lease
+from pipeline.store.memory import MemoryStore, backdate_retry, expire_lease
+from pipeline.store.postgres import PostgresStore
 
 URL = "file:///data/a.csv"
 OTHER = "file:///data/b.csv"

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.models import Claim
-from pipeline.sqlstore import PostgresStore
+from pipeline.store.postgres import PostgresStore
 
 
 def test_translate__division_by_zero_is_a_data_error_not_an_outage(pg_store: PostgresStore) -> None:

@@ -18,9 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 import pipeline
-from pipeline import errors, sqlstore
+from pipeline import errors
 from pipeline.models import Claim, Outcome, Refusal, Stats, Status
-from pipeline.sqlstore import PostgresStore
+from pipeline.store import postgres
+from pipeline.store.postgres import PostgresStore
 
 SPAWN = multiprocessing.get_context("spawn")
 RACERS = 8
@@ -235,8 +236,8 @@ def test_race__four_concurrent_upgrades_of_a_fresh_database_apply_each_migration
     fresh_database_url: str,
 ) -> None:
     reports = _race(_upgrader, [(fresh_database_url,)] * 4)
-    names = [name for _, name, _ in sqlstore.migrations()]
-    latest = sqlstore.migrations()[-1][0]
+    names = [name for _, name, _ in postgres.migrations()]
+    latest = postgres.migrations()[-1][0]
     applied = [name for done, _ in reports for name in done]
     assert applied == names  # all of them, once, by whichever process came first
     assert sorted(len(done) for done, _ in reports) == [0, 0, 0, len(names)]

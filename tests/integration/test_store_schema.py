@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pipeline.models import Outcome, Status
-from pipeline.sqlstore import PostgresStore
+from pipeline.store.postgres import PostgresStore
 
 _CONSTRAINT = "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = :name"
 

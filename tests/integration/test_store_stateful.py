@@ -25,9 +25,9 @@ from hypothesis.stateful import (
 
 from pipeline import errors
 from pipeline.models import Claim, Outcome, Reason, Refusal, Stats, Status
-from pipeline.sqlstore import PostgresStore
 from pipeline.store import Store
-from pipeline.testing import ManualClock, MemoryStore, expire_lease
+from pipeline.store.memory import ManualClock, MemoryStore, expire_lease
+from pipeline.store.postgres import PostgresStore
 
 URLS = ("file:///s/0", "file:///s/1", "file:///s/2")
 # Each file has its own cap, passed on every claim and register, so caps are never lowered.

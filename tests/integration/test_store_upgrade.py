@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from psycopg.rows import namedtuple_row
 
 import pipeline
-from pipeline import sqlstore
 from pipeline.models import Claim, Outcome, Status
+from pipeline.store import postgres
 
 
 def _dsn(url: str) -> str:
@@ -26,7 +26,7 @@ def _apply_up_to(url: str, version: int) -> None:
             "CREATE TABLE pipeline_schema_version (version integer PRIMARY KEY,"
             " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        for number, name, script in sqlstore.migrations():
+        for number, name, script in postgres.migrations():
             if number <= version:
                 conn.execute(script)  # type: ignore[arg-type]
                 conn.execute(

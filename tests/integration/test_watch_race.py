@@ -8,8 +8,8 @@ import threading
 import time
 from collections import Counter
 
-from pipeline import urls, watch
-from pipeline.sqlstore import PostgresStore
+from pipeline.sources import urls, watch
+from pipeline.store.postgres import PostgresStore
 
 ROUNDS = 4
 PER_ROUND = 1200  # two register statements per scan, the second one partly full

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import local
+from pipeline.cli import local
 
 RABBITMQ_PORT = 5672
 

@@ -27,7 +27,7 @@ import requests
 import sqlalchemy as sa
 
 import pipeline
-from pipeline.sqlstore import engine_url
+from pipeline.store.postgres import engine_url
 from tests.support.celery_tasks import SINK_DDL
 from tests.support.workers import Proc, wait_until
 

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # run as a script: make `tests` and `pipeline` im
 import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from pipeline.sqlstore import PostgresStore  # noqa: E402
+from pipeline.store.postgres import PostgresStore  # noqa: E402
 from tests.support.flower_helpers import FLOWER_REDIS_DB, FlowerStack  # noqa: E402
 from tests.support.tcpproxy import free_port  # noqa: E402
 
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = parser.parse_args()
     # As the tests find their servers (tests/conftest.py): the machine's, else embedded ones.
-    from pipeline import local
+    from pipeline.cli import local
     from tests.support.workers import redis_url_on_db
 
     servers = pathlib.Path(tempfile.mkdtemp(prefix="flower-shot-servers-"))

@@ -33,7 +33,7 @@ import redis
 import sqlalchemy as sa
 
 import pipeline
-from pipeline.sqlstore import engine_url
+from pipeline.store.postgres import engine_url
 from tests.support.celery_tasks import SINK_DDL
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from pipeline import display
+from pipeline.cli import display
 from pipeline.models import DeadFile, Overview, Stats, Status
 
 POISON = "file:///home/someone/projects/pipeline/.pipeline/demo-data/part-0663-poison.jsonl"

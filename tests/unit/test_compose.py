@@ -158,7 +158,7 @@ def test_compose__watch_scans_the_pattern_workers_can_read(tmp_path: pathlib.Pat
     raw = [str(part) for part in services()["watch"]["command"]]
     assert INTERPOLATION.fullmatch(raw[2])["var"] == "PIPELINE_WATCH_PATTERN"  # type: ignore[index]
     assert INTERPOLATION.fullmatch(raw[raw.index("--every") + 1])["var"] == "PIPELINE_WATCH_EVERY"  # type: ignore[index]
-    from pipeline import watchspec
+    from pipeline.sources import watchspec
 
     assert watchspec.parse_interval(argv[argv.index("--every") + 1]) == 30.0
     pattern = argv[2]
@@ -170,7 +170,7 @@ def test_compose__watch_scans_the_pattern_workers_can_read(tmp_path: pathlib.Pat
     (tmp_path / "data" / "incoming" / "day1").mkdir(parents=True)
     (tmp_path / "data" / "incoming" / "day1" / "a.jsonl").write_text("{}\n")
     local_pattern = str(tmp_path) + pattern
-    from pipeline import producer
+    from pipeline.sources import producer
 
     found = [url for _, _, url, _, _ in producer.from_glob(local_pattern)]
     assert [u.rsplit("/", 2)[-2:] for u in found] == [["day1", "a.jsonl"]]

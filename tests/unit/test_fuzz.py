@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import errors, ingest, lines, producer, urls
+from pipeline import errors
+from pipeline.reference import ingest
+from pipeline.sources import lines, producer, urls
 
 FAST = settings(max_examples=150, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 SCHEMES = ["", "file://", "file:", "memory://", "s3://", "http://", "ftp://", "x-y://", "::"]

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from pipeline import ingest, sample, textfile, urls
-from pipeline.ingest import BadContent, Record, Tally, UnsupportedFormat
 from pipeline.models import Stats
+from pipeline.reference import ingest, sample
+from pipeline.reference.ingest import BadContent, Record, Tally, UnsupportedFormat
+from pipeline.sources import textfile, urls
 
 GOOD = {"id": "e1", "ts": "2024-05-01T12:00:00Z", "type": "click", "user": "u1", "n": 3}
 UTC = dt.UTC
@@ -243,7 +244,7 @@ def test_read_records__broken_gzip_is_bad_content(tmp_path: pathlib.Path) -> Non
 def test_read_records__endless_line_is_bad_content(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The reading moved to pipeline.textfile (ingest re-exports MAX_LINE_BYTES, read-only).
+    # The reading moved to pipeline.sources.textfile (ingest re-exports MAX_LINE_BYTES, read-only).
     monkeypatch.setattr(textfile, "MAX_LINE_BYTES", 1000)
     monkeypatch.setattr(textfile, "_CHUNK_BYTES", 256)
     url = write(tmp_path / "a.jsonl", jsonl(GOOD) + "x" * 5000)

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from pipeline import ingest
+from pipeline.reference import ingest
 
 
 def tally(path: pathlib.Path) -> ingest.Tally:

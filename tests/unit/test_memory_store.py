@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import errors
 from pipeline.models import Claim, Reason, Refusal, Stats, Status
-from pipeline.testing import ManualClock, MemoryStore
+from pipeline.store.memory import ManualClock, MemoryStore
 
 URL = "file:///data/a.csv"
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import errors, producer
+from pipeline import errors
 from pipeline.models import Registration, Status
-from pipeline.testing import MemoryStore
+from pipeline.sources import producer
+from pipeline.store.memory import MemoryStore
 
 TASK = "pipeline.ingest"
 

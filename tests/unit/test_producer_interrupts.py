@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
-from pipeline import errors, producer
+from pipeline import errors
 from pipeline.interrupts import Interrupts
-from pipeline.testing import MemoryStore
+from pipeline.sources import producer
+from pipeline.store.memory import MemoryStore
 
 
 def _source(n: int) -> producer.Source:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from pipeline import producer, urls
 from pipeline.errors import InvalidURL
+from pipeline.sources import producer, urls
 
 SECRET = "pipeline-test-secret-do-not-print"
 

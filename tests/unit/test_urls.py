@@ -11,8 +11,8 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from pipeline import urls
 from pipeline.errors import InvalidURL
+from pipeline.sources import urls
 
 
 @pytest.fixture

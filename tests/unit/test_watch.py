@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import errors, producer, watch
+from pipeline import errors
 from pipeline.interrupts import Interrupts
-from pipeline.testing import MemoryStore
+from pipeline.sources import producer, watch
+from pipeline.store.memory import MemoryStore
 from tests.unit.test_producer import Sender, SpyStore, complete
 
 

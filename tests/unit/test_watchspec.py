@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from pipeline import errors, watchspec
-from pipeline.watchspec import WatchSpec
+from pipeline import errors
+from pipeline.sources import watchspec
+from pipeline.sources.watchspec import WatchSpec
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipeline import errors, masking, producer
+from pipeline import errors, masking
+from pipeline.sources import producer
 
 WATCH_ENV = "PIPELINE_WATCH"
 SCAN_TASK = "pipeline.watch_scan"

@@ -205,7 +205,7 @@ def _close_broker_connections() -> None:
         for attr in ("_available_connections", "_in_use_connections"):
             own.update(id(c) for c in getattr(pool, attr, ()))
     with contextlib.suppress(Exception):
-        from pipeline.celery_app import app
+        from pipeline.worker.celery_app import app
 
         app.pool.force_close_all()
     import gc
@@ -236,9 +236,9 @@ def psql_command(database_url: str, *args: str) -> tuple[list[str], dict[str, st
     """
     import shutil
 
-    from pipeline import sqlstore
+    from pipeline.store import postgres
 
-    url, password = sqlstore.libpq_url(database_url)
+    url, password = postgres.libpq_url(database_url)
     psql = shutil.which("psql")
     if psql is None:
         with contextlib.suppress(ImportError):

@@ -8,9 +8,10 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pipeline import errors, lines, masking, urls
+from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
 from pipeline.models import Status
+from pipeline.sources import lines, urls
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
 
 DEFAULT_TASK = "pipeline.ingest"

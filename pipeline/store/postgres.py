@@ -67,16 +67,14 @@ _MISSING_SQLSTATES = ("42P01", "42883")  # undefined table, undefined function
 
 
 def sql_dir() -> pathlib.Path:
-    """Where the .sql files are: inside the installed package, or at the source tree's top."""
-    packaged = importlib.resources.files("pipeline") / "sql"
-    if packaged.is_dir():
-        return pathlib.Path(str(packaged))
-    return pathlib.Path(__file__).resolve().parent.parent / "sql"
+    """Where the .sql files are: the `sql` folder beside this module, in the source tree and
+    in the installed package alike."""
+    return pathlib.Path(str(importlib.resources.files("pipeline.store") / "sql"))
 
 
 @functools.cache
 def queries() -> dict[str, sa.TextClause]:
-    """The named queries of sql/queries.sql, compiled once."""
+    """The named queries of pipeline/store/sql/queries.sql, compiled once."""
     text = (sql_dir() / "queries.sql").read_text()
     found: dict[str, sa.TextClause] = {}
     blocks = _QUERY_HEADER.split(text)

@@ -24,16 +24,16 @@ from typing import Any
 
 import msgspec
 
-from pipeline import textfile, urls
 from pipeline.errors import PermanentError
 from pipeline.models import Stats
+from pipeline.sources import textfile, urls
 
 # Re-exported: the task's callers and tests know them as ingest.BadInput and so on.
-from pipeline.textfile import MAX_LINE_BYTES as MAX_LINE_BYTES
-from pipeline.textfile import BadContent as BadContent
-from pipeline.textfile import BadInput as BadInput
-from pipeline.textfile import Block
-from pipeline.textfile import NotRegularFile as NotRegularFile
+from pipeline.sources.textfile import MAX_LINE_BYTES as MAX_LINE_BYTES
+from pipeline.sources.textfile import BadContent as BadContent
+from pipeline.sources.textfile import BadInput as BadInput
+from pipeline.sources.textfile import Block
+from pipeline.sources.textfile import NotRegularFile as NotRegularFile
 
 # Executed by the task inside the checkpoint transaction, after DELETE_EVENTS_SQL: the file's
 # old events are gone first, so the unique (file_url, line) cannot conflict and plain COPY

@@ -11,13 +11,15 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import beat_init, worker_process_init
 
-from pipeline import config, errors, masking, messages, producer, watchspec
+from pipeline import config, errors, masking
+from pipeline.sources import producer, watchspec
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
+from pipeline.worker import messages
 
 logger = logging.getLogger("pipeline")
 
 app = Celery("pipeline")
-app.config_from_object("pipeline.celeryconfig")
+app.config_from_object("pipeline.worker.celeryconfig")
 
 # How often the prefork pool looks for children that died (Celery's own timer: 5 s).
 POOL_MAINTENANCE_INTERVAL = 0.5
@@ -241,7 +243,7 @@ def watch_scan(
     file_type: str = "events",
 ) -> dict[str, object]:
     """Beat task: one scan of a watched pattern (see pipeline.watch); returns its report."""
-    from pipeline import watch
+    from pipeline.sources import watch
 
     with app.producer_or_acquire() as publisher:
 

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from pipeline import urls
+from pipeline.sources import urls
 
 # UTF-8 takes at most 4 bytes a character; normalising never makes a URL shorter than what
 # was typed, except for surrounding blanks: a line past this cannot become a valid URL.

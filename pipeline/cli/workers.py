@@ -114,7 +114,7 @@ def start_workers(
     Each gets a session of its own (a terminal's Ctrl-C reaches this process only, which then
     stops them in order); stop_workers() ends them.
     """
-    from pipeline.celery_app import app
+    from pipeline.worker.celery_app import app
 
     procs: list[subprocess.Popen[bytes]] = []
     log_dir.mkdir(parents=True, exist_ok=True)

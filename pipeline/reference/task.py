@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import ingest, sqlstore
-from pipeline.decorator import checkpointed
 from pipeline.models import Stats
+from pipeline.reference import ingest
+from pipeline.store import postgres
+from pipeline.worker.decorator import checkpointed
 
 
 @checkpointed(name="pipeline.ingest", file_type="events", dont_retry_on=(ingest.BadInput,))
@@ -16,9 +17,9 @@ def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
     with checkpoint.transaction() as conn:
         # The old generation's events go first, in the same transaction: the COPY after it
         # cannot conflict with them, and a crash (or a bad line halfway) rolls back both.
-        sqlstore.execute_many(conn, ingest.DELETE_EVENTS_SQL, [{"file_url": file_url}])
+        postgres.execute_many(conn, ingest.DELETE_EVENTS_SQL, [{"file_url": file_url}])
         rows = ingest.copy_rows(file_url, ingest.read_records(file_url), tally)
-        persisted = sqlstore.copy_rows(conn, ingest.COPY_EVENTS_SQL, rows)
+        persisted = postgres.copy_rows(conn, ingest.COPY_EVENTS_SQL, rows)
     if tally.examples:
         checkpoint.details.update(tally.details())
     return tally.stats(persisted)

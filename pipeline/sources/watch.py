@@ -19,9 +19,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeline import errors, masking, producer
+from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
 from pipeline.models import Change
+from pipeline.sources import producer
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
 
 logger = logging.getLogger("pipeline.watch")

@@ -24,20 +24,11 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from pipeline import (
-    config,
-    display,
-    errors,
-    lines,
-    local,
-    masking,
-    producer,
-    urls,
-    watchspec,
-    workers,
-)
+from pipeline import config, errors, masking
+from pipeline.cli import display, local, workers
 from pipeline.interrupts import Interrupts
 from pipeline.models import Status
+from pipeline.sources import lines, producer, urls, watchspec
 from pipeline.store import DEFAULT_WAITING_SECONDS, Store
 
 err = Console(stderr=True)
@@ -71,7 +62,7 @@ def _open_store(*, broker: bool = False) -> Store:
 
 def _check_broker_url() -> None:
     """A malformed broker URL is said so now, masked, not as a traceback mid-submit."""
-    from pipeline.celery_app import app
+    from pipeline.worker.celery_app import app
 
     url = app.conf.broker_url
     try:
@@ -85,7 +76,7 @@ def _check_broker_url() -> None:
 
 def _sync_app_broker() -> None:
     # The app read its settings at import; embedded mode may have set the URL since.
-    from pipeline.celery_app import app
+    from pipeline.worker.celery_app import app
 
     if config.broker_url():
         app.conf.broker_url = config.broker_url()
@@ -104,7 +95,7 @@ def _handled() -> Iterator[None]:
     except kombu.exceptions.OperationalError as error:
         # The broker went away while sending; rows already moved to pending are handed back
         # by the reaper once they have waited long enough.
-        from pipeline.celery_app import app
+        from pipeline.worker.celery_app import app
 
         broker = config.mask_url(app.conf.broker_url)
         message = masking.scrub(str(error), app.conf.broker_url)
@@ -273,7 +264,7 @@ def _submit(
 ) -> producer.SubmitReport:
     """Register and enqueue with a bar. `interrupts`: the caller's, installed; without it,
     one is installed here for the submit (the demo's case)."""
-    from pipeline.celery_app import app
+    from pipeline.worker.celery_app import app
 
     sources: list[producer.Source] = []
     if urls or from_file:
@@ -345,7 +336,7 @@ def _submit(
 
 def _warn_if_no_worker_has(task_name: str) -> None:
     """Warn when running workers answer and none of them has the task (rows would wait)."""
-    from pipeline.celery_app import app
+    from pipeline.worker.celery_app import app
 
     try:
         replies = app.control.inspect(timeout=1.0).registered() or {}
@@ -416,8 +407,8 @@ def requeue(
     dead: bool, failed: bool, file_url: str | None, batch_id: str | None, force: bool
 ) -> None:
     """Put files back to pending in a new generation of attempts, and enqueue them."""
-    from pipeline import urls
-    from pipeline.celery_app import enqueue
+    from pipeline.sources import urls
+    from pipeline.worker.celery_app import enqueue
 
     chosen = [s for s, on in ((Status.DEAD, dead), (Status.FAILED, failed)) if on]
     if force:
@@ -480,9 +471,9 @@ def watch(
     changed and enqueue only that. One line per scan. Stops between scans on Ctrl-C or SIGTERM
     (exit 128 + the signal's number); a signal during a scan finishes the chunk in hand.
     """
-    from pipeline import metrics as exporter
-    from pipeline import watch as watcher
-    from pipeline.celery_app import app
+    from pipeline.ops import metrics as exporter
+    from pipeline.sources import watch as watcher
+    from pipeline.worker.celery_app import app
 
     with _handled():
         if masking.has_userinfo(pattern):
@@ -561,7 +552,7 @@ def _sender(app: Any) -> tuple[Any, Any]:
 )
 def reap(waiting_seconds: float) -> None:
     """Move expired claims on and re-enqueue files whose message was lost (the reaper, once)."""
-    from pipeline.celery_app import reap_once
+    from pipeline.worker.celery_app import reap_once
 
     with _handled():
         store = _open_store(broker=True)
@@ -630,7 +621,7 @@ def db_shell(psql_args: tuple[str, ...]) -> None:
 )
 def metrics(port: int, addr: str, interval: float) -> None:
     """Serve Prometheus metrics of the checkpoint table on http://ADDR:PORT/metrics."""
-    from pipeline import metrics as exporter
+    from pipeline.ops import metrics as exporter
 
     with _handled():
         store = _open_store()
@@ -733,7 +724,7 @@ def demo(
     Exit status 0 when the batch ran to the end, 1 when the demo gave up waiting, 128+N when
     stopped by signal N; everything it started is stopped either way.
     """
-    from pipeline import demo as demo_
+    from pipeline.cli import demo as demo_
 
     with _handled():
         status = demo_.main(

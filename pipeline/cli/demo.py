@@ -20,9 +20,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import config, local, producer, sqlstore, workers
+from pipeline import config
+from pipeline.cli import local, workers
 from pipeline.models import Status
-from pipeline.store import Store
+from pipeline.sources import producer
+from pipeline.store import Store, postgres
 
 BATCH = "demo"
 WAIT_SECONDS = 600.0
@@ -92,7 +94,7 @@ def closing_lines(flower_port: int | None) -> list[str]:
         env = f"{local.STATE_DIR_ENV}={shlex.quote(str(local.state_dir()))} "
     fresh = f"{local.STATE_DIR_ENV}=$(mktemp -d) "
     # psql's own spelling of the database URL (no driver name; a password is never shown).
-    where, password = sqlstore.libpq_url(config.database_url() or "")
+    where, password = postgres.libpq_url(config.database_url() or "")
     if password:
         where = f"{config.mask_url(where)} (password not shown)"
     lines = [
@@ -131,8 +133,8 @@ def run(
     `submit`, `follow` and `show` are the CLI's own (the same output as `pipeline submit`
     and `pipeline status`).
     """
-    from pipeline import sample
-    from pipeline.celery_app import reap_once
+    from pipeline.reference import sample
+    from pipeline.worker.celery_app import reap_once
 
     applied = store.upgrade()
     if applied:

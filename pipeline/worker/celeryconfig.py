@@ -6,7 +6,7 @@ Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RE
 PIPELINE_REAP_INTERVAL (seconds between sweeps in every worker, and under beat, default 5),
 PIPELINE_REAP_WAITING_SECONDS (how long a pending row waits for its task before the reaper
 re-enqueues it, default 120; read by beat, or by the worker when beat does not set it),
-PIPELINE_WATCH (patterns beat scans, see pipeline/watchspec.py).
+PIPELINE_WATCH (patterns beat scans, see pipeline/sources/watchspec.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ result_backend = os.environ.get("PIPELINE_RESULT_BACKEND") or None
 task_ignore_result = result_backend is None
 
 # Modules holding tasks: the reference task, then the user's own (PIPELINE_TASK_MODULES).
-include = ["pipeline.reference"] + [
+include = ["pipeline.reference.task"] + [
     m.strip() for m in os.environ.get("PIPELINE_TASK_MODULES", "").split(",") if m.strip()
 ]
 
@@ -68,7 +68,7 @@ task_track_started = True
 # cost, measured), and Flower gets the file URL from the worker's task-received event.
 task_send_sent_event = False
 
-# The sweep runs inside every worker (pipeline.celery_app.Sweeper); beat may still send
+# The sweep runs inside every worker (pipeline.worker.celery_app.Sweeper); beat may still send
 # `pipeline.reap` for those who run it (it then waits in the queue like any task).
 beat_schedule = {
     "pipeline-reap": {
@@ -84,8 +84,8 @@ beat_schedule = {
     }
 }
 
-# Patterns `celery beat` watches: one `pipeline.watch_scan` entry each, added when beat starts
-# (pipeline.celery_app), which refuses a malformed value there with its reason. Entries
-# `PATTERN EVERY [batch=NAME] [task=NAME]`, separated by ";" (pipeline/watchspec.py); a config
-# module of your own may set a list of such strings, or of dicts, instead.
+# Patterns `celery beat` watches: one `pipeline.watch_scan` entry each, added when beat starts,
+# which refuses a malformed value there with its reason. Entries `PATTERN EVERY [batch=NAME]
+# [task=NAME]`, separated by ";" (pipeline/sources/watchspec.py); a config module of your own
+# may set a list of such strings, or of dicts, instead.
 pipeline_watch = os.environ.get("PIPELINE_WATCH", "")

@@ -210,7 +210,7 @@ class CheckpointRequest(Request):  # type: ignore[misc]
             return
         worker_id = f"{self.hostname or 'local'}:{self.worker_pid}"
         try:
-            from pipeline.celery_app import get_store
+            from pipeline.worker.celery_app import get_store
 
             status = get_store().abandon(str(self.args[0]), worker_id, self.id)
             if status is not None:
@@ -252,7 +252,7 @@ def run(
     task: Task, fn: Callable[..., Any], spec: Spec, file_url: str, args: Any, kwargs: Any
 ) -> Any:
     """One delivery: claim, run with heartbeat, complete or fail (Postgres decides)."""
-    from pipeline.celery_app import get_store
+    from pipeline.worker.celery_app import get_store
 
     if masking.has_userinfo(file_url):
         # A message sent around `pipeline submit` (task.delay): never store nor show the secret.
@@ -587,7 +587,7 @@ def checkpointed(
         raise ValueError("max_attempts must be at least 1")
 
     def wrap(func: Callable[..., Any]) -> Any:
-        from pipeline.celery_app import app as default_app
+        from pipeline.worker.celery_app import app as default_app
 
         target = app or default_app
         spec = Spec(
@@ -600,7 +600,7 @@ def checkpointed(
             wants_checkpoint="checkpoint" in inspect.signature(func).parameters,
         )
         options = {
-            # The crash-safe options (see pipeline/celeryconfig.py for why each).
+            # The crash-safe options (see pipeline/worker/celeryconfig.py for why each).
             "acks_late": True,
             "reject_on_worker_lost": True,
             "serializer": "json",

@@ -21,7 +21,7 @@ from pipeline.models import Overview, Status
 from pipeline.store import Store
 
 if TYPE_CHECKING:
-    from pipeline.watch import ScanReport as WatchReport
+    from pipeline.sources.watch import ScanReport as WatchReport
 
 logger = logging.getLogger("pipeline.metrics")
 
