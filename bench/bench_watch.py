@@ -147,7 +147,8 @@ def main() -> None:
     import s3fs
 
     import pipeline
-    from pipeline.sources import producer, urls, watch
+    from pipeline.sender import Sender
+    from pipeline.sources import urls, watch
     from pipeline.store import postgres
     from pipeline.worker.celery_app import app
     from tests.support import s3server
@@ -171,7 +172,8 @@ def main() -> None:
         app.conf.broker_url = common.REDIS_URL
         app.conf.task_default_queue = queue
         store = pipeline.open_store(database_url)
-        send, close = producer.celery_sender(app)
+        sender = Sender(app)
+        send = sender.send
 
         def listing() -> float:
             fresh = s3fs.S3FileSystem(
@@ -236,7 +238,7 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        close()
+        sender.close()
         store.close()
 
         # The URLs and fingerprints the scans registered, as they registered them.

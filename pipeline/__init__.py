@@ -1,36 +1,49 @@
-"""Exactly-once file processing on Celery and PostgreSQL."""
+"""Exactly-once file processing on Celery and PostgreSQL.
+
+`from pipeline import app, checkpointed` gives the Celery app and the decorator; both load on
+first use, so that commands which never touch Celery (`pipeline status`, `pipeline db`) do not
+pay for importing it. `celery -A pipeline worker` finds `app` the same way.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pipeline.errors import LostClaim, PipelineError, SchemaMissing, StoreUnavailable
 from pipeline.models import Checkpoint, Claim, Reason, Refusal, Stats, Status
-from pipeline.store.postgres import PostgresStore
+from pipeline.store import Store, open_store
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pipeline.worker.decorator import checkpointed as checkpointed
+
+    app: Celery
 
 
-def open_store(database_url: str | None = None) -> PostgresStore:
-    """The checkpoint store on the given Postgres URL (default: PIPELINE_DATABASE_URL)."""
-    from pipeline import config
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from pipeline.worker.celery_app import app
 
-    url = database_url or config.database_url()
-    if not url:
-        raise PipelineError(f"no database URL given and {config.DATABASE_URL_ENV} is not set")
-    return PostgresStore(url)
+        return app
+    if name == "checkpointed":
+        from pipeline.worker.decorator import checkpointed
 
+        return checkpointed
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
-from pipeline.worker.celery_app import app  # noqa: E402
-from pipeline.worker.decorator import checkpointed  # noqa: E402
 
 __all__ = [
     "Checkpoint",
     "Claim",
     "LostClaim",
     "PipelineError",
-    "PostgresStore",
     "Reason",
     "Refusal",
     "SchemaMissing",
     "Stats",
     "Status",
+    "Store",
     "StoreUnavailable",
     "app",
     "checkpointed",

@@ -17,6 +17,10 @@ class StoreUnavailable(PipelineError):
     """The checkpoint database cannot be reached; nothing was changed, try again."""
 
 
+class BrokerUnavailable(PipelineError):
+    """The broker cannot be reached; the tasks not sent are handed out again by the sweep."""
+
+
 class SchemaMissing(PipelineError):
     """The checkpoint schema is missing or out of date: run `pipeline db upgrade`."""
 

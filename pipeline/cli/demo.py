@@ -7,24 +7,26 @@ exit handlers the private Redis and Postgres) stops when it ends, also on Ctrl-C
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import config
-from pipeline.cli import local, workers
+from pipeline import masking, settings
+from pipeline.cli import display, local, workers
+from pipeline.cli.services import Services
 from pipeline.models import Status
+from pipeline.reference import sample
 from pipeline.sources import producer
-from pipeline.store import Store, postgres
+from pipeline.worker import sweep
 
 BATCH = "demo"
 WAIT_SECONDS = 600.0
@@ -85,18 +87,19 @@ def self_command() -> str:
     return f"{shlex.quote(sys.executable)} -m pipeline.cli"
 
 
-def closing_lines(flower_port: int | None) -> list[str]:
+def closing_lines(services: Services, flower_port: int | None) -> list[str]:
     """The commands that show the result, each working as printed from any folder."""
     me = self_command()
     env = ""
-    if local.started_here():
+    state = settings.STATE_DIR.name
+    if services.started:
         # The private servers live in the state folder; the same folder finds them again.
-        env = f"{local.STATE_DIR_ENV}={shlex.quote(str(local.state_dir()))} "
-    fresh = f"{local.STATE_DIR_ENV}=$(mktemp -d) "
+        env = f"{state}={shlex.quote(str(local.state_dir()))} "
+    fresh = f"{state}=$(mktemp -d) "
     # psql's own spelling of the database URL (no driver name; a password is never shown).
-    where, password = postgres.libpq_url(config.database_url() or "")
+    where, password = services.store().libpq_url()
     if password:
-        where = f"{config.mask_url(where)} (password not shown)"
+        where = f"{masking.mask_url(where)} (password not shown)"
     lines = [
         "Look at the result:",
         f"  {env}{me} status --batch {BATCH}",
@@ -114,93 +117,79 @@ def closing_lines(flower_port: int | None) -> list[str]:
     return lines
 
 
-def run(
-    store: Store,
-    *,
-    n_files: int,
-    n_workers: int,
-    data_dir: str | None,
-    flower_port: int | None,
-    timeout: float = WAIT_SECONDS,
-    out: Console,
-    err: Console,
-    submit: Callable[..., producer.SubmitReport],
-    follow: Callable[..., object],
-    show: Callable[..., None],
-) -> int:
-    """The demo, from the schema to the closing lines; its exit status.
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `pipeline demo` was asked for."""
 
-    `submit`, `follow` and `show` are the CLI's own (the same output as `pipeline submit`
-    and `pipeline status`).
-    """
-    from pipeline.reference import sample
-    from pipeline.worker.celery_app import reap_once
+    n_files: int = 300
+    n_workers: int = 2
+    data_dir: str | None = None
+    flower_port: int | None = None
+    timeout: float = WAIT_SECONDS
 
+
+def run(services: Services, options: Options, *, out: Console, err: Console) -> int:
+    """The demo, from the schema to the closing lines; its exit status."""
+    store = services.store()
+    flower_port = options.flower_port
     applied = store.upgrade()
     if applied:
         err.print(f"schema: applied {', '.join(applied)}")
     logs = local.state_dir() / "logs"
     flower: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = []
+    app = services.app()
     try:
         if flower_port:
             # Started first: Flower shows only the task events it saw.
-            flower = workers.start_flower(flower_port, logs)
+            flower = workers.start_flower(flower_port, logs, services.child_env())
             err.print(
                 f"Flower on http://127.0.0.1:{flower_port}/tasks (log in {escape(str(logs))})"
             )
-        folder = pathlib.Path(data_dir) if data_dir else local.state_dir() / "demo-data"
+        folder = pathlib.Path(options.data_dir) if options.data_dir else None
+        folder = folder or local.state_dir() / "demo-data"
         if not folder.exists() or not any(folder.iterdir()):
-            paths = sample.make_batch(folder, n_files=n_files, lines_per_file=40, seed=7)
+            paths = sample.make_batch(folder, n_files=options.n_files, lines_per_file=40, seed=7)
             err.print(
                 f"wrote {len(paths)} sample files to {escape(str(folder))} "
                 "(some malformed lines, one poison file)"
             )
-        report = submit(
-            store,
-            (),
-            None,
-            str(folder / "*"),
-            BATCH,
-            producer.DEFAULT_TASK,
-            "events",
-            3,
-            False,
-            True,
-        )
+        request = producer.Request(batch_id=BATCH, pattern=str(folder / "*"))
+        with services.sender() as sender:
+            report = display.submit(store, request, sender)
         if report.enqueued == 0 and report.in_flight_before == 0:
             out.print(
                 f"[green]nothing to do:[/green] all {report.seen} files of batch "
                 f"{BATCH!r} are already done"
             )
-            show(store.overview(BATCH), BATCH)
-            _print_closing(out, flower_port)
+            display.print_overview(store.overview(BATCH), BATCH)
+            _print_closing(out, services, flower_port)
             if flower_port:
                 wait_for_stop()
             return EXIT_OK
-        err.print(f"starting {n_workers} workers (logs in {escape(str(logs))})")
-        procs = workers.start_workers(n_workers, logs)
-        if report.in_flight_before and config.BROKER_URL_ENV in local.started_here():
+        err.print(f"starting {options.n_workers} workers (logs in {escape(str(logs))})")
+        procs = workers.start_workers(app, options.n_workers, logs, env=services.child_env())
+        if report.in_flight_before and settings.BROKER_URL.name in services.started:
             # Rows left pending or processing by an earlier run that was stopped: their
             # messages may be lost with its private broker. Hand them out again now rather
             # than after the reaper's wait; a duplicate message costs one claim, nothing more.
             # (Only on the private servers: a shared table holds other people's rows too.)
-            counts = reap_once(store, waiting_seconds=0)
+            counts = sweep.reap_once(store, app, waiting_seconds=0)
             err.print(
                 f"{report.in_flight_before} files left in flight by an earlier run: "
                 f"{counts['enqueued']} re-enqueued"
             )
-        overview = follow(store, BATCH, timeout=timeout)
-        show(overview, BATCH)
+        overview = display.follow(store, BATCH, timeout=options.timeout)
+        display.print_overview(overview, BATCH)
         totals = store.overview(BATCH).totals()
         unfinished = totals[Status.PENDING] + totals[Status.PROCESSING] + totals[Status.FAILED]
         if unfinished:
             err.print(
                 f"[red]gave up:[/red] {unfinished} files still unfinished after "
-                f"{timeout:.0f}s; worker logs in {escape(str(logs))}"
+                f"{options.timeout:.0f}s; worker logs in {escape(str(logs))}"
             )
             return EXIT_GAVE_UP
-        _print_closing(out, flower_port)
+        _print_closing(out, services, flower_port)
         if flower_port:
             wait_for_stop()
         return EXIT_OK
@@ -210,25 +199,24 @@ def run(
             workers.stop_workers([flower])
 
 
-def _print_closing(out: Console, flower_port: int | None) -> None:
+def _print_closing(out: Console, services: Services, flower_port: int | None) -> None:
     out.print()
-    for line in closing_lines(flower_port):
+    for line in closing_lines(services, flower_port):
         out.print(escape(line), soft_wrap=True)
 
 
-def main(open_store: Callable[[], Store], *, err: Console, **options: Any) -> int:
-    """Open the store (starting the private servers), run the demo; stops on signals.
+def main(services: Services, options: Options, *, out: Console, err: Console) -> int:
+    """Run the demo (starting the private servers where no URL is set); stops on signals.
 
     The private servers themselves stop in the exit handlers that started them (local.py),
     once this returns and the workers are gone.
     """
     with stop_on_signals():
         try:
-            store = open_store()
             try:
-                return run(store, err=err, **options)
+                return run(services, options, out=out, err=err)
             finally:
-                store.close()
+                services.close()
         except Stopped as stopped:
             err.print(f"[yellow]stopped by {stopped}[/yellow]: workers stopped, servers stopping")
             return 128 + stopped.signum

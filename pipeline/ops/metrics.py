@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pipeline import errors, masking
 from pipeline.models import Overview, Status
-from pipeline.store import Store
+from pipeline.store import Reports
 
 if TYPE_CHECKING:
     from pipeline.sources.watch import ScanReport as WatchReport
@@ -29,7 +29,7 @@ logger = logging.getLogger("pipeline.metrics")
 class CheckpointCollector(Collector):
     """Serves the latest snapshot of the checkpoint table; `refresh()` takes a new one."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Reports) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._overview: Overview | None = None
@@ -117,7 +117,7 @@ class CheckpointCollector(Collector):
 
 
 def serve(
-    store: Store, *, port: int, addr: str = "0.0.0.0", interval: float = 15.0
+    store: Reports, *, port: int, addr: str = "0.0.0.0", interval: float = 15.0
 ) -> tuple[CheckpointCollector, threading.Event]:
     """Start the HTTP server and the refresh thread; returns the collector and a stop event."""
     collector = CheckpointCollector(store)

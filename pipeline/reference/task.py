@@ -6,7 +6,6 @@ from typing import Any
 
 from pipeline.models import Stats
 from pipeline.reference import ingest
-from pipeline.store import postgres
 from pipeline.worker.decorator import checkpointed
 
 
@@ -14,12 +13,12 @@ from pipeline.worker.decorator import checkpointed
 def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
     """Read a file's records, write the valid ones to `events` with the checkpoint."""
     tally = ingest.Tally()
-    with checkpoint.transaction() as conn:
+    with checkpoint.transaction() as output:
         # The old generation's events go first, in the same transaction: the COPY after it
         # cannot conflict with them, and a crash (or a bad line halfway) rolls back both.
-        postgres.execute_many(conn, ingest.DELETE_EVENTS_SQL, [{"file_url": file_url}])
+        output.execute_many(ingest.DELETE_EVENTS_SQL, [{"file_url": file_url}])
         rows = ingest.copy_rows(file_url, ingest.read_records(file_url), tally)
-        persisted = postgres.copy_rows(conn, ingest.COPY_EVENTS_SQL, rows)
+        persisted = output.copy_rows(ingest.COPY_EVENTS_SQL, rows)
     if tally.examples:
         checkpoint.details.update(tally.details())
     return tally.stats(persisted)

@@ -11,9 +11,11 @@ newline within SKIP_LIMIT bytes: /dev/zero, a binary file), reading stops, refus
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from pipeline import errors
 from pipeline.sources import urls
 
 # UTF-8 takes at most 4 bytes a character; normalising never makes a URL shorter than what
@@ -69,3 +71,19 @@ def _skip_rest(stream: BinaryIO, limit: int) -> bool:
             return True
         skipped += len(part)
     return False
+
+
+def input_lines(arguments: Iterable[str], from_file: str | None) -> Iterator[str | Refused]:
+    """What `submit` reads: each argument as given (`-` for stdin), then the lines of
+    `from_file`; stdin and the file read in bounded lines."""
+    for argument in arguments:
+        if argument == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise errors.InvalidInput("cannot read URLs from stdin: it is closed")
+            yield from read_lines(stdin)
+        else:
+            yield argument
+    if from_file:
+        with open(from_file, "rb") as handle:
+            yield from read_lines(handle)

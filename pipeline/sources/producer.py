@@ -6,13 +6,12 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
 from pipeline.models import Status
 from pipeline.sources import lines, urls
-from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
+from pipeline.store import DEFAULT_MAX_ATTEMPTS, Registry
 
 DEFAULT_TASK = "pipeline.ingest"
 # URLs per registration statement: one round trip per chunk, constant memory per chunk.
@@ -62,6 +61,30 @@ class SubmitReport:
         self.refused_count += 1
         if len(self.refused) < MAX_REFUSED_KEPT:
             self.refused.append((line, masking.scrub(text[:200]), reason))
+
+    def add(self, part: SubmitReport) -> None:
+        """Count `part` (the next source's report) in this one."""
+        for field in _COUNTS:
+            setattr(self, field, getattr(self, field) + getattr(part, field))
+        self.refused.extend(part.refused[: MAX_REFUSED_KEPT - len(self.refused)])
+        self.last_line = part.last_line or self.last_line
+        self.interrupted = part.interrupted
+
+    def plus(self, part: SubmitReport) -> SubmitReport:
+        """The counts so far with `part` (a source in progress) added, for a progress line."""
+        total = dataclasses.replace(self, refused=[])
+        total.add(dataclasses.replace(part, refused=[]))
+        return total
+
+
+_COUNTS = (
+    "seen",
+    "enqueued",
+    "completed_before",
+    "dead_before",
+    "in_flight_before",
+    "refused_count",
+)
 
 
 # URLs fingerprinted one by one at submit (see from_lines).
@@ -147,7 +170,7 @@ def from_glob(pattern: str, *, refresh: bool = False) -> Source:
 
 
 def submit(
-    store: Store,
+    store: Registry,
     source: Source,
     send: Callable[[str, str], None],
     *,
@@ -198,7 +221,7 @@ def submit(
 
 
 def _submit_chunk(
-    store: Store,
+    store: Registry,
     chunk: list[tuple[int, str, str | None, str | None, str | None]],
     send: Callable[[str, str], None],
     report: SubmitReport,
@@ -245,19 +268,58 @@ def _submit_chunk(
             report.in_flight_before += 1
 
 
-def celery_sender(app: Any) -> tuple[Callable[[str, str], None], Callable[[], None]]:
-    """A send function reusing one broker connection, and the function that releases it."""
-    connection = app.connection_for_write()
-    # Connect now, with one retry: kombu connects lazily on the first publish and then
-    # retries for ever, so a down broker would surface mid-submit, after rows were registered.
-    connection.ensure_connection(max_retries=1)
-    producer = app.amqp.Producer(connection)
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one `pipeline submit` asks for: its inputs and how to register them."""
 
-    def send(task_name: str, url: str) -> None:
-        app.send_task(task_name, args=[url], producer=producer)
+    batch_id: str
+    arguments: tuple[str, ...] = ()
+    from_file: str | None = None
+    pattern: str | None = None
+    task_name: str = DEFAULT_TASK
+    file_type: str = "events"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    force: bool = False
+    fingerprints: bool = True
 
-    def close() -> None:
-        producer.release() if hasattr(producer, "release") else None
-        connection.release()
 
-    return send, close
+def submit_request(
+    store: Registry,
+    request: Request,
+    send: Callable[[str, str], None],
+    *,
+    progress: Callable[[SubmitReport], None] | None = None,
+    interrupts: Interrupts | None = None,
+) -> SubmitReport:
+    """Every source of `request` (input lines, then the glob), one report for them all."""
+    sources: list[Source] = []
+    if request.arguments or request.from_file:
+        sources.append(
+            from_lines(
+                lines.input_lines(request.arguments, request.from_file),
+                fingerprints=request.fingerprints,
+            )
+        )
+    if request.pattern:
+        sources.append(from_glob(request.pattern))
+    report = SubmitReport()
+    try:
+        for source in sources:
+            if report.interrupted:
+                break
+            part = submit(
+                store,
+                source,
+                send,
+                task_name=request.task_name,
+                batch_id=request.batch_id,
+                file_type=request.file_type,
+                max_attempts=request.max_attempts,
+                force=request.force,
+                progress=None if progress is None else lambda r: progress(report.plus(r)),
+                interrupts=interrupts,
+            )
+            report.add(part)
+    except OSError as error:  # reading --from, stdin
+        raise errors.PipelineError(f"submit stopped: {error}") from error
+    return report

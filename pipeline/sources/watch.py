@@ -23,7 +23,7 @@ from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
 from pipeline.models import Change
 from pipeline.sources import producer
-from pipeline.store import DEFAULT_MAX_ATTEMPTS, Store
+from pipeline.store import DEFAULT_MAX_ATTEMPTS, Registry
 
 logger = logging.getLogger("pipeline.watch")
 
@@ -70,7 +70,7 @@ class ScanReport:
 
 
 def scan(
-    store: Store,
+    store: Registry,
     pattern: str,
     send: Callable[[str, str], None],
     *,
@@ -121,7 +121,7 @@ def scan(
 
 
 def _scan_chunk(
-    store: Store,
+    store: Registry,
     chunk: list[tuple[int, str, str | None, str | None, str | None]],
     send: Callable[[str, str], None],
     report: ScanReport,
@@ -156,7 +156,7 @@ def _scan_chunk(
         report.enqueued += 1
 
 
-def _one_line(error: BaseException, store: Store) -> str:
+def _one_line(error: BaseException, store: Registry) -> str:
     if isinstance(error, errors.ListingFailed):
         text = str(error).splitlines()[0]  # it names its cause already
     else:

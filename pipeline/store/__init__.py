@@ -1,4 +1,10 @@
-"""The checkpoint store's interface; the Celery glue, the producer and the CLI use only this."""
+"""The checkpoint store: its interface, sized by role, and `open_store`.
+
+`postgres.py` is the store (the one module that talks to the database driver, with the SQL
+under `sql/`); `memory.py` a small in-memory stand-in for unit tests of the producer, watch
+and display. Everything else imports this module only. It may import the shared value objects
+and errors, nothing else of pipeline.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from pipeline import masking
+from pipeline import errors, masking, settings
 from pipeline.models import (
     Checkpoint,
     ClaimResult,
@@ -25,20 +31,31 @@ DEFAULT_WAITING_SECONDS = 120.0
 # How late a scheduled retry may be before the sweep takes its message for lost and sends
 # another (a duplicate costs one claim; a worker busy with other files may start an ETA late).
 DEFAULT_OVERDUE_SECONDS = 5.0
-# Fencing tokens a store reserves from the sequence per query (see Store.reserve_token).
+# Fencing tokens a store reserves from the sequence per query (see ClaimPath.reserve_token).
 TOKEN_BLOCK = 100
 
 
 class OutputTransaction(Protocol):
-    """A transaction on the checkpoint database in which a task writes its output."""
+    """A transaction on the checkpoint database in which a task writes its output; it
+    commits together with the checkpoint, or not at all."""
 
     @property
     def connection(self) -> Any:
-        """The driver-level handle the task writes with (a SQLAlchemy Connection on Postgres)."""
+        """The handle the task writes with (a SQLAlchemy Connection on Postgres)."""
+
+    def execute_many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """One statement (`:name` parameters) for many parameter sets; the rows affected."""
+        ...
+
+    def copy_rows(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Stream rows through `COPY ... FROM STDIN` as they come; the rows copied. An
+        exception from `rows` aborts the transaction."""
+        ...
 
 
-class Store(Protocol):
-    """Every checkpoint transition; each is one atomic call on the backing store."""
+class ClaimPath(Protocol):
+    """What an execution needs: claim, keep, complete or fail one file; each call is one
+    atomic transition."""
 
     def claim(
         self,
@@ -105,6 +122,21 @@ class Store(Protocol):
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
 
+    def transaction(
+        self, *, token: int | None = None
+    ) -> contextlib.AbstractContextManager[OutputTransaction]:
+        """Open a transaction for output; the caller completes inside it, then it commits."""
+        ...
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether an exception raised while using the store means it could not be reached."""
+        ...
+
+
+class Registry(Protocol):
+    """What submit, watch, requeue and the sweep need: rows registered, moved on, handed
+    back."""
+
     def register(
         self,
         urls: Iterable[str | tuple[str, str | None]],
@@ -141,25 +173,25 @@ class Store(Protocol):
         One sweep at a time: a concurrent call returns nothing."""
         ...
 
+
+class Reports(Protocol):
+    """What `status`, `submit --wait` and the metrics read."""
+
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 
     def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
         """Counts, recent throughput, the oldest live lease and the latest dead files."""
         ...
 
-    def transaction(
-        self, *, token: int | None = None
-    ) -> contextlib.AbstractContextManager[OutputTransaction]:
-        """Open a transaction for output; the caller completes inside it, then it commits."""
-        ...
-
-    def unavailable(self, error: BaseException) -> bool:
-        """Whether an exception raised while using the store means it could not be reached."""
-        ...
-
     def attempt_outcomes(self) -> dict[str, int]:
         """Executions by outcome (running, completed, failed, lost)."""
         ...
+
+    def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
+
+
+class Admin(Protocol):
+    """The schema and the connections."""
 
     def upgrade(self) -> list[str]:
         """Apply the schema migrations not yet applied; the names of those applied."""
@@ -167,11 +199,32 @@ class Store(Protocol):
 
     def schema_version(self) -> int | None: ...
 
+    def libpq_url(self) -> tuple[str, str | None]:
+        """The database as libpq tools (psql) take it, without its password; and the
+        password (for PGPASSWORD, never argv)."""
+        ...
+
     def after_fork(self) -> None:
         """Drop connections inherited from a parent process."""
         ...
 
     def close(self) -> None: ...
+
+
+class Store(ClaimPath, Registry, Reports, Admin, Protocol):
+    """The whole store: every role above."""
+
+
+def open_store(database_url: str | None = None) -> Store:
+    """The checkpoint store on the given Postgres URL (default: PIPELINE_DATABASE_URL)."""
+    from pipeline.store.postgres import PostgresStore  # the driver loads only when needed
+
+    url = database_url or settings.DATABASE_URL.get()
+    if not url:
+        raise errors.PipelineError(
+            f"no database URL given and {settings.DATABASE_URL.name} is not set"
+        )
+    return PostgresStore(url)
 
 
 def error_text(error: BaseException | str) -> tuple[str, str]:

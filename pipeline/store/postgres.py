@@ -15,7 +15,7 @@ import json
 import pathlib
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -184,15 +184,63 @@ def copy_rows(connection: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]
     return count
 
 
+def _granted(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Claim(
+        file_url=file_url,
+        token=row.token,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        lease_seconds=lease,
+        generation=row.generation,
+    )
+
+
+def _done(file_url: str, lease: float, row: Any) -> ClaimResult:
+    stats = Stats(row.records_total, row.records_filtered, row.records_persisted)
+    return Refusal(file_url, Reason.DONE, stats=stats)
+
+
+def _busy(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Refusal(file_url, Reason.BUSY, retry_in=max(float(row.retry_in), 0.0))
+
+
+def _not_due(file_url: str, lease: float, row: Any) -> ClaimResult:
+    retry_in = max(float(row.retry_in), 0.0)
+    return Refusal(file_url, Reason.NOT_DUE, retry_in=retry_in, error=row.error_message)
+
+
+def _dead(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Refusal(file_url, Reason.DEAD, error=row.error_message)
+
+
+# What pipeline_claim answers, and the result each outcome becomes; anything else raises.
+_CLAIM_OUTCOMES: dict[str, Callable[[str, float, Any], ClaimResult]] = {
+    "granted": _granted,
+    "done": _done,
+    "busy": _busy,
+    "not_due": _not_due,
+    "dead": _dead,
+}
+
 _STATUSES: dict[str, Status] = {s.value: s for s in Status}
 _CHANGES: dict[str, Change] = {c.value: c for c in Change}
 
 
 @dataclasses.dataclass(frozen=True)
 class PgTransaction:
-    """A transaction for a task's output; `connection` is a SQLAlchemy Connection."""
+    """A transaction for a task's output on a SQLAlchemy Connection, whose methods it offers
+    as its own (`execute`, ...), with `execute_many` and `copy_rows`."""
 
     connection: sa.Connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+    def execute_many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        return execute_many(self.connection, sql, rows)
+
+    def copy_rows(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        return copy_rows(self.connection, sql, rows)
 
 
 class PostgresStore:
@@ -310,6 +358,9 @@ class PostgresStore:
         except BaseException:
             return False
 
+    def libpq_url(self) -> tuple[str, str | None]:
+        return libpq_url(self.url)
+
     def after_fork(self) -> None:
         # A fork copies locks in whatever state the parent's other threads (the lease keeper,
         # the worker's sweeper) left them: start with fresh ones.
@@ -423,28 +474,15 @@ class PostgresStore:
                 "token": token,
             },
         )
-        if row.outcome == "granted":
-            return Claim(
-                file_url=file_url,
-                token=row.token,
-                attempt=row.attempt,
-                max_attempts=row.max_attempts,
-                lease_seconds=lease,
-                generation=row.generation,
+        build = _CLAIM_OUTCOMES.get(row.outcome)
+        if build is None:
+            # A function newer than this code answered: failing loudly beats guessing (a
+            # guess of "dead" would kill the file).
+            raise errors.PipelineError(
+                f"unknown claim outcome {row.outcome!r} for {file_url}: is the code older than "
+                "the schema?"
             )
-        if row.outcome == "done":
-            stats = Stats(row.records_total, row.records_filtered, row.records_persisted)
-            return Refusal(file_url, Reason.DONE, stats=stats)
-        if row.outcome == "busy":
-            return Refusal(file_url, Reason.BUSY, retry_in=max(float(row.retry_in), 0.0))
-        if row.outcome == "not_due":
-            return Refusal(
-                file_url,
-                Reason.NOT_DUE,
-                retry_in=max(float(row.retry_in), 0.0),
-                error=row.error_message,
-            )
-        return Refusal(file_url, Reason.DEAD, error=row.error_message)
+        return build(file_url, lease, row)
 
     def reserve_token(self) -> int:
         # Taken from the sequence a block at a time (one query per TOKEN_BLOCK claims); unused

@@ -1,29 +1,27 @@
 """Celery settings for pipeline's app; each says why it is set.
 
-Environment: PIPELINE_BROKER_URL (default redis://127.0.0.1:6379/0), PIPELINE_RESULT_BACKEND
-(default none: outcomes live in Postgres, Flower reads them from events), PIPELINE_QUEUE
-(default "pipeline"), PIPELINE_TASK_MODULES (comma-separated modules with user tasks),
-PIPELINE_REAP_INTERVAL (seconds between sweeps in every worker, and under beat, default 5),
-PIPELINE_REAP_WAITING_SECONDS (how long a pending row waits for its task before the reaper
-re-enqueues it, default 120; read by beat, or by the worker when beat does not set it),
-PIPELINE_WATCH (patterns beat scans, see pipeline/sources/watchspec.py).
+The PIPELINE_* variables they come from are described in pipeline/settings.py.
 """
 
 from __future__ import annotations
 
-import os
+from pipeline import settings
 
-broker_url = os.environ.get("PIPELINE_BROKER_URL") or "redis://127.0.0.1:6379/0"
-result_backend = os.environ.get("PIPELINE_RESULT_BACKEND") or None
+broker_url = settings.BROKER_URL.get() or settings.DEFAULT_BROKER
+result_backend = settings.RESULT_BACKEND.get()
 # Without a backend there is nothing to store; Flower still shows results from task events.
 task_ignore_result = result_backend is None
 
-# Modules holding tasks: the reference task, then the user's own (PIPELINE_TASK_MODULES).
-include = ["pipeline.reference.task"] + [
-    m.strip() for m in os.environ.get("PIPELINE_TASK_MODULES", "").split(",") if m.strip()
+# Modules holding tasks: pipeline's own (the beat tasks: the sweep and watch scans; the
+# reference task), then the user's (PIPELINE_TASK_MODULES).
+include = [
+    "pipeline.worker.tasks",
+    "pipeline.sources.beat",
+    "pipeline.reference.task",
+    *settings.TASK_MODULES.get(),
 ]
 
-task_default_queue = os.environ.get("PIPELINE_QUEUE") or "pipeline"
+task_default_queue = settings.QUEUE.get()
 
 # JSON only: a pickled message could run arbitrary code in the worker, so it is refused.
 task_serializer = "json"
@@ -68,17 +66,17 @@ task_track_started = True
 # cost, measured), and Flower gets the file URL from the worker's task-received event.
 task_send_sent_event = False
 
-# The sweep runs inside every worker (pipeline.worker.celery_app.Sweeper); beat may still send
+# The sweep runs inside every worker (pipeline.worker.hooks.Sweeper); beat may still send
 # `pipeline.reap` for those who run it (it then waits in the queue like any task).
 beat_schedule = {
     "pipeline-reap": {
         "task": "pipeline.reap",
-        "schedule": float(os.environ.get("PIPELINE_REAP_INTERVAL") or 5),
+        "schedule": settings.REAP_INTERVAL.get(),
         # The task runs on whichever worker takes it, so PIPELINE_REAP_WAITING_SECONDS set for
         # beat travels with the message; unset, each worker's own setting (or 120 s) applies.
         "kwargs": (
-            {"waiting_seconds": float(os.environ["PIPELINE_REAP_WAITING_SECONDS"])}
-            if os.environ.get("PIPELINE_REAP_WAITING_SECONDS")
+            {"waiting_seconds": settings.REAP_WAITING_SECONDS.get()}
+            if settings.REAP_WAITING_SECONDS.is_set()
             else {}
         ),
     }
@@ -88,4 +86,4 @@ beat_schedule = {
 # which refuses a malformed value there with its reason. Entries `PATTERN EVERY [batch=NAME]
 # [task=NAME]`, separated by ";" (pipeline/sources/watchspec.py); a config module of your own
 # may set a list of such strings, or of dicts, instead.
-pipeline_watch = os.environ.get("PIPELINE_WATCH", "")
+pipeline_watch = settings.WATCH.get()

@@ -1,4 +1,4 @@
-"""The real `pipeline` command line against a real worker, Postgres and Redis (DESIGN 7, 8).
+"""The real `pipeline` command line against a real worker, Postgres and Redis.
 
 Every command runs as a subprocess of the installed console script. One `celery worker`
 subprocess serves the whole module on its own queue; each test uses its own files (so its

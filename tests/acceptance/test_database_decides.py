@@ -1,4 +1,4 @@
-"""Postgres decides, the broker only delivers (DESIGN.md section 5), on both brokers.
+"""Postgres decides, the broker only delivers (the README section of that name), both brokers.
 
 Real `celery worker` subprocesses, real SIGKILL, a private PostgreSQL restarted with
 `pg_ctl`, a TCP proxy cutting the database away for minutes. Deliveries are counted from the

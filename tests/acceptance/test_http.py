@@ -1,4 +1,4 @@
-"""HTTP end to end (issue 11, DESIGN 10): the real CLI and a real worker reading from a
+"""HTTP end to end (issue 11): the real CLI and a real worker reading from a
 standard-library HTTP server in this process (tests/support/httpfiles.py).
 
 URLs given to submit are fingerprinted with a HEAD (ETag, else length and Last-Modified):

@@ -1,4 +1,4 @@
-"""S3 end to end (issue 11, DESIGN 10): the real CLI and a real worker on a private weed server.
+"""S3 end to end (issue 11): the real CLI and a real worker on a private weed server.
 
 The worker reaches the server through a fault proxy (tests/support/faultproxy.py), which can
 answer 503, reset a connection or cut a body for the requests of one key; the CLI talks to the

@@ -1,5 +1,5 @@
 """`pipeline watch` for real: the CLI in subprocesses, Postgres, Redis, a private S3 server,
-and `celery beat` with a worker (DESIGN 10).
+and `celery beat` with a worker.
 
 Most tests send to a queue nobody consumes, so the messages on it are exactly what the
 watches enqueued; the beat test runs a worker and follows the files to `completed`.

@@ -19,7 +19,7 @@ from celery.signals import task_retry, task_success
 
 from pipeline import errors
 from pipeline.store.postgres import PostgresStore
-from pipeline.worker import celery_app
+from pipeline.worker import runtime
 from tests.support.celery_tasks import SINK_DDL, plain, sink
 from tests.support.tcpproxy import free_port
 from tests.support.workers import app_on, drop_queue_keys, wait_until
@@ -29,10 +29,10 @@ from tests.support.workers import app_on, drop_queue_keys, wait_until
 def store(pg_store: PostgresStore) -> Iterator[PostgresStore]:
     """The session database's store, used by tasks run in this process; sink emptied."""
     pg_store.execute_script(f"{SINK_DDL}; TRUNCATE sink")
-    saved = celery_app._store
-    celery_app.set_store(pg_store)
+    saved = runtime._store
+    runtime.set_store(pg_store)
     yield pg_store
-    celery_app.set_store(saved)
+    runtime.set_store(saved)
 
 
 def _sink_rows(store: PostgresStore, url: str) -> int:
@@ -134,11 +134,11 @@ def test_eager_apply__busy_file_is_skipped_at_once_with_the_time_left(
 def test_eager_apply__database_unreachable_returns_retry(store: PostgresStore) -> None:
     # Nothing listens there: the claim cannot be made, so the task must not run.
     unreachable = PostgresStore(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
-    celery_app.set_store(unreachable)
+    runtime.set_store(unreachable)
     try:
         result = sink.apply(args=["file:///eager/nodb"])
     finally:
-        celery_app.set_store(store)
+        runtime.set_store(store)
         unreachable.close()
     assert result.state == "RETRY"
     assert isinstance(result.result.exc, errors.StoreUnavailable)

@@ -20,17 +20,17 @@ from pipeline import errors
 from pipeline.models import Status
 from pipeline.reference.task import ingest_file
 from pipeline.store.postgres import PostgresStore
-from pipeline.worker import celery_app
+from pipeline.worker import runtime
 
 
 @pytest.fixture
 def store(pg_store: PostgresStore) -> Iterator[PostgresStore]:
     """The test store as the task's store, on empty checkpoint and events tables."""
     pg_store.execute_script("TRUNCATE events")
-    previous = celery_app._store
-    celery_app.set_store(pg_store)
+    previous = runtime._store
+    runtime.set_store(pg_store)
     yield pg_store
-    celery_app.set_store(previous)
+    runtime.set_store(previous)
 
 
 def url(path: pathlib.Path) -> str:

@@ -1,8 +1,8 @@
-"""Random interleavings of three workers on three files, checked against a model of section 4.
+"""Random interleavings of three workers on three files, checked against a model of the
+state machine.
 
-The model below is plain Python written from DESIGN.md's table, not the in-memory store: the
-machine drives PostgreSQL (and, as it costs little, the in-memory twin) and compares every
-answer and every row with it.
+The model below is plain Python written from the README's state machine table: the machine
+drives PostgreSQL and compares every answer and every row with it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from hypothesis.stateful import (
 from pipeline import errors
 from pipeline.models import Claim, Outcome, Reason, Refusal, Stats, Status
 from pipeline.store import Store
-from pipeline.store.memory import ManualClock, MemoryStore, expire_lease
 from pipeline.store.postgres import PostgresStore
+from tests.support.rows import expire_lease
 
 URLS = ("file:///s/0", "file:///s/1", "file:///s/2")
 # Each file has its own cap, passed on every claim and register, so caps are never lowered.
@@ -36,8 +36,6 @@ WORKERS = ("w0", "w1", "w2")
 # Leases end only when the machine says so (expire_lease), never by the wall clock.
 LEASE = 600.0
 PG_SETTINGS = settings(max_examples=50, stateful_step_count=40, deadline=None)
-# The twin is cheap: let it explore more.
-MEMORY_SETTINGS = settings(max_examples=300, stateful_step_count=40, deadline=None)
 
 
 @dataclasses.dataclass
@@ -368,7 +366,3 @@ def test_store_machine__postgres_follows_the_model(pg_store: PostgresStore) -> N
         return pg_store
 
     _run(fresh, PG_SETTINGS)
-
-
-def test_store_machine__memory_follows_the_model() -> None:
-    _run(lambda: MemoryStore(clock=ManualClock()), MEMORY_SETTINGS)

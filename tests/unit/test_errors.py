@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline
-from pipeline import config, errors
+from pipeline import errors, masking
 
 # Nothing listens on port 1: the connection is refused at once.
 CLOSED = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/x"
@@ -67,4 +67,4 @@ def test_errors__default_message_is_the_docstring_and_data_is_kept() -> None:
     ],
 )
 def test_mask_url__hides_only_the_password(url: str | None, shown: str) -> None:
-    assert config.mask_url(url) == shown
+    assert masking.mask_url(url) == shown

@@ -4,68 +4,35 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
 
 from pipeline import errors
-from pipeline.models import Registration, Status
+from pipeline.models import Status
 from pipeline.sources import producer
 from pipeline.store.memory import MemoryStore
+from tests.support.fakes import RecordingSend, complete, register_calls
 
 TASK = "pipeline.ingest"
 
 
-class SpyStore(MemoryStore):
-    """The in-memory store, keeping each `register` call's URLs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_calls: list[list[Any]] = []
-
-    def register(self, urls: Iterable[Any], **kwargs: Any) -> list[Registration]:
-        batch = list(urls)
-        self.register_calls.append(batch)
-        return super().register(batch, **kwargs)
-
-
-class Sender:
-    """A fake `send(task_name, url)` that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def __call__(self, task_name: str, url: str) -> None:
-        self.calls.append((task_name, url))
-
-    @property
-    def urls(self) -> list[str]:
-        return [u for _, u in self.calls]
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
 
 
 @pytest.fixture
-def store() -> SpyStore:
-    return SpyStore()
-
-
-@pytest.fixture
-def send() -> Sender:
-    return Sender()
+def send() -> RecordingSend:
+    return RecordingSend()
 
 
 def lines(*items: str) -> producer.Source:
     return producer.from_lines(list(items), fingerprints=False)
 
 
-def complete(store: MemoryStore, url: str) -> None:
-    claim = store.claim(url, "worker", 30)
-    assert claim
-    store.complete(url, claim.token, {"total": 1, "filtered": 0, "persisted": 1})
-
-
 def test_submit__registers_in_chunks_and_sends_one_task_per_url(
-    store: SpyStore, send: Sender
+    store: MemoryStore, send: RecordingSend
 ) -> None:
     urls = [f"/data/f{i:02d}.jsonl" for i in range(10)]
     seen: list[int] = []
@@ -79,7 +46,7 @@ def test_submit__registers_in_chunks_and_sends_one_task_per_url(
         progress=lambda r: seen.append(r.seen),
     )
 
-    assert [len(call) for call in store.register_calls] == [3, 3, 3, 1]
+    assert [len(call) for call in register_calls(store)] == [3, 3, 3, 1]
     assert seen == [3, 6, 9, 10]  # progress after every chunk
     assert send.calls == [(TASK, f"file://{u}") for u in urls]
     assert (report.seen, report.enqueued, report.refused_count) == (10, 10, 0)
@@ -88,16 +55,16 @@ def test_submit__registers_in_chunks_and_sends_one_task_per_url(
     assert (row.status, row.batch_id, row.task_name) == (Status.PENDING, "b", TASK)
 
 
-def test_submit__no_input__no_register_call(store: SpyStore, send: Sender) -> None:
+def test_submit__no_input__no_register_call(store: MemoryStore, send: RecordingSend) -> None:
     report = producer.submit(store, lines(), send)
 
-    assert store.register_calls == []
+    assert register_calls(store) == []
     assert send.calls == []
     assert report == producer.SubmitReport()
 
 
 def test_submit__refused_lines_reported_with_their_line_numbers(
-    store: SpyStore, send: Sender
+    store: MemoryStore, send: RecordingSend
 ) -> None:
     report = producer.submit(
         store,
@@ -129,11 +96,11 @@ def test_submit__refused_lines_reported_with_their_line_numbers(
     assert reasons[4].startswith("not a valid URL")
     assert report.refused_count == 5
     assert send.urls == ["file:///data/good1.jsonl", "file:///data/good2.jsonl"]
-    assert [u for call in store.register_calls for u, _ in call] == send.urls
+    assert [u for call in register_calls(store) for u, _ in call] == send.urls
 
 
 def test_submit__refusals_beyond_the_kept_ones_are_only_counted(
-    store: SpyStore, send: Sender, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStore, send: RecordingSend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(producer, "MAX_REFUSED_KEPT", 2)
 
@@ -144,7 +111,9 @@ def test_submit__refusals_beyond_the_kept_ones_are_only_counted(
     assert send.urls == ["file:///data/ok.jsonl"]
 
 
-def test_submit__duplicates_within_the_input_are_sent_once(store: SpyStore, send: Sender) -> None:
+def test_submit__duplicates_within_the_input_are_sent_once(
+    store: MemoryStore, send: RecordingSend
+) -> None:
     report = producer.submit(
         store,
         lines("/d/a.jsonl", "file:///d/a.jsonl", "/d/./x/../a.jsonl", "/d/b.jsonl", "/d/a.jsonl"),
@@ -157,7 +126,7 @@ def test_submit__duplicates_within_the_input_are_sent_once(store: SpyStore, send
 
 
 def test_submit__duplicate_in_a_later_chunk_of_a_pending_row_is_sent_again(
-    store: SpyStore, send: Sender
+    store: MemoryStore, send: RecordingSend
 ) -> None:
     # A pending row's message may have been lost; a duplicate costs only one claim.
     report = producer.submit(store, lines("/d/a.jsonl", "/d/a.jsonl"), send, chunk_size=1)
@@ -166,7 +135,7 @@ def test_submit__duplicate_in_a_later_chunk_of_a_pending_row_is_sent_again(
     assert (report.enqueued, report.in_flight_before) == (2, 0)
 
 
-def test_submit__completed_skipped_unless_forced(store: SpyStore, send: Sender) -> None:
+def test_submit__completed_skipped_unless_forced(store: MemoryStore, send: RecordingSend) -> None:
     url = "file:///d/done.jsonl"
     producer.submit(store, lines(url), send)
     complete(store, url)
@@ -184,13 +153,13 @@ def test_submit__completed_skipped_unless_forced(store: SpyStore, send: Sender) 
     assert (row.status, row.generation, row.attempt) == (Status.PENDING, 2, 0)
 
 
-def test_submit__dead_file_counted_not_sent_even_with_force(store: SpyStore, send: Sender) -> None:
+def test_submit__dead_file_counted_not_sent_even_with_force(
+    store: MemoryStore, send: RecordingSend
+) -> None:
     # Dead files go back through `requeue --dead`, which says so; --force is for completed.
     url = "file:///d/dead.jsonl"
     producer.submit(store, lines(url), send)
-    claim = store.claim(url, "worker", 30)
-    assert claim
-    store.fail(url, claim.token, "broken", retryable=False)
+    store.mark(url, Status.DEAD, error="broken")
     send.calls.clear()
 
     report = producer.submit(store, lines(url), send, force=True)
@@ -200,7 +169,7 @@ def test_submit__dead_file_counted_not_sent_even_with_force(store: SpyStore, sen
 
 
 def test_submit__glob_fingerprints_detect_a_changed_file(
-    store: SpyStore, send: Sender, tmp_path: pathlib.Path
+    store: MemoryStore, send: RecordingSend, tmp_path: pathlib.Path
 ) -> None:
     (tmp_path / "sub").mkdir()  # a directory the glob matches is not a file to process
     a = tmp_path / "a.jsonl"

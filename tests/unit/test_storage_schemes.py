@@ -1,5 +1,5 @@
 """Storage schemes at submit: the extra a missing backend needs, credentials refused and masked,
-and the fingerprints of HTTP responses (DESIGN 10)."""
+and the fingerprints of HTTP responses."""
 
 from __future__ import annotations
 

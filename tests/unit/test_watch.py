@@ -13,7 +13,7 @@ from pipeline import errors
 from pipeline.interrupts import Interrupts
 from pipeline.sources import producer, watch
 from pipeline.store.memory import MemoryStore
-from tests.unit.test_producer import Sender, SpyStore, complete
+from tests.support.fakes import RecordingSend, complete, register_calls
 
 
 @pytest.fixture
@@ -23,12 +23,14 @@ def folder(tmp_path: pathlib.Path) -> pathlib.Path:
     return tmp_path
 
 
-def _scan(store: MemoryStore, folder: pathlib.Path, send: Sender, **kw: Any) -> watch.ScanReport:
+def _scan(
+    store: MemoryStore, folder: pathlib.Path, send: RecordingSend, **kw: Any
+) -> watch.ScanReport:
     return watch.scan(store, f"{folder}/*.jsonl", send, batch_id="w", **kw)
 
 
 def test_scan__counts_new_changed_and_enqueues_only_those(folder: pathlib.Path) -> None:
-    store, send = MemoryStore(), Sender()
+    store, send = MemoryStore(), RecordingSend()
     first = _scan(store, folder, send)
     assert (first.seen, first.new, first.changed, first.enqueued) == (5, 5, 0, 5)
     assert first.ok
@@ -48,7 +50,7 @@ def test_scan__counts_new_changed_and_enqueues_only_those(folder: pathlib.Path) 
 
 def test_scan__pending_rows_of_an_earlier_scan_are_not_sent_again(folder: pathlib.Path) -> None:
     """Unlike a resubmission: the watch that registered them sent their messages."""
-    store, send = MemoryStore(), Sender()
+    store, send = MemoryStore(), RecordingSend()
     _scan(store, folder, send)
     again = _scan(store, folder, send)
     assert (again.new, again.changed, again.enqueued) == (0, 0, 0)
@@ -56,9 +58,9 @@ def test_scan__pending_rows_of_an_earlier_scan_are_not_sent_again(folder: pathli
 
 
 def test_scan__one_register_call_per_chunk(folder: pathlib.Path) -> None:
-    store, send = SpyStore(), Sender()
+    store, send = MemoryStore(), RecordingSend()
     _scan(store, folder, send, chunk_size=2)
-    assert [len(c) for c in store.register_calls] == [2, 2, 1]
+    assert [len(c) for c in register_calls(store)] == [2, 2, 1]
 
 
 def test_scan__a_storage_error_skips_the_scan_with_one_line(
@@ -69,7 +71,7 @@ def test_scan__a_storage_error_skips_the_scan_with_one_line(
         yield  # pragma: no cover
 
     monkeypatch.setattr(producer, "from_glob", broken)
-    report = _scan(MemoryStore(), folder, Sender())
+    report = _scan(MemoryStore(), folder, RecordingSend())
     assert not report.ok
     assert report.error == "PermissionError: Access Denied"
     assert "skipped after" in report.line()
@@ -81,14 +83,14 @@ def test_scan__database_unreachable_skips_the_scan(folder: pathlib.Path) -> None
         def register(self, *a: Any, **kw: Any) -> Any:
             raise errors.StoreUnavailable("database postgresql://u:***@db/x unreachable")
 
-    report = _scan(Down(), folder, Sender())
+    report = _scan(Down(), folder, RecordingSend())
     assert report.error is not None
     assert "unreachable" in report.error
 
 
 def test_scan__a_pattern_with_an_unknown_scheme_raises(folder: pathlib.Path) -> None:
     with pytest.raises(errors.InvalidURL):
-        watch.scan(MemoryStore(), "nosuchscheme://b/*.jsonl", Sender())
+        watch.scan(MemoryStore(), "nosuchscheme://b/*.jsonl", RecordingSend())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

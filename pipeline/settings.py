@@ -1,0 +1,153 @@
+"""Every PIPELINE_* setting in one place: its name, default, parser and why it exists.
+
+A setting is read from the environment when asked, not once at import: the command line may
+start private servers and set the URLs after this module was imported, and tests change the
+environment between cases. Parsing happens here only; a value that does not parse is named
+with the variable at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from pipeline import errors
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable: unset or blank means `default`."""
+
+    name: str
+    default: T
+    parse: Callable[[str], T]
+    help: str
+
+    def get(self, environ: Mapping[str, str] | None = None) -> T:
+        raw = (os.environ if environ is None else environ).get(self.name, "").strip()
+        if not raw:
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as error:
+            raise errors.InvalidInput(f"{self.name}={raw!r} cannot be used: {error}") from None
+
+    def is_set(self, environ: Mapping[str, str] | None = None) -> bool:
+        return bool((os.environ if environ is None else environ).get(self.name, "").strip())
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("not a finite number of seconds, at least 0")
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    value = _seconds(raw)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not one of 1/0, true/false, yes/no, on/off")
+
+
+def _modules(raw: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in raw.split(",") if m.strip())
+
+
+def _optional(raw: str) -> str | None:
+    return raw
+
+
+def _optional_seconds(raw: str) -> float | None:
+    return _seconds(raw)
+
+
+# -- where the services are ---------------------------------------------------------------------
+DATABASE_URL = Setting[str | None](
+    "PIPELINE_DATABASE_URL",
+    None,
+    _optional,
+    "SQLAlchemy URL of the checkpoint database; unset, the CLI starts a private PostgreSQL",
+)
+BROKER_URL = Setting[str | None](
+    "PIPELINE_BROKER_URL",
+    None,
+    _optional,
+    "Celery broker URL; unset, the CLI starts a private Redis (a worker uses DEFAULT_BROKER)",
+)
+# What a worker started by hand connects to when PIPELINE_BROKER_URL is unset (Celery's own
+# habit: a Redis on this host).
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+RESULT_BACKEND = Setting[str | None](
+    "PIPELINE_RESULT_BACKEND",
+    None,
+    _optional,
+    "Celery result backend; none by default: outcomes live in Postgres, Flower reads events",
+)
+STATE_DIR = Setting[pathlib.Path](
+    "PIPELINE_STATE_DIR",
+    pathlib.Path(".pipeline"),
+    pathlib.Path,
+    "where the private servers of the zero-setup path keep their data",
+)
+
+# -- the worker -----------------------------------------------------------------------------------
+QUEUE = Setting[str]("PIPELINE_QUEUE", "pipeline", str, "the queue tasks are sent to and read from")
+TASK_MODULES = Setting[tuple[str, ...]](
+    "PIPELINE_TASK_MODULES",
+    (),
+    _modules,
+    "comma-separated modules holding the user's tasks, imported by every worker",
+)
+SWEEP = Setting[bool](
+    "PIPELINE_SWEEP",
+    True,
+    _flag,
+    "run the sweep (reaper) inside this worker; 0 when beat or `pipeline reap` does it",
+)
+REAP_INTERVAL = Setting[float](
+    "PIPELINE_REAP_INTERVAL",
+    5.0,
+    _positive_seconds,
+    "seconds between two sweeps, in every worker and under beat",
+)
+REAP_WAITING_SECONDS = Setting[float | None](
+    "PIPELINE_REAP_WAITING_SECONDS",
+    None,
+    _optional_seconds,
+    "how long a pending row waits for its task before the sweep re-enqueues it "
+    "(unset: 120 s, the store's default); set for beat, it travels with beat's message",
+)
+WATCH = Setting[str](
+    "PIPELINE_WATCH",
+    "",
+    str,
+    "patterns beat scans: `PATTERN EVERY [batch=NAME] [task=NAME]`, separated by ';'",
+)
+
+ALL: tuple[Setting[Any], ...] = (
+    DATABASE_URL,
+    BROKER_URL,
+    RESULT_BACKEND,
+    STATE_DIR,
+    QUEUE,
+    TASK_MODULES,
+    SWEEP,
+    REAP_INTERVAL,
+    REAP_WAITING_SECONDS,
+    WATCH,
+)

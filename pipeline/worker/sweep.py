@@ -1,0 +1,55 @@
+"""One sweep: expired claims moved on, lost messages and overdue retries handed back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline import settings
+from pipeline.sender import Sender
+from pipeline.store import DEFAULT_WAITING_SECONDS, Registry
+
+logger = logging.getLogger("pipeline")
+
+
+def default_waiting_seconds() -> float:
+    """How long a pending row may wait for its task (PIPELINE_REAP_WAITING_SECONDS)."""
+    value = settings.REAP_WAITING_SECONDS.get()
+    return DEFAULT_WAITING_SECONDS if value is None else value
+
+
+def reap_once(store: Registry, app: Any, *, waiting_seconds: float | None = None) -> dict[str, int]:
+    """One sweep: move expired claims on and re-enqueue what needs a task; returns counts."""
+    waiting = waiting_seconds if waiting_seconds is not None else default_waiting_seconds()
+    depth = queue_depth(app)
+    if depth:
+        # Messages are still queued: a pending row that waited long may simply be behind them
+        # (a big batch drains slower than any threshold), and re-enqueueing it would flood the
+        # broker with duplicates. Rows whose message was lost are handed back once the queue
+        # drains. Expired leases and overdue retries are handed back either way.
+        logger.debug("sweep: %d messages queued; waiting rows left for later", depth)
+    work = store.reap(waiting_seconds=None if depth else waiting)
+    dead = sum(1 for w in work if w.status.terminal)
+    sent = 0
+    if len(work) > dead:
+        with Sender(app) as sender:
+            sent = sender.send_work(work)
+    if work:
+        logger.info("sweep: %d rows moved on, %d re-enqueued, %d dead", len(work), sent, dead)
+    return {"reaped": len(work), "enqueued": sent, "dead": dead, "queued": depth or 0}
+
+
+def queue_depth(app: Any, queue: str | None = None) -> int | None:
+    """Messages waiting in the queue (0 when it does not exist), None when the broker cannot
+    be asked."""
+    name = queue or app.conf.task_default_queue
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            try:
+                return int(channel.queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:
+                return 0  # no such queue: nothing waiting (e.g. the broker was flushed)
+    except Exception as error:  # broker down: the re-enqueue below would fail anyway
+        logger.warning("reaper: cannot read the depth of queue %s: %s", name, error)
+        return None
