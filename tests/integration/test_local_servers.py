@@ -19,7 +19,7 @@ import redis
 from pipeline.cli import local
 
 START = (
-    "import pathlib, sys; from pipeline import local; "
+    "import pathlib, sys; from pipeline.cli import local; "
     "print(local.start_redis(pathlib.Path(sys.argv[1])))"
 )
 

