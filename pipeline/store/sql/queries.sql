@@ -168,3 +168,36 @@ SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY outcome
 -- abandon --
 -- Release the claim of a process known to be dead; see pipeline_abandon_v2.
 SELECT * FROM pipeline_abandon_v2(:file_url, :worker, :task_id)
+
+-- name_session --
+-- Name this session after a claim for the rest of the transaction only, so that a takeover
+-- can end it if the holder turns zombie (pipeline_fence_v1).
+SELECT set_config('application_name', :name, true)
+
+-- migration_lock --
+-- Held for the whole of `db upgrade`, so concurrent upgrades run one after another.
+SELECT pg_advisory_xact_lock(:key)
+
+-- schema_version_table --
+-- The applied migrations, made on the first upgrade (before any migration exists).
+CREATE TABLE IF NOT EXISTS pipeline_schema_version (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- applied_versions --
+-- The migrations applied so far.
+SELECT version FROM pipeline_schema_version
+
+-- record_version --
+-- A migration just applied.
+INSERT INTO pipeline_schema_version (version, name) VALUES (:version, :name)
+
+-- schema_exists --
+-- Whether any migration was ever applied here.
+SELECT to_regclass('pipeline_schema_version') IS NOT NULL
+
+-- schema_version --
+-- The newest migration applied.
+SELECT max(version) FROM pipeline_schema_version

@@ -1,0 +1,61 @@
+"""What `status`, `submit --wait` and the metrics read: one row, counts, the overview."""
+
+from __future__ import annotations
+
+from pipeline.models import Attempt, Checkpoint, DeadFile, Outcome, Overview, Stats, Status
+from pipeline.store.postgres.connection import Connections
+
+
+class Reports(Connections):
+    """`get`, `summary`, `overview` and `attempt_outcomes`."""
+
+    def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
+        rows = self._fast("get", {"file_url": file_url})
+        if not rows:
+            return None
+        data = rows[0]._asdict()
+        data["status"] = Status(data["status"])
+        attempts: tuple[Attempt, ...] = ()
+        if with_attempts:
+            attempts = tuple(
+                Attempt(**{**r._asdict(), "outcome": Outcome(r.outcome)})
+                for r in self._fast("attempts", {"file_url": file_url})
+            )
+        return Checkpoint(**data, attempts=attempts)
+
+    def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]:
+        result: dict[str | None, dict[Status, int]] = {}
+        for r in self._fast("summary", {"batch_id": batch_id}):
+            result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
+        return result
+
+    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
+        (act,) = self._fast("activity", {"batch_id": batch_id})
+        dead = tuple(
+            DeadFile(r.file_url, r.error_message, r.updated_at, r.attempt)
+            for r in self._fast("dead", {"batch_id": batch_id, "limit": dead_limit})
+        )
+        records = None
+        seconds = None
+        if batch_id is not None:
+            (t,) = self._fast("totals", {"batch_id": batch_id})
+            records = Stats(int(t.total), int(t.filtered), int(t.persisted))
+            seconds = None if t.seconds is None else float(t.seconds)
+        age = (
+            (act.db_now - act.oldest_live_start).total_seconds()
+            if act.oldest_live_start is not None
+            else None
+        )
+        return Overview(
+            counts=self.summary(batch_id),
+            completed_last_minute=int(act.completed_last_minute),
+            oldest_live_lease_age=age,
+            expired_leases=int(act.expired_leases),
+            dead=dead,
+            records=records,
+            batch_seconds=seconds,
+        )
+
+    def attempt_outcomes(self) -> dict[str, int]:
+        """Executions by outcome (running, completed, failed, lost)."""
+        return {r.outcome: int(r.n) for r in self._fast("attempt_outcomes", {})}

@@ -1,0 +1,66 @@
+"""The SQL of the store, loaded by name from `sql/`; and the spellings of a database URL."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import pathlib
+import re
+
+import sqlalchemy as sa
+
+_QUERY_HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
+
+
+def sql_dir() -> pathlib.Path:
+    """Where the .sql files are: the `sql` folder of the store package, in the source tree
+    and in the installed package alike."""
+    return pathlib.Path(str(importlib.resources.files("pipeline.store") / "sql"))
+
+
+@functools.cache
+def queries() -> dict[str, sa.TextClause]:
+    """The named queries of pipeline/store/sql/queries.sql, compiled once."""
+    text = (sql_dir() / "queries.sql").read_text()
+    found: dict[str, sa.TextClause] = {}
+    blocks = _QUERY_HEADER.split(text)
+    for name, body in zip(blocks[1::2], blocks[2::2], strict=True):
+        lines = [ln for ln in body.strip().splitlines() if not ln.startswith("--")]
+        found[name] = sa.text("\n".join(lines))
+    return found
+
+
+# `:name` parameters (not `::type` casts) in psycopg's `%(name)s` style.
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+@functools.cache
+def driver_queries() -> dict[str, str]:
+    """The named queries for psycopg itself (the hot path skips SQLAlchemy's layers)."""
+    return {name: _PARAM.sub(r"%(\1)s", clause.text) for name, clause in queries().items()}
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration, in order."""
+    result = []
+    for path in sorted((sql_dir() / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        result.append((int(path.name[:4]), path.stem, path.read_text()))
+    return result
+
+
+def engine_url(url: str) -> sa.URL:
+    """A SQLAlchemy URL on the psycopg 3 driver, whatever Postgres spelling was given."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def libpq_url(url: str) -> tuple[str, str | None]:
+    """The URL as libpq tools (psql) read it, without its password; and the password."""
+    parsed = sa.make_url(url)
+    password = parsed.password
+    plain = parsed.set(drivername="postgresql", password=None)
+    return plain.render_as_string(hide_password=False), (
+        None if password is None else str(password)
+    )
