@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := all
-.PHONY: install demo test lint format typecheck all bench flower up down logs clean
+.PHONY: install demo test lint format typecheck all bench schema flower up down logs clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ all: lint typecheck test
 
 bench: install
 	$(PY) bench/run_all.py
+
+# pipeline/store/sql/schema.sql, rewritten from the migration chain (after adding a migration).
+schema: install
+	$(PY) scripts/dump_schema.py
 
 # Flower on the configured broker; set FLOWER_BASIC_AUTH=user:password first.
 flower: install

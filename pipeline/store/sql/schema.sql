@@ -1,0 +1,529 @@
+-- The live schema: what the migrations under migrations/ leave in a database, in one file
+-- to read. Written by `make schema` (scripts/dump_schema.py) with pg_dump; do not edit it by
+-- hand: add a migration, then run `make schema`. tests/integration/test_schema_sql.py checks
+-- that this file and the migration chain build the same tables, indexes, constraints,
+-- views and functions. `pipeline db upgrade` applies the migrations, not this file.
+
+-- Functions may call functions defined further down.
+SET check_function_bodies = false;
+CREATE FUNCTION public.pipeline_abandon_v1(p_file_url text, p_worker text, p_task_id text) RETURNS TABLE(status text, attempt integer, max_attempts integer)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_abandon_v2(p_file_url, p_worker, p_task_id)
+$$;
+
+CREATE FUNCTION public.pipeline_abandon_v2(p_file_url text, p_worker text, p_task_id text) RETURNS TABLE(status text, attempt integer, max_attempts integer)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r     file_checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO r FROM file_checkpoints c
+     WHERE c.file_url = p_file_url AND c.status = 'processing'
+       AND c.processed_by = p_worker AND c.task_id IS NOT DISTINCT FROM p_task_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM pipeline_fence_v1(r.token);
+    PERFORM pipeline_attempt_lost_v1(r, v_now,
+        format('process %s died while running the file', p_worker));
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
+           retry_at = CASE WHEN c.attempt < c.max_attempts THEN v_now END,
+           error_message = CASE WHEN c.attempt < c.max_attempts
+               THEN format('worker process %s died on attempt %s of %s; will retry', p_worker, c.attempt, c.max_attempts)
+               ELSE format('worker lost: process %s died on attempt %s of %s', p_worker, c.attempt, c.max_attempts) END,
+           lease_expires_at = NULL, updated_at = v_now
+     WHERE c.file_url = p_file_url
+    RETURNING c.* INTO r;
+    RETURN QUERY SELECT r.status, r.attempt, r.max_attempts;
+END;
+$$;
+
+CREATE TABLE public.file_checkpoints (
+    file_url text NOT NULL,
+    file_type text DEFAULT 'unknown'::text NOT NULL,
+    file_timestamp timestamp with time zone DEFAULT now() NOT NULL,
+    status text DEFAULT 'pending'::text NOT NULL,
+    records_total integer DEFAULT 0 NOT NULL,
+    records_filtered integer DEFAULT 0 NOT NULL,
+    records_persisted integer DEFAULT 0 NOT NULL,
+    processing_time_ms integer DEFAULT 0 NOT NULL,
+    error_message text,
+    attempt integer DEFAULT 0 NOT NULL,
+    retry_count integer GENERATED ALWAYS AS (GREATEST((attempt - 1), 0)) STORED,
+    max_attempts integer DEFAULT 3 NOT NULL,
+    processed_by text,
+    started_at timestamp with time zone,
+    completed_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    generation integer DEFAULT 1 NOT NULL,
+    token bigint,
+    lease_seconds double precision,
+    lease_expires_at timestamp with time zone,
+    task_name text,
+    task_id text,
+    batch_id text,
+    fingerprint text,
+    details jsonb,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    retry_at timestamp with time zone,
+    CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
+    CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
+    CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
+    CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text])))
+);
+
+CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_error_message text) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message)
+    VALUES (r.token, r.file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, p_ended_at), p_ended_at, 'lost', 'WorkerLost', p_error_message)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = 'lost', ended_at = excluded.ended_at, error_class = 'WorkerLost',
+           error_message = excluded.error_message
+     WHERE a.outcome = 'running'
+$$;
+
+CREATE FUNCTION public.pipeline_claim_v1(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
+    LANGUAGE sql
+    AS $$
+    SELECT CASE WHEN c.outcome = 'not_due' THEN 'busy' ELSE c.outcome END, c.token, c.attempt,
+           c.max_attempts, c.generation, c.retry_in, c.records_total, c.records_filtered,
+           c.records_persisted, c.error_message
+      FROM pipeline_claim_v3(p_file_url, p_worker, p_lease_seconds, p_max_attempts,
+          p_file_type, p_task_name, p_task_id, p_resume_tokens, p_token) c
+$$;
+
+CREATE FUNCTION public.pipeline_claim_v2(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_claim_v3(p_file_url, p_worker, p_lease_seconds, p_max_attempts,
+        p_file_type, p_task_name, p_task_id, p_resume_tokens, p_token)
+$$;
+
+CREATE FUNCTION public.pipeline_claim_v3(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r       file_checkpoints%ROWTYPE;
+    v_cap   integer;
+    v_old   bigint;
+    v_now   timestamptz := clock_timestamp();
+BEGIN
+    -- See pipeline_claim_v1: end a zombie's output session before waiting for its row lock.
+    PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
+      WHERE c.file_url = p_file_url AND c.status = 'processing' AND c.lease_expires_at <= v_now;
+
+    -- The common case (registered by submit, or seen before): decide under the row's lock.
+    SELECT * INTO r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
+    IF NOT FOUND THEN
+        -- First sight of the file: insert it already claimed.
+        INSERT INTO file_checkpoints AS c (
+            file_url, file_type, status, attempt, max_attempts, token, lease_seconds,
+            lease_expires_at, processed_by, task_name, task_id, started_at, updated_at)
+        VALUES (
+            p_file_url, coalesce(p_file_type, 'unknown'), 'processing', 1, coalesce(p_max_attempts, 3),
+            coalesce(p_token, nextval('file_checkpoints_token_seq')), p_lease_seconds,
+            v_now + make_interval(secs => p_lease_seconds), p_worker, p_task_name, p_task_id, v_now, v_now)
+        ON CONFLICT (file_url) DO NOTHING
+        RETURNING c.* INTO r;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+                NULL::double precision, 0, 0, 0, NULL::text;
+            RETURN;
+        END IF;
+        -- Another claimant inserted it between our look and our insert (its transaction has
+        -- committed, or the conflict would still be waiting): decide on its row, under its lock.
+        SELECT * INTO STRICT r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
+    END IF;
+    -- The lock may have been waited for: decide on the time it was granted.
+    v_now := clock_timestamp();
+    v_cap := coalesce(p_max_attempts, r.max_attempts);
+
+    IF r.status = 'processing' AND r.token = ANY(p_resume_tokens) THEN
+        -- This task chain's own claim, whose reply was lost: hand it over, same attempt.
+        v_old := r.token;
+        UPDATE file_checkpoints c
+           SET token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+               lease_seconds = p_lease_seconds,
+               lease_expires_at = v_now + make_interval(secs => p_lease_seconds),
+               processed_by = p_worker, task_id = p_task_id, updated_at = v_now
+         WHERE c.file_url = p_file_url
+        RETURNING c.* INTO r;
+        -- Only a claim made by an older function has a row yet.
+        UPDATE file_attempts a SET token = r.token, worker = p_worker, task_id = p_task_id
+         WHERE a.token = v_old;
+        RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+            NULL::double precision, 0, 0, 0, NULL::text;
+        RETURN;
+    END IF;
+
+    IF r.status = 'completed' THEN
+        RETURN QUERY SELECT 'done'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
+            NULL::double precision, r.records_total, r.records_filtered, r.records_persisted,
+            NULL::text;
+        RETURN;
+    ELSIF r.status = 'dead' THEN
+        RETURN QUERY SELECT 'dead'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
+            NULL::double precision, 0, 0, 0, r.error_message;
+        RETURN;
+    ELSIF r.status = 'processing' AND r.lease_expires_at > v_now THEN
+        RETURN QUERY SELECT 'busy'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
+            extract(epoch FROM r.lease_expires_at - v_now)::double precision, 0, 0, 0, NULL::text;
+        RETURN;
+    ELSIF r.status = 'failed' AND r.retry_at > v_now AND r.attempt < v_cap THEN
+        RETURN QUERY SELECT 'not_due'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
+            extract(epoch FROM r.retry_at - v_now)::double precision, 0, 0, 0, r.error_message;
+        RETURN;
+    ELSIF r.status = 'processing' THEN
+        -- The holder's lease ran out: its execution is lost and counts as an attempt; it is
+        -- recorded here, from the row, before the row moves on.
+        PERFORM pipeline_fence_v1(r.token);
+        PERFORM pipeline_attempt_lost_v1(r, v_now,
+            format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by));
+    END IF;
+
+    IF r.attempt >= v_cap THEN
+        UPDATE file_checkpoints c
+           SET status = 'dead', lease_expires_at = NULL, retry_at = NULL, max_attempts = v_cap,
+               updated_at = v_now,
+               error_message = CASE WHEN r.status = 'processing'
+                   THEN format('worker lost: lease expired on attempt %s of %s (held by %s)', r.attempt, v_cap, r.processed_by)
+                   ELSE coalesce(r.error_message, format('no attempts left (%s of %s used)', r.attempt, v_cap)) END
+         WHERE c.file_url = p_file_url
+        RETURNING c.* INTO r;
+        RETURN QUERY SELECT 'dead'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
+            NULL::double precision, 0, 0, 0, r.error_message;
+        RETURN;
+    END IF;
+
+    UPDATE file_checkpoints c
+       SET status = 'processing', attempt = r.attempt + 1, max_attempts = v_cap,
+           token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+           lease_seconds = p_lease_seconds,
+           lease_expires_at = v_now + make_interval(secs => p_lease_seconds), retry_at = NULL,
+           processed_by = p_worker, task_name = coalesce(p_task_name, r.task_name),
+           task_id = p_task_id, file_type = coalesce(p_file_type, r.file_type),
+           started_at = v_now, updated_at = v_now
+     WHERE c.file_url = p_file_url
+    RETURNING c.* INTO r;
+    RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+        NULL::double precision, 0, 0, 0, NULL::text;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_complete_v1(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
+    LANGUAGE sql
+    AS $$
+    SELECT pipeline_complete_v2(p_file_url, p_token, p_total, p_filtered, p_persisted,
+        p_processing_time_ms, p_details)
+$$;
+
+CREATE FUNCTION public.pipeline_complete_v2(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r     record;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    UPDATE file_checkpoints c
+       SET status = 'completed', records_total = p_total, records_filtered = p_filtered,
+           records_persisted = p_persisted,
+           processing_time_ms = coalesce(p_processing_time_ms,
+               (extract(epoch FROM v_now - c.started_at) * 1000)::integer),
+           details = coalesce(p_details, c.details), retry_at = NULL,
+           error_message = NULL, lease_expires_at = NULL, completed_at = v_now, updated_at = v_now
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+    RETURNING c.generation, c.attempt, c.processed_by, c.task_id, c.started_at INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome)
+    VALUES (p_token, p_file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, v_now), v_now, 'completed')
+    -- a claim made by an older function wrote its row at the start
+    ON CONFLICT (token) DO UPDATE SET outcome = 'completed', ended_at = v_now;
+    RETURN true;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_fail_v1(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean) RETURNS TABLE(status text, attempt integer, max_attempts integer)
+    LANGUAGE sql
+    AS $$
+    SELECT f.status, f.attempt, f.max_attempts
+      FROM pipeline_fail_v2(p_file_url, p_token, p_error_class, p_error_message, p_retryable, NULL) f
+$$;
+
+CREATE FUNCTION public.pipeline_fail_v2(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean, p_retry_in double precision) RETURNS TABLE(status text, attempt integer, max_attempts integer, retry_in double precision)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_fail_v3(p_file_url, p_token, p_error_class, p_error_message,
+        p_retryable, p_retry_in)
+$$;
+
+CREATE FUNCTION public.pipeline_fail_v3(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean, p_retry_in double precision) RETURNS TABLE(status text, attempt integer, max_attempts integer, retry_in double precision)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r     file_checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN p_retryable AND c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
+           retry_at = CASE WHEN p_retryable AND c.attempt < c.max_attempts AND p_retry_in IS NOT NULL
+               THEN v_now + make_interval(secs => greatest(p_retry_in, 0)) END,
+           error_message = p_error_message, lease_expires_at = NULL, updated_at = v_now
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+    RETURNING c.* INTO r;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message,
+                                    retry_at)
+    VALUES (p_token, p_file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, v_now), v_now, 'failed', p_error_class, p_error_message,
+            r.retry_at)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = 'failed', ended_at = v_now, error_class = p_error_class,
+           error_message = p_error_message, retry_at = r.retry_at;
+    RETURN QUERY SELECT r.status, r.attempt, r.max_attempts,
+        CASE WHEN r.retry_at IS NOT NULL
+             THEN greatest(extract(epoch FROM r.retry_at - clock_timestamp()), 0)::double precision
+        END;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_fence_v1(p_token bigint) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_pid   integer;
+    v_n     integer := 0;
+BEGIN
+    FOR v_pid IN
+        SELECT a.pid FROM pg_stat_activity a
+         WHERE a.application_name = 'pipeline-claim:' || p_token AND a.pid <> pg_backend_pid()
+    LOOP
+        BEGIN
+            IF pg_terminate_backend(v_pid) THEN
+                v_n := v_n + 1;
+            END IF;
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
+    END LOOP;
+    RETURN v_n;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v1(p_waiting_seconds double precision, p_limit integer) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_reap_v3(p_waiting_seconds, p_limit, 5.0)
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v2(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_reap_v3(p_waiting_seconds, p_limit, p_overdue_seconds)
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v3(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(1885958258) THEN  -- 'pipr', as pipeline_reap_v2
+        RETURN;
+    END IF;
+    PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
+      WHERE c.status = 'processing' AND c.lease_expires_at <= v_now;
+
+    RETURN QUERY
+    WITH expired AS (
+        SELECT c.file_url, c.token, c.generation, c.attempt, c.task_id, c.started_at,
+               c.lease_expires_at, c.processed_by, pipeline_fence_v1(c.token) AS fenced
+          FROM file_checkpoints c
+         WHERE c.status = 'processing' AND c.lease_expires_at <= v_now
+         ORDER BY c.lease_expires_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    ), lost AS (
+        INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                        started_at, ended_at, outcome, error_class, error_message)
+        SELECT e.token, e.file_url, e.generation, e.attempt, e.processed_by, e.task_id,
+               coalesce(e.started_at, v_now), v_now, 'lost', 'WorkerLost',
+               format('lease expired at %s; worker %s lost', e.lease_expires_at, e.processed_by)
+          FROM expired e
+        ON CONFLICT (token) DO UPDATE
+           SET outcome = 'lost', ended_at = excluded.ended_at, error_class = 'WorkerLost',
+               error_message = excluded.error_message
+         WHERE a.outcome = 'running'
+    )
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
+           error_message = CASE WHEN c.attempt < c.max_attempts
+               THEN format('worker lost on attempt %s of %s (held by %s); will retry', c.attempt, c.max_attempts, c.processed_by)
+               ELSE format('worker lost: lease expired on attempt %s of %s (held by %s)', c.attempt, c.max_attempts, c.processed_by) END,
+           lease_expires_at = NULL, retry_at = NULL, updated_at = v_now
+      FROM expired e
+     WHERE c.file_url = e.file_url
+    RETURNING c.file_url, c.task_name, c.status;
+
+    RETURN QUERY
+    WITH overdue AS (
+        SELECT c.file_url
+          FROM file_checkpoints c
+         WHERE c.status = 'failed'
+           AND c.retry_at < v_now - make_interval(secs => p_overdue_seconds)
+         ORDER BY c.retry_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE file_checkpoints c SET retry_at = NULL, updated_at = v_now
+      FROM overdue o
+     WHERE c.file_url = o.file_url
+    RETURNING c.file_url, c.task_name, c.status;
+
+    RETURN QUERY
+    WITH waiting AS (
+        SELECT c.file_url
+          FROM file_checkpoints c
+         WHERE p_waiting_seconds IS NOT NULL
+           AND (c.status = 'pending' OR (c.status = 'failed' AND c.retry_at IS NULL))
+           AND c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+         ORDER BY c.updated_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE file_checkpoints c SET updated_at = v_now
+      FROM waiting w
+     WHERE c.file_url = w.file_url
+    RETURNING c.file_url, c.task_name, c.status;
+END;
+$$;
+
+CREATE TABLE public.events (
+    id bigint NOT NULL,
+    file_url text NOT NULL,
+    line integer NOT NULL,
+    event_id text NOT NULL,
+    ts timestamp with time zone NOT NULL,
+    type text NOT NULL,
+    payload jsonb DEFAULT '{}'::jsonb NOT NULL,
+    inserted_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT events_line_check CHECK ((line >= 1))
+);
+
+CREATE SEQUENCE public.events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.events_id_seq OWNED BY public.events.id;
+
+CREATE TABLE public.file_attempts (
+    token bigint NOT NULL,
+    file_url text NOT NULL,
+    generation integer NOT NULL,
+    attempt integer NOT NULL,
+    worker text,
+    task_id text,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    ended_at timestamp with time zone,
+    outcome text DEFAULT 'running'::text NOT NULL,
+    error_class text,
+    error_message text,
+    retry_at timestamp with time zone,
+    CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text])))
+);
+
+CREATE SEQUENCE public.file_checkpoints_token_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+CREATE VIEW public.pipeline_attempts AS
+ SELECT a.token,
+    a.file_url,
+    a.generation,
+    a.attempt,
+    a.worker,
+    a.task_id,
+    a.started_at,
+    a.ended_at,
+    a.outcome,
+    a.error_class,
+    a.error_message,
+    a.retry_at
+   FROM public.file_attempts a
+UNION ALL
+ SELECT c.token,
+    c.file_url,
+    c.generation,
+    c.attempt,
+    c.processed_by AS worker,
+    c.task_id,
+    c.started_at,
+    NULL::timestamp with time zone AS ended_at,
+    'running'::text AS outcome,
+    NULL::text AS error_class,
+    NULL::text AS error_message,
+    NULL::timestamp with time zone AS retry_at
+   FROM public.file_checkpoints c
+  WHERE ((c.status = 'processing'::text) AND (NOT (EXISTS ( SELECT 1
+           FROM public.file_attempts a
+          WHERE (a.token = c.token)))));
+
+ALTER TABLE ONLY public.events ALTER COLUMN id SET DEFAULT nextval('public.events_id_seq'::regclass);
+
+ALTER TABLE ONLY public.events
+    ADD CONSTRAINT events_file_line_key UNIQUE (file_url, line);
+
+ALTER TABLE ONLY public.events
+    ADD CONSTRAINT events_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.file_attempts
+    ADD CONSTRAINT file_attempts_pkey PRIMARY KEY (token);
+
+ALTER TABLE ONLY public.file_checkpoints
+    ADD CONSTRAINT file_checkpoints_pkey PRIMARY KEY (file_url);
+
+CREATE INDEX events_type_ts_idx ON public.events USING btree (type, ts);
+
+CREATE INDEX file_attempts_file_idx ON public.file_attempts USING btree (file_url, token);
+
+CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING btree (batch_id, status);
+
+CREATE INDEX file_checkpoints_completed_at_idx ON public.file_checkpoints USING btree (completed_at) WHERE (status = 'completed'::text);
+
+CREATE INDEX file_checkpoints_dead_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = 'dead'::text);
+
+CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (lease_expires_at) WHERE (status = 'processing'::text);
+
+CREATE INDEX file_checkpoints_retry_at_idx ON public.file_checkpoints USING btree (retry_at) WHERE (status = 'failed'::text);
+
+CREATE INDEX file_checkpoints_waiting_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
+ALTER TABLE ONLY public.file_attempts
+    ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
