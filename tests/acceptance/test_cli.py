@@ -588,8 +588,8 @@ def test_broker_down__requeue_reports_the_broker_without_traceback(
         assert_no_traceback(result)
         assert PASSWORD not in result.output
         assert "broker redis://:***@127.0.0.1:1/0" in result.flat_stderr, result.describe()
-        # The row moved on before the send failed: pending, for the reaper to hand back.
-        assert store.get(file_url).status == "pending"
+        # The broker is asked first, as submit does: nothing moved, the file is still dead.
+        assert store.get(file_url).status == "dead"
     finally:
         store.close()
 
