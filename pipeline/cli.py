@@ -113,7 +113,7 @@ def _handled() -> Iterator[None]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipeline")
+@click.version_option(package_name="pipeline-exactly-once")
 def main() -> None:
     """Exactly-once file processing on Celery and PostgreSQL.
 
