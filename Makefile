@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := all
-.PHONY: install demo test lint format typecheck all bench flower up down logs clean
+.PHONY: install demo test lint format typecheck dist all bench flower up down logs clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,14 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-all: lint typecheck test
+# The sdist and the wheel, into dist/, checked as PyPI renders them. No build isolation: the
+# backend (hatchling) is in the dev extras, so nothing is downloaded.
+dist: install
+	rm -rf dist
+	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
+all: lint typecheck dist test
 
 bench: install
 	$(PY) bench/run_all.py
@@ -54,4 +61,4 @@ logs:
 	docker compose logs -f --tail=100
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis dist
