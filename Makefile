@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := all
-.PHONY: install demo test lint format typecheck dist all bench flower up down logs clean
+.PHONY: install demo test lint format typecheck docs dist all bench flower up down logs clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# The documentation site, from docs/ (mkdocs.yml), into site/. Any warning fails the build: a
+# link to a page or an anchor that does not exist, a cited test or file that is gone.
+# (NO_MKDOCS_2_WARNING: mkdocs-material prints a notice about its successor on every build.)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 # The sdist and the wheel, into dist/, checked as PyPI renders them. No build isolation: the
 # backend (hatchling) is in the dev extras, so nothing is downloaded.
 dist: install
@@ -41,7 +47,7 @@ dist: install
 	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
-all: lint typecheck dist test
+all: lint typecheck docs dist test
 
 bench: install
 	$(PY) bench/run_all.py
@@ -61,4 +67,4 @@ logs:
 	docker compose logs -f --tail=100
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site dist
