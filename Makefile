@@ -40,11 +40,12 @@ typecheck: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-# The sdist and the wheel, into dist/, checked as PyPI renders them. No build isolation: the
-# backend (hatchling) is in the dev extras, so nothing is downloaded.
+# The sdist, then the wheel built from it (so a file the sdist leaves out shows), into dist/,
+# checked as PyPI renders them. No build isolation: the backend (hatchling) is in the dev
+# extras, so nothing is downloaded.
 dist: install
 	rm -rf dist
-	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	$(PY) -m build --no-isolation --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
 all: lint typecheck docs dist test
