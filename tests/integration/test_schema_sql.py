@@ -1,5 +1,6 @@
-"""pipeline/store/sql/schema.sql is the live schema: applied to an empty database it builds what the migration
-chain builds (tables, columns, constraints, indexes, views, sequences, functions, triggers)."""
+"""pipeline/store/sql/schema.sql is the live schema: applied to an empty database it builds
+what the migration chain builds (tables, columns, constraints, indexes, views, sequences,
+functions, triggers)."""
 
 from __future__ import annotations
 
