@@ -125,28 +125,17 @@ def start_workers(
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         for n in range(1, count + 1):
-            with (log_dir / f"worker{n}.log").open("wb") as log:
-                cmd = worker_command(
-                    "-c",
-                    str(concurrency),
-                    "-n",
-                    f"{name}{n}-{os.getpid()}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-l",
-                    "info",
-                )
-                procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        preexec_fn=die_with_parent(),
-                    )
-                )
+            cmd = worker_command(
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}{n}-{os.getpid()}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "info",
+            )
+            procs.append(_start_logged(cmd, log_dir / f"worker{n}.log", env))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             replies = app.control.ping(timeout=0.5) or []
@@ -183,9 +172,16 @@ def start_flower(port: int, log_dir: pathlib.Path, env: dict[str, str]) -> subpr
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**env, "FLOWER_TASKS_COLUMNS": FLOWER_COLUMNS}
     env.pop(FLOWER_AUTH_ENV, None)
-    with (log_dir / "flower.log").open("wb") as log:
+    return _start_logged(flower_command(port, "--address=127.0.0.1"), log_dir / "flower.log", env)
+
+
+def _start_logged(
+    command: list[str], log_path: pathlib.Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """`command` in a session of its own, its output in `log_path`, ending with us (Linux)."""
+    with log_path.open("wb") as log:
         return subprocess.Popen(
-            flower_command(port, "--address=127.0.0.1"),
+            command,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
