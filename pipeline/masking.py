@@ -89,6 +89,8 @@ def _parsed_display(url: str) -> str:
     it misparses, so the text as given is masked instead)."""
     if not url.lower().startswith(_DATABASE_SCHEMES):
         return url
+    # The driver's own URL parser, so the mask matches what it would print; loaded only for
+    # a database URL (its import costs a light command more than the rest of it).
     import sqlalchemy as sa
     from sqlalchemy import exc as sa_exc
 

