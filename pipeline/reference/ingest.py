@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import math
 import os
+import pathlib
 import posixpath
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
@@ -24,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from pipeline import sqlfile
 from pipeline.errors import PermanentError
 from pipeline.models import Stats
 from pipeline.sources import textfile, urls
@@ -35,13 +37,10 @@ from pipeline.sources.textfile import BadInput as BadInput
 from pipeline.sources.textfile import Block
 from pipeline.sources.textfile import NotRegularFile as NotRegularFile
 
-# Executed by the task inside the checkpoint transaction, after DELETE_EVENTS_SQL: the file's
-# old events are gone first, so the unique (file_url, line) cannot conflict and plain COPY
-# does (no ON CONFLICT). Rows are copy_rows() tuples, in this column order.
-COPY_EVENTS_SQL = "COPY events (file_url, line, event_id, ts, type, payload) FROM STDIN"
-# Run first, in the same transaction: a file's events are those of its latest run only (a new
-# generation, changed content or requeue --force, replaces the old records).
-DELETE_EVENTS_SQL = "DELETE FROM events WHERE file_url = :file_url"
+# The task's SQL (events.sql beside this module): what it deletes first and how it copies.
+_EVENTS_SQL = sqlfile.named_blocks(pathlib.Path(__file__).with_name("events.sql"))
+COPY_EVENTS_SQL = _EVENTS_SQL["copy_events"]
+DELETE_EVENTS_SQL = _EVENTS_SQL["delete_events"]
 
 JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson", ".json")
 CSV_EXTENSIONS = (".csv",)

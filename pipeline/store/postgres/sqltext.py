@@ -9,7 +9,7 @@ import re
 
 import sqlalchemy as sa
 
-_QUERY_HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
+from pipeline import sqlfile
 
 
 def sql_dir() -> pathlib.Path:
@@ -21,13 +21,8 @@ def sql_dir() -> pathlib.Path:
 @functools.cache
 def queries() -> dict[str, sa.TextClause]:
     """The named queries of pipeline/store/sql/queries.sql, compiled once."""
-    text = (sql_dir() / "queries.sql").read_text()
-    found: dict[str, sa.TextClause] = {}
-    blocks = _QUERY_HEADER.split(text)
-    for name, body in zip(blocks[1::2], blocks[2::2], strict=True):
-        lines = [ln for ln in body.strip().splitlines() if not ln.startswith("--")]
-        found[name] = sa.text("\n".join(lines))
-    return found
+    blocks = sqlfile.named_blocks(sql_dir() / "queries.sql")
+    return {name: sa.text(sql) for name, sql in blocks.items()}
 
 
 # `:name` parameters (not `::type` casts) in psycopg's `%(name)s` style.
