@@ -70,7 +70,11 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Claim:
-    """A granted claim: the caller may process the file until its lease runs out."""
+    """A granted claim: the caller may process the file until its lease runs out.
+
+    `position`: where the last committed chunk of this generation got to (None: the start),
+    read from the object's `version`, with the running `stats` committed with it.
+    """
 
     file_url: str
     token: int
@@ -78,6 +82,9 @@ class Claim:
     max_attempts: int
     lease_seconds: float
     generation: int
+    position: Any = None
+    version: str | None = None
+    stats: Stats = dataclasses.field(default_factory=Stats)
 
     def __bool__(self) -> bool:
         return True
@@ -113,6 +120,11 @@ class Attempt:
     outcome: Outcome
     error_class: str | None
     error_message: str | None
+    #: where the attempt started and ended (chunk positions; None: the beginning)
+    start_position: Any = None
+    end_position: Any = None
+    #: the chunks it committed that moved the position on
+    chunks: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,6 +156,15 @@ class Checkpoint:
     #: when a failed row's next attempt may start (its backoff, on the database clock)
     retry_at: dt.datetime | None = None
     attempts: tuple[Attempt, ...] = ()
+    #: the last committed chunk's position and the object version it was read from
+    position: Any = None
+    position_version: str | None = None
+    #: bytes of the raw stream done, and the object's size, as the task reported them
+    progress_bytes: int | None = None
+    size_bytes: int | None = None
+    progress_at: dt.datetime | None = None
+    #: attempts of this generation that ended without progress (the cap counts these)
+    attempts_spent: int = 0
 
     @property
     def retry_count(self) -> int:

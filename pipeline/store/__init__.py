@@ -99,6 +99,30 @@ class ClaimPath(Protocol):
         """Mark completed; raises LostClaim when the token is stale (nothing changes)."""
         ...
 
+    def commit_chunk(
+        self,
+        file_url: str,
+        token: int,
+        position: Any,
+        *,
+        version: str | None = None,
+        stats: Stats | None = None,
+        progress_bytes: int | None = None,
+        size_bytes: int | None = None,
+        transaction: OutputTransaction | None = None,
+    ) -> float:
+        """Record a chunk: the position it reached (JSON), the object version it was read
+        from and the running stats, inside the chunk's output `transaction`, fenced by the
+        token; extends the lease. The seconds left on it; LostClaim when the token is stale."""
+        ...
+
+    def restart(
+        self, file_url: str, token: int, version: str | None, fingerprint: str | None = None
+    ) -> int:
+        """The object changed under a resumed file: a new generation from the beginning under
+        the same claim; its number. LostClaim when the token is stale."""
+        ...
+
     def fail(
         self,
         file_url: str,

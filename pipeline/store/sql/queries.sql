@@ -2,8 +2,9 @@
 -- Parameters use SQLAlchemy's :name form.
 
 -- claim --
--- Claim a file (grant, or refuse with done / busy / not_due / dead); see pipeline_claim_v3.
-SELECT * FROM pipeline_claim_v3(:file_url, :worker, :lease_seconds, :max_attempts,
+-- Claim a file (grant, with the position to resume from, or refuse with done / busy / not_due /
+-- dead); see pipeline_claim_v4.
+SELECT * FROM pipeline_claim_v4(:file_url, :worker, :lease_seconds, :max_attempts,
                                 :file_type, :task_name, :task_id,
                                 CAST(:resume_tokens AS bigint[]), :token)
 
@@ -21,13 +22,13 @@ RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double preci
 
 -- complete --
 -- Mark the current claim completed with its stats; false when the token is stale.
-SELECT pipeline_complete_v2(:file_url, :token, :total, :filtered, :persisted,
+SELECT pipeline_complete_v3(:file_url, :token, :total, :filtered, :persisted,
                             :processing_time_ms, CAST(:details AS jsonb)) AS ok
 
 -- fail --
 -- Record a failed execution: failed (retry no earlier than :retry_in seconds from now) or
 -- dead; no row when the token is stale.
-SELECT * FROM pipeline_fail_v3(:file_url, :token, :error_class, :error_message, :retryable,
+SELECT * FROM pipeline_fail_v4(:file_url, :token, :error_class, :error_message, :retryable,
                                :retry_in)
 
 -- get --
@@ -35,13 +36,14 @@ SELECT * FROM pipeline_fail_v3(:file_url, :token, :error_class, :error_message, 
 SELECT file_url, file_type, status, attempt, max_attempts, generation, token, records_total,
        records_filtered, records_persisted, processing_time_ms, error_message, processed_by,
        task_name, task_id, batch_id, fingerprint, lease_expires_at, retry_at, started_at,
-       completed_at, created_at, updated_at
+       completed_at, created_at, updated_at, position, position_version, progress_bytes,
+       size_bytes, progress_at, attempts_spent
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
 -- The attempt history of one file, oldest first, the running one included (pipeline_attempts).
 SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_class,
-       error_message
+       error_message, start_position, end_position, chunks
   FROM pipeline_attempts WHERE file_url = :file_url ORDER BY token
 
 -- register --
@@ -79,7 +81,9 @@ WITH input AS (
        SET status = 'pending', attempt = 0, generation = c.generation + 1, token = NULL,
            lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
            records_total = 0, records_filtered = 0, records_persisted = 0,
-           processing_time_ms = 0, details = NULL,
+           processing_time_ms = 0, details = NULL, attempts_spent = 0, attempt_chunks = 0,
+           position = NULL, position_version = NULL, attempt_start_position = NULL,
+           progress_bytes = NULL, size_bytes = NULL, progress_at = NULL,
            fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
            task_name = excluded.task_name, max_attempts = excluded.max_attempts,
            updated_at = now()
@@ -110,7 +114,9 @@ UPDATE file_checkpoints
    SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
        lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
        records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
-       details = NULL, updated_at = now()
+       details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
+       position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
+       size_bytes = NULL, progress_at = NULL, updated_at = now()
  WHERE status = ANY(CAST(:statuses AS text[]))
    AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
    AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
@@ -118,8 +124,8 @@ UPDATE file_checkpoints
 RETURNING file_url, task_name, status
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v3.
-SELECT * FROM pipeline_reap_v3(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v4.
+SELECT * FROM pipeline_reap_v4(:waiting_seconds, :limit, :overdue_seconds)
 
 -- summary --
 -- Counts by batch and status.
@@ -166,8 +172,8 @@ SELECT file_url, error_message, updated_at, attempt FROM file_checkpoints
 SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY outcome
 
 -- abandon --
--- Release the claim of a process known to be dead; see pipeline_abandon_v2.
-SELECT * FROM pipeline_abandon_v2(:file_url, :worker, :task_id)
+-- Release the claim of a process known to be dead; see pipeline_abandon_v3.
+SELECT * FROM pipeline_abandon_v3(:file_url, :worker, :task_id)
 
 -- name_session --
 -- Name this session after a claim for the rest of the transaction only, so that a takeover
@@ -201,3 +207,15 @@ SELECT to_regclass('pipeline_schema_version') IS NOT NULL
 -- schema_version --
 -- The newest migration applied.
 SELECT max(version) FROM pipeline_schema_version
+
+-- commit_chunk --
+-- A chunk's position, version and running stats, in the chunk's own output transaction, fenced
+-- by the token; extends the lease. No row when the token is stale. See pipeline_commit_chunk_v1.
+SELECT * FROM pipeline_commit_chunk_v1(:file_url, :token, CAST(:position AS jsonb), :version,
+                                       :total, :filtered, :persisted, :progress_bytes,
+                                       :size_bytes)
+
+-- restart --
+-- The object changed under a resumed file: a new generation from the beginning, same claim.
+-- No row when the token is stale. See pipeline_restart_v1.
+SELECT * FROM pipeline_restart_v1(:file_url, :token, :version, :fingerprint)
