@@ -87,11 +87,12 @@ class CheckpointContext:
 
     def resume(self, version: str | None, *, fingerprint: str | None = None) -> Any:
         """Where to start reading the object as it is now (`version`: its ETag, Last-Modified,
-        or size + mtime + inode): the committed position if it was read from the same
-        version, else None. A position read from another version is never used: the object
-        changed, so a new generation starts at the beginning (`fingerprint`, when given, is
-        stored as the file's new fingerprint)."""
-        if self.position is not None and version != self.version:
+        or size + mtime + inode; None if the storage cannot tell): the committed position if
+        it was read from the same version, else None. A position read from another version is
+        never used: the object changed, so a new generation starts at the beginning
+        (`fingerprint`, when given, is stored as the file's new fingerprint)."""
+        # A version nobody can tell (None) pins nothing: such a read starts over.
+        if self.position is not None and (version is None or version != self.version):
             generation = self._store.restart(self.file_url, self.token, version, fingerprint)
             logger.warning(
                 "%s changed since its last chunk (version %s, now %s): generation %s starts "
