@@ -24,7 +24,7 @@ def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
         # object starts a new generation at the beginning.
         if checkpoint.resume(opened.version, fingerprint=opened.fingerprint) is None:
             committed = None
-        start = chunks.start_of(committed)
+        start = opened.start  # where the stream is: the position, or the beginning
         tally = ingest.Tally.resumed(checkpoint.stats)
         persisted = checkpoint.stats.persisted
         blocks = textfile.line_blocks(file_url, opened.stream, line=start.line, offset=start.offset)

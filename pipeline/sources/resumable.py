@@ -65,6 +65,8 @@ def open_at(
     """The file at `start` if the object is still `version`, else from the beginning (the
     caller compares `opened.version` and restarts its generation)."""
     fs, path = urls.filesystem(url)
+    if compression is not None:
+        start = Start(start.line, 0)  # the raw stream is read from its first byte
     if isinstance(fs, LocalFileSystem):
         opener = _local
     elif _is_http(fs):
@@ -75,12 +77,13 @@ def open_at(
         if compression is None:
             yield opened
             return
-        # gzip cannot be sought: decompress from the start and skip the committed lines.
+        # gzip cannot be sought: decompress from the start and skip the committed lines. Its
+        # positions carry no offset (a decompressed one is no byte of the raw stream).
         with gzip.GzipFile(fileobj=opened.stream, mode="rb") as unzipped:
             yield dataclasses.replace(
                 opened,
                 stream=unzipped,  # type: ignore[arg-type]
-                start=Start(opened.start.line, None) if opened.start.line else BEGINNING,
+                start=Start(opened.start.line, None),
                 raw=opened.stream,
             )
 
