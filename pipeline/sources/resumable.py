@@ -134,7 +134,8 @@ def _http(url: str, fs: Any, path: str, start: Start, version: str | None) -> It
     with textfile.open_remote(url, fs, path, headers=headers) as stream:
         response = getattr(stream, "r", None)
         status = getattr(response, "status", 200)
-        got = dict(getattr(response, "headers", {}) or {})
+        # aiohttp's headers: a case-insensitive mapping (a server may send "Etag")
+        got = getattr(response, "headers", None) or {}
         now = got.get("ETag") or got.get("Last-Modified")
         size = _content_size(got, status)
         fingerprint = urls.fingerprint_from_info(
@@ -152,7 +153,8 @@ def _http(url: str, fs: Any, path: str, start: Start, version: str | None) -> It
                 start.offset,
             )
             _skip(stream, start.offset or 0)
-            yield Opened(stream, now, fingerprint, size, start, _Counted(stream, start.offset))
+            # the stream counts every byte it read, the skipped ones included
+            yield Opened(stream, now, fingerprint, size, start, stream)
 
 
 def _if_range(version: str) -> bool:
@@ -160,7 +162,7 @@ def _if_range(version: str) -> bool:
     return version.startswith('"') or (not version.startswith("W/") and "," in version)
 
 
-def _content_size(headers: dict[str, str], status: int) -> int | None:
+def _content_size(headers: Any, status: int) -> int | None:
     if status == 206 and "/" in headers.get("Content-Range", ""):
         total = headers["Content-Range"].rsplit("/", 1)[1]
         return int(total) if total.isdigit() else None

@@ -216,4 +216,3 @@ def test_object_changed_between_attempts__a_new_generation_from_the_beginning(
     row = store.get(file_url)
     assert row is not None
     assert (row.status, row.generation) == (Status.COMPLETED, 2)
-
