@@ -233,6 +233,39 @@ class DeadFile:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RunningFile:
+    """A file being processed, and how far it got (from its committed chunks)."""
+
+    file_url: str
+    attempt: int
+    records: int
+    #: bytes of the raw stream done, and the object's size, when the task reports them
+    progress_bytes: int | None
+    size_bytes: int | None
+    #: seconds since this generation's first attempt started (for the rate)
+    seconds: float
+
+    @property
+    def percent(self) -> float | None:
+        if self.progress_bytes is None or not self.size_bytes:
+            return None
+        return min(100.0, 100.0 * self.progress_bytes / self.size_bytes)
+
+    @property
+    def rate(self) -> float | None:
+        """Records per second over the generation so far."""
+        return self.records / self.seconds if self.seconds > 0 and self.records else None
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, where the size is known."""
+        if self.progress_bytes is None or not self.size_bytes or not self.progress_bytes:
+            return None
+        per_byte = self.seconds / self.progress_bytes
+        return max(0.0, (self.size_bytes - self.progress_bytes) * per_byte)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Overview:
     """What `pipeline status` shows: counts, throughput, leases and the latest dead files."""
 
@@ -245,6 +278,10 @@ class Overview:
     # One batch's running time so far: its first claim to its last file's end (None when
     # nothing has both yet, or for all batches).
     batch_seconds: float | None = None
+    #: files being processed, oldest first, with their progress
+    running: tuple[RunningFile, ...] = ()
+    #: records committed so far by files still running (their chunks)
+    records_in_flight: int = 0
 
     def totals(self) -> dict[Status, int]:
         result = dict.fromkeys(Status, 0)

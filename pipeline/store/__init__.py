@@ -203,8 +203,11 @@ class Reports(Protocol):
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 
-    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
-        """Counts, recent throughput, the oldest live lease and the latest dead files."""
+    def overview(
+        self, batch_id: str | None = None, *, dead_limit: int = 10, running_limit: int = 10
+    ) -> Overview:
+        """Counts, recent throughput, the oldest live lease, the latest dead files and the
+        files running, with their progress."""
         ...
 
     def attempt_outcomes(self) -> dict[str, int]:

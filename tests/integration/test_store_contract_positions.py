@@ -222,3 +222,17 @@ def test_restart__the_object_changed_a_new_generation_under_the_same_claim(
     store.complete(URL, second.token, Stats(5, 0, 5))
     with pytest.raises(errors.LostClaim):
         store.restart(URL, first.token, "etag-3")
+
+
+def test_overview__a_running_file_shows_its_committed_progress(store: PostgresStore) -> None:
+    store.register([URL], batch_id="big")
+    claim = granted(store.claim(URL, "w1", LEASE))
+    chunk(store, claim, 40)
+    overview = store.overview("big")
+    (running,) = overview.running
+    assert (running.file_url, running.attempt, running.records) == (URL, 1, 40)
+    assert (running.progress_bytes, running.size_bytes, running.percent) == (400, 1000, 40.0)
+    assert running.seconds >= 0
+    assert overview.records_in_flight == 40
+    store.complete(URL, claim.token, Stats(100, 0, 100))
+    assert store.overview("big").running == ()

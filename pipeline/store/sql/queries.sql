@@ -219,3 +219,18 @@ SELECT * FROM pipeline_commit_chunk_v1(:file_url, :token, CAST(:position AS json
 -- The object changed under a resumed file: a new generation from the beginning, same claim.
 -- No row when the token is stale. See pipeline_restart_v1.
 SELECT * FROM pipeline_restart_v1(:file_url, :token, :version, :fingerprint)
+
+-- running --
+-- Files being processed, oldest claim first, with how far their committed chunks got and
+-- the seconds since their generation's first attempt started (for a rate and an ETA); and
+-- every running file's committed records, in the first row's `in_flight`.
+SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
+       extract(epoch FROM clock_timestamp() - coalesce(
+           (SELECT min(a.started_at) FROM file_attempts a
+             WHERE a.file_url = c.file_url AND a.generation = c.generation),
+           c.started_at))::double precision AS seconds,
+       sum(c.records_total) OVER () AS in_flight
+  FROM file_checkpoints c
+ WHERE c.status = 'processing' AND (CAST(:batch_id AS text) IS NULL OR c.batch_id = :batch_id)
+ ORDER BY c.started_at
+ LIMIT :limit
