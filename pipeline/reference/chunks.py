@@ -2,9 +2,9 @@
 chunk commits: the lines read, the byte of the raw stream, a CSV file's header.
 
 A chunk ends at the first boundary (the end of a block of whole lines, between two records)
-after CHUNK_RECORDS records or CHUNK_BYTES bytes of the raw stream, whichever comes first;
-the last chunk ends at the end of the file. Records flow through as they are read: a chunk is
-never held in memory.
+after PIPELINE_CHUNK_RECORDS records or PIPELINE_CHUNK_BYTES bytes of the raw stream
+(pipeline/settings.py), whichever comes first; the last chunk ends at the end of the file.
+Records flow through as they are read: a chunk is never held in memory.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from pipeline import settings
 from pipeline.reference.ingest import Boundary, Record
 from pipeline.sources.resumable import BEGINNING, Start
-
-# Defaults measured with bench/bench_ingest.py --chunks (see bench/RESULTS.md): big enough
-# that a chunk's commit (an fsync, a row update) is a rounding error beside its COPY, small
-# enough that a crash redoes about a second of work.
-CHUNK_RECORDS = 50_000
-CHUNK_BYTES = 32 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +91,13 @@ def pieces(
     items: Iterator[Record | Boundary],
     start: Start,
     *,
-    records: int = CHUNK_RECORDS,
-    size: int = CHUNK_BYTES,
+    records: int | None = None,
+    size: int | None = None,
 ) -> Iterator[Piece]:
     """The chunks of a file's records read from `start`: at least one (an empty file commits
     its end too). Each is to be read to its end before the next is asked for."""
+    records = records or settings.CHUNK_RECORDS.get()
+    size = size or settings.CHUNK_BYTES.get()
     since = start.offset
     while True:
         piece = Piece(items, records, size, since)
