@@ -28,7 +28,7 @@ def chunk(
     with store.transaction(token=claim.token) as out:
         for n in range(rows):
             out.execute(
-                sa.text("INSERT INTO sink (file_url, line) VALUES (:u, :n)"),
+                sa.text("INSERT INTO chunk_sink (file_url, line) VALUES (:u, :n)"),
                 {"u": claim.file_url, "n": line - rows + n + 1},
             )
         store.commit_chunk(
@@ -46,13 +46,13 @@ def chunk(
 @pytest.fixture
 def store(pg_store: PostgresStore) -> PostgresStore:
     pg_store.execute_script(
-        "CREATE TABLE IF NOT EXISTS sink (file_url text, line int); TRUNCATE sink"
+        "CREATE TABLE IF NOT EXISTS chunk_sink (file_url text, line int); TRUNCATE chunk_sink"
     )
     return pg_store
 
 
 def sink_lines(store: PostgresStore) -> int:
-    return int(store.scalar("SELECT count(*) FROM sink"))
+    return int(store.scalar("SELECT count(*) FROM chunk_sink"))
 
 
 def test_chunk__commits_its_position_stats_and_version_and_extends_the_lease(
