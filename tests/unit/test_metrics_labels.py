@@ -11,7 +11,7 @@ from pipeline.store.postgres.operations import histogram
 def test_error_classes__past_the_most_frequent_ones_count_as_other() -> None:
     attempts = {("failed", f"E{i:02d}"): 100 - i for i in range(15)}
     attempts[("completed", "")] = 7
-    attempts[("lost", "WorkerLost")] = 50
+    attempts[("lost", "WorkerLost")] = 500
     bounded = metrics.bounded_classes(attempts)
     classes = {c for _, c in bounded}
     assert len(classes - {"", "other"}) == metrics.MAX_ERROR_CLASSES
