@@ -60,7 +60,8 @@ def test_rules__each_has_a_summary_a_runbook_line_and_a_severity() -> None:
         annotations = rule.get("annotations") or {}
         assert annotations.get("summary"), rule["alert"]
         runbook = annotations.get("runbook", "")
-        assert len(runbook) > 40 and "\n" not in runbook, (rule["alert"], runbook)
+        assert len(runbook) > 40, (rule["alert"], runbook)
+        assert "\n" not in runbook, (rule["alert"], runbook)
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
 
 
@@ -68,13 +69,14 @@ def test_dashboard__panels_fit_the_grid_use_the_datasource_variable_and_query_so
     board = promql.dashboard()
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
-    assert board["uid"] and board["title"]
+    assert board["uid"]
+    assert board["title"]
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
     titles = set()
     for panel in promql.panels():
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert 0 <= grid["x"] < grid["x"] + grid["w"] <= 24, panel["title"]
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
