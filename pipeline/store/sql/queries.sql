@@ -39,11 +39,13 @@ SELECT file_url, file_type, status, attempt, max_attempts, generation, token, re
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
--- The attempt history of one file, oldest first, the running one included (pipeline_attempts).
+-- The attempt history of one file, oldest first, the running one included (pipeline_attempts),
+-- with the trace each ran in. In the order of generation and attempt, not of token: each
+-- process reserves its tokens in blocks, so a later attempt may hold a smaller token.
 SELECT a.generation, a.attempt, a.token, a.worker, a.started_at, a.ended_at, a.outcome,
        a.error_class, a.error_message, t.trace_id
   FROM pipeline_attempts a LEFT JOIN file_attempts t ON t.token = a.token
- WHERE a.file_url = :file_url ORDER BY a.token
+ WHERE a.file_url = :file_url ORDER BY a.generation, a.attempt, a.started_at
 
 -- register --
 -- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file

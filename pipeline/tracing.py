@@ -1,0 +1,311 @@
+"""A trace per file (OpenTelemetry, the `pipeline-exactly-once[otel]` extra).
+
+Spans: `pipeline.submit` where a task is sent for a file (a new trace per file, linked to
+whatever span was current, e.g. a batch's), carried through the Celery message's headers to
+the worker's `pipeline.task` (one delivery), inside which come `pipeline.claim`, the user's
+`pipeline.function` and `pipeline.complete` (or `pipeline.fail`); a retry's message carries the
+trace on. The trace id of each granted claim is kept on its attempt row (`pipeline status
+--file URL` prints it).
+
+Off unless a tracer provider is set: PIPELINE_TRACING=1 makes one (exporting as
+OTEL_TRACES_EXPORTER says: otlp, the default, to OTEL_EXPORTER_OTLP_ENDPOINT; console; none),
+in each pool process after the fork (`worker_process_init`: an exporter's thread and socket do
+not survive a fork, and spans made in the parent would carry its pid) and flushed when the
+process ends (`worker_process_shutdown`: pool processes leave through os._exit, which runs no
+atexit handler). A provider the user set is used as it is. Without the extra, or off, every
+hook here costs one check per call.
+
+Imported by the worker and the producer, never importing either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from celery import signals
+from celery.exceptions import Retry
+
+from pipeline import errors, masking, settings
+from pipeline.models import Checkpoint, Claim, ClaimResult, FailResult, Stats, Status
+from pipeline.store import ClaimPath, OutputTransaction
+
+try:  # the extra
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
+except ImportError:  # pragma: no cover - exercised where the extra is not installed
+    trace = None  # type: ignore[assignment]
+
+logger = logging.getLogger("pipeline")
+
+T = TypeVar("T")
+_OFF = contextlib.nullcontext()
+
+
+def active() -> bool:
+    """Whether spans are recorded: the extra is installed and a tracer provider is set."""
+    if trace is None:
+        return False
+    return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider | NoOpTracerProvider)
+
+
+def setup(service: str) -> bool:
+    """Set a tracer provider up if PIPELINE_TRACING asks for one and none is set; True when
+    spans are recorded afterwards."""
+    if not settings.TRACING.get():
+        return active()
+    if trace is None:
+        logger.warning(
+            "%s is on but OpenTelemetry is not installed: pip install "
+            "'pipeline-exactly-once[otel]'",
+            settings.TRACING.name,
+        )
+        return False
+    if active():  # the user's own (opentelemetry-instrument, their code): theirs stands
+        return True
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    attributes: dict[str, Any] = {"process.pid": os.getpid()}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service
+    provider = TracerProvider(resource=Resource.create(attributes))
+    exporter = (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif exporter != "none":
+        raise errors.InvalidInput(
+            f"OTEL_TRACES_EXPORTER={exporter!r}: pipeline knows otlp, console and none"
+        )
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def _after_fork(**_: Any) -> None:
+    try:
+        setup("pipeline-worker")
+    except errors.PipelineError as error:  # a bad setting: said, and the worker runs untraced
+        logger.warning("tracing not set up: %s", error)
+
+
+def _flush(**_: Any) -> None:
+    if active():
+        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+        if flush is not None:
+            flush(5000)
+
+
+def _inject(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # Every message sent under a span carries it: a submit's, and a retry sent by a delivery.
+    if headers is not None and active() and trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(headers)
+
+
+signals.worker_process_init.connect(_after_fork, weak=False)
+signals.worker_process_shutdown.connect(_flush, weak=False)
+signals.before_task_publish.connect(_inject, weak=False)
+
+
+def _tracer() -> Any:
+    return trace.get_tracer("pipeline")
+
+
+def _url(file_url: str) -> str:
+    return masking.mask_url(file_url)
+
+
+def submit(task_name: str, file_url: str) -> contextlib.AbstractContextManager[Any]:
+    """Around sending one file's task: the root of that file's trace."""
+    if not active():
+        return _OFF
+    current = trace.get_current_span().get_span_context()
+    span: contextlib.AbstractContextManager[Any] = _tracer().start_as_current_span(
+        "pipeline.submit",
+        context=trace.set_span_in_context(trace.INVALID_SPAN),  # a trace of its own
+        kind=trace.SpanKind.PRODUCER,
+        links=[trace.Link(current)] if current.is_valid else None,
+        attributes={"pipeline.file_url": _url(file_url), "celery.task_name": task_name},
+    )
+    return span
+
+
+def deliver(task: Any, file_url: str, run: Callable[[], T]) -> T:
+    """`run()`, one delivery of `task` for `file_url`, in a span continuing the message's
+    trace (or the span already current, e.g. a Celery instrumentation's)."""
+    if not active():
+        return run()
+    parent = None
+    if not trace.get_current_span().get_span_context().is_valid:
+        fields = propagate.get_global_textmap().fields
+        carrier = {k: v for k in fields if isinstance(v := getattr(task.request, k, None), str)}
+        parent = propagate.extract(carrier)
+    with _tracer().start_as_current_span(
+        "pipeline.task",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        record_exception=False,
+        set_status_on_exception=False,
+        attributes={
+            "pipeline.file_url": _url(file_url),
+            "celery.task_name": task.name,
+            "celery.task_id": task.request.id or "",
+            "celery.retries": int(task.request.retries or 0),
+        },
+    ) as span:
+        try:
+            result = run()
+        except BaseException as error:
+            outcome = "retry" if isinstance(error, Retry) else type(error).__name__
+            span.set_attribute("pipeline.outcome", outcome)
+            if outcome != "retry":
+                span.record_exception(error)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:500]))
+            raise
+        if isinstance(result, Mapping):
+            reason = result.get("reason") if result.get("skipped") else None
+            span.set_attribute("pipeline.outcome", f"skipped: {reason}" if reason else "completed")
+        return result
+
+
+def function(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` (the user's function) run in a `pipeline.function` span when tracing is on."""
+
+    def traced(*args: Any, **kwargs: Any) -> T:
+        if not active():
+            return fn(*args, **kwargs)
+        with _tracer().start_as_current_span("pipeline.function"):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+@contextlib.contextmanager
+def _span(name: str, file_url: str, **attributes: Any) -> Iterator[Any]:
+    with _tracer().start_as_current_span(
+        name, attributes={"pipeline.file_url": _url(file_url), **attributes}
+    ) as span:
+        yield span
+
+
+def claim_path(store: ClaimPath) -> ClaimPath:
+    """`store` with its claim, completion and failure traced (itself when tracing is off)."""
+    return TracedStore(store) if active() else store
+
+
+class TracedStore:
+    """A ClaimPath whose transitions are spans; a granted claim's trace id goes on its attempt
+    row. Hook: a new transition of the execution (a chunk commit) gets its span here, beside
+    `complete` (mypy says so: this class must stay a ClaimPath)."""
+
+    def __init__(self, store: ClaimPath) -> None:
+        self._store = store
+
+    def claim(
+        self,
+        file_url: str,
+        worker_id: str,
+        lease_seconds: float | None = None,
+        *,
+        max_attempts: int | None = None,
+        file_type: str | None = None,
+        task_name: str | None = None,
+        task_id: str | None = None,
+        resume_token: int | Sequence[int] | None = None,
+        token: int | None = None,
+    ) -> ClaimResult:
+        with _span("pipeline.claim", file_url, **{"pipeline.worker": worker_id}) as span:
+            result = self._store.claim(
+                file_url,
+                worker_id,
+                lease_seconds,
+                max_attempts=max_attempts,
+                file_type=file_type,
+                task_name=task_name,
+                task_id=task_id,
+                resume_token=resume_token,
+                token=token,
+            )
+            if isinstance(result, Claim):
+                span.set_attribute("pipeline.claim", "granted")
+                span.set_attribute("pipeline.attempt", result.attempt)
+                span.set_attribute("pipeline.token", result.token)
+                self._record(result, span)
+            else:
+                span.set_attribute("pipeline.claim", str(result.reason))
+            return result
+
+    def _record(self, claim: Claim, span: Any) -> None:
+        trace_id = trace.format_trace_id(span.get_span_context().trace_id)
+        try:
+            self._store.record_trace(claim.file_url, claim.token, trace_id)
+        except Exception as error:  # the trace is for people; the file goes on without it
+            logger.warning("trace id of %s not recorded: %s", _url(claim.file_url), error)
+
+    def complete(
+        self,
+        file_url: str,
+        token: int,
+        stats: Stats | Mapping[str, Any] | None = None,
+        *,
+        processing_time_ms: int | None = None,
+        details: Mapping[str, Any] | None = None,
+        transaction: OutputTransaction | None = None,
+    ) -> None:
+        with _span("pipeline.complete", file_url, **{"pipeline.token": token}):
+            self._store.complete(
+                file_url,
+                token,
+                stats,
+                processing_time_ms=processing_time_ms,
+                details=details,
+                transaction=transaction,
+            )
+
+    def fail(
+        self,
+        file_url: str,
+        token: int,
+        error: BaseException | str,
+        *,
+        retryable: bool = True,
+        retry_in: float | None = None,
+    ) -> FailResult:
+        with _span("pipeline.fail", file_url, **{"pipeline.token": token}) as span:
+            result = self._store.fail(
+                file_url, token, error, retryable=retryable, retry_in=retry_in
+            )
+            span.set_attribute("pipeline.status", str(result.status))
+            return result
+
+    # -- the rest as the store does it ------------------------------------------------------
+
+    def reserve_token(self) -> int:
+        return self._store.reserve_token()
+
+    def heartbeat(self, file_url: str, token: int) -> float | None:
+        return self._store.heartbeat(file_url, token)
+
+    def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
+        return self._store.abandon(file_url, worker_id, task_id)
+
+    def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
+        return self._store.get(file_url, with_attempts=with_attempts)
+
+    def record_trace(self, file_url: str, token: int, trace_id: str) -> None:
+        self._store.record_trace(file_url, token, trace_id)
+
+    def transaction(
+        self, *, token: int | None = None
+    ) -> contextlib.AbstractContextManager[OutputTransaction]:
+        return self._store.transaction(token=token)
+
+    def unavailable(self, error: BaseException) -> bool:
+        return self._store.unavailable(error)
