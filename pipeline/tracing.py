@@ -9,11 +9,11 @@ trace on. The trace id of each granted claim is kept on its attempt row (`pipeli
 
 Off unless a tracer provider is set: PIPELINE_TRACING=1 makes one (exporting as
 OTEL_TRACES_EXPORTER says: otlp, the default, to OTEL_EXPORTER_OTLP_ENDPOINT; console; none),
-in each pool process after the fork (`worker_process_init`: an exporter's thread and socket do
-not survive a fork, and spans made in the parent would carry its pid) and flushed when the
-process ends (`worker_process_shutdown`: pool processes leave through os._exit, which runs no
-atexit handler). A provider the user set is used as it is. Without the extra, or off, every
-hook here costs one check per call.
+in each pool process after the fork (`worker_process_init`, hooked in pipeline.worker.runtime:
+an exporter's thread and socket do not survive a fork, and spans made in the parent would
+carry its pid) and flushed when the process ends (`worker_process_shutdown`: pool processes
+leave through os._exit, which runs no atexit handler). A provider the user set is used as it
+is. Without the extra, or off, every hook here costs one look-up per call.
 
 Imported by the worker and the producer, never importing either.
 """
@@ -23,33 +23,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
-
-from celery import signals
-from celery.exceptions import Retry
 
 from pipeline import errors, masking, settings
 from pipeline.models import Checkpoint, Claim, ClaimResult, FailResult, Stats, Status
 from pipeline.store import ClaimPath, OutputTransaction
 
-try:  # the extra
-    from opentelemetry import propagate, trace
-    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
-except ImportError:  # pragma: no cover - exercised where the extra is not installed
-    trace = None  # type: ignore[assignment]
+# OpenTelemetry and celery.signals are imported only once tracing is on: every CLI command
+# imports this module (through the sender), and the two cost it a few hundred milliseconds.
 
 logger = logging.getLogger("pipeline")
 
 T = TypeVar("T")
 _OFF = contextlib.nullcontext()
+_hooked = threading.Lock()
+_publish_hooked = False
 
 
 def active() -> bool:
-    """Whether spans are recorded: the extra is installed and a tracer provider is set."""
-    if trace is None:
+    """Whether spans are recorded: a tracer provider is set (ours or the user's). Nobody can
+    have set one without importing OpenTelemetry, so that is looked up, not imported."""
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:
         return False
-    return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider | NoOpTracerProvider)
+    provider = api.get_tracer_provider()
+    return not isinstance(provider, api.ProxyTracerProvider | api.NoOpTracerProvider)
+
+
+def _hook_publish() -> None:
+    """Every message sent under a span carries it from now on (once per process)."""
+    global _publish_hooked
+    with _hooked:
+        if not _publish_hooked:
+            from celery import signals
+
+            signals.before_task_publish.connect(_inject, weak=False)
+            _publish_hooked = True
 
 
 def setup(service: str) -> bool:
@@ -57,7 +69,9 @@ def setup(service: str) -> bool:
     spans are recorded afterwards."""
     if not settings.TRACING.get():
         return active()
-    if trace is None:
+    try:
+        from opentelemetry import trace
+    except ImportError:
         logger.warning(
             "%s is on but OpenTelemetry is not installed: pip install "
             "'pipeline-exactly-once[otel]'",
@@ -86,35 +100,42 @@ def setup(service: str) -> bool:
             f"OTEL_TRACES_EXPORTER={exporter!r}: pipeline knows otlp, console and none"
         )
     trace.set_tracer_provider(provider)
+    _hook_publish()
     return True
 
 
-def _after_fork(**_: Any) -> None:
+def after_fork() -> None:
+    """In a pool process just forked (worker_process_init, see pipeline.worker.runtime)."""
     try:
         setup("pipeline-worker")
     except errors.PipelineError as error:  # a bad setting: said, and the worker runs untraced
         logger.warning("tracing not set up: %s", error)
 
 
-def _flush(**_: Any) -> None:
+def flush() -> None:
+    """Before a pool process ends (worker_process_shutdown): it leaves through os._exit,
+    which runs no atexit handler, so spans still batched would be lost."""
     if active():
-        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-        if flush is not None:
-            flush(5000)
+        from opentelemetry import trace
+
+        force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+        if force_flush is not None:
+            force_flush(5000)
 
 
 def _inject(headers: dict[str, Any] | None = None, **_: Any) -> None:
     # Every message sent under a span carries it: a submit's, and a retry sent by a delivery.
-    if headers is not None and active() and trace.get_current_span().get_span_context().is_valid:
+    if headers is None or not active():
+        return
+    from opentelemetry import propagate, trace
+
+    if trace.get_current_span().get_span_context().is_valid:
         propagate.inject(headers)
 
 
-signals.worker_process_init.connect(_after_fork, weak=False)
-signals.worker_process_shutdown.connect(_flush, weak=False)
-signals.before_task_publish.connect(_inject, weak=False)
-
-
 def _tracer() -> Any:
+    from opentelemetry import trace
+
     return trace.get_tracer("pipeline")
 
 
@@ -126,6 +147,9 @@ def submit(task_name: str, file_url: str) -> contextlib.AbstractContextManager[A
     """Around sending one file's task: the root of that file's trace."""
     if not active():
         return _OFF
+    from opentelemetry import trace
+
+    _hook_publish()
     current = trace.get_current_span().get_span_context()
     span: contextlib.AbstractContextManager[Any] = _tracer().start_as_current_span(
         "pipeline.submit",
@@ -142,6 +166,10 @@ def deliver(task: Any, file_url: str, run: Callable[[], T]) -> T:
     trace (or the span already current, e.g. a Celery instrumentation's)."""
     if not active():
         return run()
+    from celery.exceptions import Retry
+    from opentelemetry import propagate, trace
+
+    _hook_publish()  # a retry's message carries the trace on
     parent = None
     if not trace.get_current_span().get_span_context().is_valid:
         fields = propagate.get_global_textmap().fields
@@ -243,6 +271,8 @@ class TracedStore:
             return result
 
     def _record(self, claim: Claim, span: Any) -> None:
+        from opentelemetry import trace
+
         trace_id = trace.format_trace_id(span.get_span_context().trace_id)
         try:
             self._store.record_trace(claim.file_url, claim.token, trace_id)
