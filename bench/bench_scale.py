@@ -167,11 +167,26 @@ def explain(url: str) -> dict[str, dict[str, Any]]:
     from pipeline.store.postgres import driver_queries
 
     queries = driver_queries()
-    params = {"batch_id": None, "limit": 10}
+    from pipeline.store.postgres.operations import DURATION_BOUNDS
+
+    params = {
+        "batch_id": None,
+        "limit": 10,
+        "window": 900.0,
+        "bounds": list(DURATION_BOUNDS),
+    }
     found: dict[str, dict[str, Any]] = {}
     with psycopg.connect(common.libpq_url(url), autocommit=True) as conn:
         conn.execute("SET plan_cache_mode = force_custom_plan")
-        for name in ("summary", "activity", "dead", "attempt_outcomes"):
+        for name in (
+            "summary",
+            "activity",
+            "dead",
+            "ops_state",
+            "ops_batches",
+            "ops_attempts",
+            "ops_pickup",
+        ):
             rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + queries[name], params).fetchall()
             plan = "\n".join(r[0] for r in rows)
             took = re.search(r"Execution Time: ([0-9.]+) ms", plan)

@@ -125,6 +125,8 @@ class Attempt:
     end_position: Any = None
     #: the chunks it committed that moved the position on
     chunks: int = 0
+    #: the OpenTelemetry trace the attempt ran in (32 hex digits), when tracing was on
+    trace_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -289,3 +291,74 @@ class Overview:
             for status, n in per_status.items():
                 result[status] += n
         return result
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Histogram:
+    """Durations over a window: how many were at most each bound (cumulative, as Prometheus
+    buckets are), how many in all and their sum in seconds."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    count: int
+    total_seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """One batch as the metrics show it: its files by status, and its pace in the window."""
+
+    batch_id: str
+    counts: Mapping[Status, int]
+    #: files that ended (completed or dead) in the window, and when the first of them did
+    finished_in_window: int
+    #: files per second over the window, or since its first finish when that is more recent
+    #: (at least a minute): None when nothing finished in the window
+    rate: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def remaining(self) -> int:
+        return sum(n for status, n in self.counts.items() if not status.terminal)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until every file is terminal at the current rate (None: no rate yet)."""
+        if self.remaining == 0:
+            return 0.0
+        return None if not self.rate else self.remaining / self.rate
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Operations:
+    """What the Prometheus exporter serves, read from the database in one refresh.
+
+    Ages are in seconds on the database's clock (None: nothing of that kind); the `window_*`
+    figures cover the last `window_seconds`.
+    """
+
+    window_seconds: float
+    counts: Mapping[Status, int]
+    oldest_pending_age: float | None
+    oldest_failed_age: float | None
+    oldest_live_lease_age: float | None
+    expired_leases: int
+    oldest_expired_lease_age: float | None
+    completed_last_minute: int
+    window_completed: int
+    window_dead: int
+    window_records_committed: int
+    #: records committed by the chunks of the files still running
+    records_in_flight: int
+    #: attempts that ended in the window by (outcome, error class; "" for none)
+    window_attempts: Mapping[tuple[str, str], int]
+    window_run_seconds: Mapping[str, Histogram]
+    window_pickup_seconds: Histogram
+    batches: tuple[BatchProgress, ...]
+    active_batches: int
+    workers_live: int
+    #: seconds since the latest heartbeat of any worker (None: no worker ever seen)
+    worker_heartbeat_age: float | None

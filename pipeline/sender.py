@@ -15,7 +15,7 @@ from typing import Any
 
 import kombu.exceptions
 
-from pipeline import errors, masking
+from pipeline import errors, masking, tracing
 from pipeline.models import Work
 
 logger = logging.getLogger("pipeline")
@@ -45,7 +45,10 @@ class Sender:
 
     def send(self, task_name: str, file_url: str) -> None:
         """Enqueue one task for one file."""
-        with self._translated("lost while sending", self._lost):
+        with (
+            self._translated("lost while sending", self._lost),
+            tracing.submit(task_name, file_url),
+        ):
             self.app.send_task(task_name, args=[file_url], producer=self._producer)
 
     def send_work(self, work: Iterable[Work], *, default_task: str | None = None) -> int:

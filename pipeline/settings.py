@@ -132,6 +132,13 @@ REAP_WAITING_SECONDS = Setting[float | None](
     "how long a pending row waits for its task before the sweep re-enqueues it "
     "(unset: 120 s, the store's default); set for beat, it travels with beat's message",
 )
+TRACING = Setting[bool](
+    "PIPELINE_TRACING",
+    False,
+    _flag,
+    "OpenTelemetry traces (the otel extra): a tracer provider in each worker process and CLI, "
+    "exporting as OTEL_TRACES_EXPORTER says (otlp by default)",
+)
 WATCH = Setting[str](
     "PIPELINE_WATCH",
     "",
@@ -171,6 +178,7 @@ ALL: tuple[Setting[Any], ...] = (
     SWEEP,
     REAP_INTERVAL,
     REAP_WAITING_SECONDS,
+    TRACING,
     WATCH,
     CHUNK_RECORDS,
     CHUNK_BYTES,

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 
 from pipeline import errors, masking
-from pipeline.cli import display
+from pipeline.cli import display, fileview
 from pipeline.cli.group import (
     EXIT_FAILED,
     EXIT_OK,
@@ -131,6 +131,7 @@ def _warn_if_no_worker_has(task_name: str) -> None:
 
 @main.command()
 @click.option("--batch", "batch_id", help="only this batch")
+@click.option("--file", "file_url", help="one file: its row and attempts, with their trace ids")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option(
     "--dead",
@@ -140,14 +141,33 @@ def _warn_if_no_worker_has(task_name: str) -> None:
     show_default=True,
     help="how many dead files to list",
 )
-def status(batch_id: str | None, as_json: bool, dead_limit: int) -> None:
-    """Counts by status per batch, throughput, the oldest lease and the latest dead files."""
+def status(batch_id: str | None, file_url: str | None, as_json: bool, dead_limit: int) -> None:
+    """Counts by status per batch, throughput, the oldest lease and the latest dead files;
+    or, with --file, one file's row and every attempt (worker, times, outcome, trace id)."""
+    if file_url is not None:
+        _status_of_file(file_url, as_json)
+        return
     with handled():
         overview = services().store().overview(batch_id, dead_limit=dead_limit)
     if as_json:
         click.echo(json.dumps(display.overview_json(overview), indent=2))
     else:
         display.print_overview(overview, batch_id)
+
+
+def _status_of_file(file_url: str, as_json: bool) -> None:
+    with handled():
+        # As stored (a URL copied from a row or a task's arguments), else as submit writes it.
+        row = services().store().get(file_url, with_attempts=True)
+        if row is None:
+            row = services().store().get(urls.normalize(file_url), with_attempts=True)
+    if row is None:
+        err.print(f"[yellow]no such file:[/yellow] {escape(masking.scrub(file_url))}")
+        raise SystemExit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(fileview.file_json(row), indent=2))
+    else:
+        fileview.print_file(row)
 
 
 @main.command()

@@ -65,12 +65,33 @@ def db_shell(psql_args: tuple[str, ...]) -> None:
     show_default=True,
     help="seconds between reads of the checkpoint table",
 )
-def metrics(port: int, addr: str, interval: float) -> None:
+@click.option(
+    "--window",
+    type=click.FloatRange(min=60, max=86_400),
+    default=exporter.DEFAULT_WINDOW,
+    show_default=True,
+    help="seconds the pipeline_window_* figures count over (the alert rules assume 900)",
+)
+@click.option(
+    "--max-batches",
+    type=click.IntRange(0, 1000),
+    default=exporter.DEFAULT_MAX_BATCHES,
+    show_default=True,
+    help="how many of the most active batches get per-batch series",
+)
+def metrics(port: int, addr: str, interval: float, window: float, max_batches: int) -> None:
     """Serve Prometheus metrics of the checkpoint table on http://ADDR:PORT/metrics."""
     with handled():
         store = services().store()
         try:
-            _, stop = exporter.serve(store, port=port, addr=addr, interval=interval)
+            _, stop = exporter.serve(
+                store,
+                port=port,
+                addr=addr,
+                interval=interval,
+                window=window,
+                max_batches=max_batches,
+            )
         except OSError as error:  # the port is taken, or not ours to bind
             raise errors.PipelineError(f"cannot listen on {addr}:{port}: {error}") from error
     where = masking.mask_url(services().database_url())

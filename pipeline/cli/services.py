@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import errors, masking, settings
+from pipeline import errors, masking, settings, tracing
 from pipeline.cli import local
 from pipeline.sender import Sender
 from pipeline.store import Store, open_store
@@ -91,7 +91,9 @@ class Services:
         return self._app
 
     def sender(self) -> Sender:
-        """A new sender on the broker (the caller closes it)."""
+        """A new sender on the broker (the caller closes it); with PIPELINE_TRACING on, each
+        file sent starts its trace here."""
+        tracing.setup("pipeline-cli")
         return Sender(self.app())
 
     def check_broker(self) -> None:

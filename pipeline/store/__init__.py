@@ -17,6 +17,7 @@ from pipeline.models import (
     Checkpoint,
     ClaimResult,
     FailResult,
+    Operations,
     Overview,
     Registration,
     Stats,
@@ -146,6 +147,10 @@ class ClaimPath(Protocol):
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
 
+    def record_trace(self, file_url: str, token: int, trace_id: str) -> None:
+        """Keep the trace the attempt under `token` runs in on its attempt row (tracing on)."""
+        ...
+
     def transaction(
         self, *, token: int | None = None
     ) -> contextlib.AbstractContextManager[OutputTransaction]:
@@ -198,6 +203,18 @@ class Registry(Protocol):
         ...
 
 
+class Presence(Protocol):
+    """A worker's heartbeat, written by its sweep thread, which the metrics count."""
+
+    def worker_seen(self, worker: str, pid: int, interval_seconds: float) -> None:
+        """`worker` (a main process) is alive and says so every `interval_seconds`."""
+        ...
+
+    def worker_stopped(self, worker: str, pid: int) -> None:
+        """A worker's main process stops cleanly: it is no longer counted."""
+        ...
+
+
 class Reports(Protocol):
     """What `status`, `submit --wait` and the metrics read."""
 
@@ -210,8 +227,9 @@ class Reports(Protocol):
         files running, with their progress."""
         ...
 
-    def attempt_outcomes(self) -> dict[str, int]:
-        """Executions by outcome (running, completed, failed, lost)."""
+    def operations(self, *, window_seconds: float = 900.0, max_batches: int = 20) -> Operations:
+        """What the metrics exporter serves: ages, leases, what ended in the last
+        `window_seconds`, the workers' heartbeats, and the `max_batches` most active batches."""
         ...
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None: ...
@@ -238,7 +256,7 @@ class Admin(Protocol):
     def close(self) -> None: ...
 
 
-class Store(ClaimPath, Registry, Reports, Admin, Protocol):
+class Store(ClaimPath, Registry, Presence, Reports, Admin, Protocol):
     """The whole store: every role above."""
 
 

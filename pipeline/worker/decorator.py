@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task
 
+from pipeline import tracing
 from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS
 from pipeline.worker import execution
 from pipeline.worker.celery_app import app as default_app
@@ -69,9 +70,13 @@ def checkpointed(
             **task_options,
         }
 
+        traced = tracing.function(func)  # the user's function, a span when tracing is on
+
         @functools.wraps(func)
         def body(self: Task, file_url: str, *args: Any, **kwargs: Any) -> Any:
-            return execution.run(self, func, spec, file_url, args, kwargs)
+            return tracing.deliver(
+                self, file_url, lambda: execution.run(self, traced, spec, file_url, args, kwargs)
+            )
 
         task = target.task(
             name=name or f"{func.__module__}.{func.__qualname__}", bind=True, **options

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from pipeline import errors, masking
+from pipeline import errors, masking, tracing
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import ClaimPath, resume_tokens
 from pipeline.worker import runtime
@@ -81,7 +81,7 @@ def run(
         )
     # Tokens of claims an older message of this chain may still hold (pre-0.2 step-backs).
     resume = resume_tokens(kwargs.pop("_pipeline_resume", None)) or []
-    store = runtime.get_store()
+    store = tracing.claim_path(runtime.get_store())  # spans of claim, complete, fail if on
     proposed: list[int] = []
 
     def claim() -> ClaimResult:

@@ -3,7 +3,9 @@ pool checked for dead processes every half second, and the sweep thread."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import threading
 from typing import Any
@@ -87,7 +89,10 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
     A thread of the worker's main process, not a task: it never waits behind queued files, and
     a frozen or busy pool cannot hold it up. Every worker runs one; the database lets one sweep
     through at a time (an advisory lock in pipeline_reap_v2), the others return at once.
-    PIPELINE_SWEEP=0 turns it off (beat or `pipeline reap` then do the job).
+    PIPELINE_SWEEP=0 turns the sweep off (beat or `pipeline reap` then do the job).
+
+    Each round first records the worker's heartbeat (`pipeline_workers`, which the metrics
+    count), sweep or not: a worker whose thread stops answering stops being counted live.
     """
 
     requires = frozenset({"celery.worker.components:Pool"})
@@ -98,11 +103,15 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        if not settings.SWEEP.get():
-            logger.info("sweep: off in this worker (PIPELINE_SWEEP)")
-            return
+        sweeping = settings.SWEEP.get()
+        if not sweeping:
+            logger.info("sweep: off in this worker (PIPELINE_SWEEP); heartbeat only")
+        name = str(getattr(worker, "hostname", None) or "local")
         self._thread = threading.Thread(
-            target=self._loop, args=(worker.app,), name="pipeline-sweeper", daemon=True
+            target=self._loop,
+            args=(worker.app, name, sweeping),
+            name="pipeline-sweeper",
+            daemon=True,
         )
         self._thread.start()
 
@@ -111,21 +120,29 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._thread is not None:
             self._thread.join(timeout=10)  # let it close its connections
 
-    def _loop(self, celery_app: Any) -> None:
+    def _loop(self, celery_app: Any, name: str, sweeping: bool) -> None:
         interval = settings.REAP_INTERVAL.get()
         complained = False
         # Its own store, opened on PIPELINE_DATABASE_URL and closed when the worker stops: the
         # process's store may be swapped or closed by whoever set it (tests, embedded mode).
         store: Store | None = None
         jitter = random.Random()
+        pid = os.getpid()
+        # The first round at once, heartbeat only: a worker is counted as soon as it starts,
+        # and its first sweep comes an interval later, as it always has.
+        wait, first = 0.0, True
         try:
             # Jittered, so the workers of a fleet started together do not all ask at once; a
             # generator of its own, leaving the process's `random` state to the tasks.
-            while not self._stop.wait(interval * jitter.uniform(0.8, 1.0)):
+            while not self._stop.wait(wait):
+                wait = interval * jitter.uniform(0.8, 1.0)
                 try:
                     if store is None:
                         store = runtime.open_thread_store()
-                    sweep.reap_once(store, celery_app)
+                    self._heartbeat(store, name, pid, interval)
+                    if sweeping and not first:
+                        sweep.reap_once(store, celery_app)
+                    first = False
                     complained = False
                 except errors.PipelineError as error:  # unreachable, no schema, no URL set
                     if not complained:  # once per spell, not every few seconds
@@ -135,4 +152,20 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
                     logger.exception("sweep failed")
         finally:
             if store is not None:
+                with contextlib.suppress(Exception):  # a lost one ages out of the live count
+                    store.worker_stopped(name, pid)
                 runtime.close_thread_store(store)
+
+    _heartbeat_failing = False
+
+    def _heartbeat(self, store: Store, name: str, pid: int, interval: float) -> None:
+        # Apart from the sweep: a heartbeat that cannot be written (a schema not yet upgraded)
+        # must not stop the sweep; said once per spell.
+        try:
+            store.worker_seen(name, pid, interval)
+        except errors.PipelineError as error:
+            if not self._heartbeat_failing:
+                logger.warning("worker heartbeat not recorded: %s", error)
+            self._heartbeat_failing = True
+        else:
+            self._heartbeat_failing = False

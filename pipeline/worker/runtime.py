@@ -6,8 +6,9 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
+from pipeline import tracing
 from pipeline.store import Store, open_store
 
 _store: Store | None = None
@@ -59,6 +60,12 @@ def _after_fork(**_: Any) -> None:
     # and letting go of its connections (without closing them) would only leak them.
     if _store is not None and _store_pid != os.getpid():
         _store.after_fork()
+    tracing.after_fork()  # the tracer of this process, when PIPELINE_TRACING is on
+
+
+@worker_process_shutdown.connect
+def _before_exit(**_: Any) -> None:
+    tracing.flush()
 
 
 def _release_thread_stores() -> None:

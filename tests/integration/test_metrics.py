@@ -97,34 +97,72 @@ def exporter(filled: PostgresStore) -> Iterator[tuple[int, metrics.CheckpointCol
     stop.set()
 
 
-def test_metrics__files_by_batch_and_status_match_the_table(
+def test_metrics__files_by_status_and_by_active_batch_match_the_table(
     filled: PostgresStore, exporter: tuple[int, Any]
 ) -> None:
     figures = scrape(exporter[0])
-    table = {
-        (r.batch, r.status): r.n
+    overall = {
+        r.status: r.n
+        for r in rows(filled, "SELECT status, count(*) AS n FROM file_checkpoints GROUP BY 1")
+    }
+    for status in STATUSES:
+        assert value(figures, "pipeline_files", status=status) == overall.get(status, 0), status
+    per_batch = {
+        (r.batch_id, r.status): r.n
         for r in rows(
             filled,
-            "SELECT coalesce(batch_id, '') AS batch, status, count(*) AS n"
-            " FROM file_checkpoints GROUP BY 1, 2",
+            "SELECT batch_id, status, count(*) AS n FROM file_checkpoints"
+            " WHERE batch_id IS NOT NULL GROUP BY 1, 2",
         )
     }
     served = {
-        (dict(k)["batch"], dict(k)["status"]): v for k, v in figures["pipeline_files"].items()
+        (dict(k)["batch"], dict(k)["status"]): v for k, v in figures["pipeline_batch_files"].items()
     }
-    assert {b for b, _ in served} == {"alpha", "beta", ""}
-    for batch in ("alpha", "beta", ""):
-        for status in STATUSES:
-            assert served[(batch, status)] == table.get((batch, status), 0), (batch, status)
+    # Both batches have a file to go (and finished some in the window); the unbatched files
+    # are counted overall only: no empty batch label.
+    assert {b for b, _ in served} == {"alpha", "beta"}
+    for key, n in served.items():
+        assert n == per_batch.get(key, 0), key
     # The scenario, spelled out, so an empty or half-read table cannot pass.
-    assert value(figures, "pipeline_files", batch="alpha", status="completed") == 2
-    assert value(figures, "pipeline_files", batch="alpha", status="pending") == 1
-    assert value(figures, "pipeline_files", batch="beta", status="failed") == 1
-    assert value(figures, "pipeline_files", batch="", status="processing") == 3
+    assert value(figures, "pipeline_batch_files", batch="alpha", status="completed") == 2
+    assert value(figures, "pipeline_batch_files", batch="alpha", status="pending") == 1
+    assert value(figures, "pipeline_batch_files", batch="beta", status="failed") == 1
+    assert value(figures, "pipeline_files", status="processing") == 4
+    assert value(figures, "pipeline_active_batches") == 2
     assert value(figures, "pipeline_up") == 1
 
 
-def test_metrics__dead_expired_and_attempts_match_the_table(
+def test_metrics__batch_eta_is_its_remaining_files_at_its_pace_in_the_window(
+    filled: PostgresStore, exporter: tuple[int, Any]
+) -> None:
+    figures = scrape(exporter[0])
+    # alpha: 3 of 5 finished (2 completed, 1 dead) within the last minute: a pace of 3 per
+    # minute (the pace is taken over a minute at least), 2 to go: 40 s. beta: 1 of 2, 60 s.
+    assert value(figures, "pipeline_batch_eta_seconds", batch="alpha") == pytest.approx(40)
+    assert value(figures, "pipeline_batch_eta_seconds", batch="beta") == pytest.approx(60)
+    stamp = value(figures, "pipeline_snapshot_timestamp_seconds")
+    end = value(figures, "pipeline_batch_estimated_end_timestamp_seconds", batch="alpha")
+    assert end == pytest.approx(stamp + 40, abs=0.01)
+
+
+def test_metrics__batches_beyond_max_batches_are_counted_not_labelled(
+    pg_store: PostgresStore,
+) -> None:
+    for n in range(5):
+        pg_store.register([f"file:///data/metrics/many/{n}"], batch_id=f"batch-{n}")
+    port = free_port()
+    _, stop = metrics.serve(pg_store, port=port, addr="127.0.0.1", interval=3600, max_batches=2)
+    try:
+        figures = scrape(port)
+    finally:
+        stop.set()
+    assert value(figures, "pipeline_active_batches") == 5
+    # the newest names first among batches with nothing finished yet
+    assert {dict(k)["batch"] for k in figures["pipeline_batch_files"]} == {"batch-4", "batch-3"}
+    assert "pipeline_batch_eta_seconds" not in figures  # no pace yet: no estimate
+
+
+def test_metrics__dead_expired_and_attempts_in_the_window_match_the_table(
     filled: PostgresStore, exporter: tuple[int, Any]
 ) -> None:
     figures = scrape(exporter[0])
@@ -134,34 +172,116 @@ def test_metrics__dead_expired_and_attempts_match_the_table(
         " WHERE status = 'processing' AND lease_expires_at <= now()"
     )
     assert (dead, expired) == (2, 2)
-    assert value(figures, "pipeline_dead_files") == dead
+    assert value(figures, "pipeline_window_dead_files") == dead
     assert value(figures, "pipeline_expired_leases") == expired
-    outcomes = {
-        r.outcome: r.n
-        for r in rows(filled, "SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY 1")
+    assert 0 < value(figures, "pipeline_oldest_expired_lease_age_seconds") < 30
+    ended = {
+        (r.outcome, r.error_class): r.n
+        for r in rows(
+            filled,
+            "SELECT outcome, coalesce(error_class, '') AS error_class, count(*) AS n"
+            " FROM file_attempts WHERE ended_at IS NOT NULL GROUP BY 1, 2",
+        )
     }
-    assert outcomes == {"completed": 3, "failed": 3, "running": 4, "lost": 1}
-    for outcome, n in outcomes.items():
-        assert value(figures, "pipeline_attempts", outcome=outcome) == n, outcome
+    assert ended == {
+        ("completed", ""): 3,
+        ("failed", "Error"): 2,  # the two dead ones (errors given as text)
+        ("failed", "RuntimeError"): 1,
+        ("lost", "WorkerLost"): 1,
+    }
+    for (outcome, error_class), n in ended.items():
+        assert (
+            value(figures, "pipeline_window_attempts", outcome=outcome, error_class=error_class)
+            == n
+        )
+    assert value(figures, "pipeline_window_completed_files") == 3
+    assert value(figures, "pipeline_window_records_committed") == 3 * 4
+    assert value(figures, "pipeline_window_seconds") == metrics.DEFAULT_WINDOW
 
 
-def test_metrics__oldest_live_lease_and_completion_rate(
+def test_metrics__run_time_and_pickup_histograms_count_the_window(
     filled: PostgresStore, exporter: tuple[int, Any]
 ) -> None:
     figures = scrape(exporter[0])
-    age = value(figures, "pipeline_oldest_live_lease_age_seconds")
-    now_age = filled.scalar(
-        "SELECT extract(epoch FROM now() - min(started_at)) FROM file_checkpoints"
-        " WHERE status = 'processing' AND lease_expires_at > now()"
+    # Run times: every ended attempt, by outcome; the buckets are cumulative up to +Inf.
+    for outcome, n in (("completed", 3), ("failed", 3), ("lost", 1)):
+        assert value(figures, "pipeline_window_run_seconds_gcount", outcome=outcome) == n
+        assert value(figures, "pipeline_window_run_seconds_bucket", outcome=outcome, le="+Inf") == n
+        served = sorted(
+            (float(dict(k)["le"]), v)
+            for k, v in figures["pipeline_window_run_seconds_bucket"].items()
+            if dict(k)["outcome"] == outcome
+        )
+        assert [v for _, v in served] == sorted(v for _, v in served)  # cumulative
+    # The test ran each in well under 10 s.
+    assert value(figures, "pipeline_window_run_seconds_bucket", outcome="completed", le="10.0") == 3
+    # Pickup: every file whose first attempt started in the window, running ones included.
+    firsts = filled.scalar(
+        "SELECT count(DISTINCT file_url) FROM pipeline_attempts WHERE attempt = 1"
     )
-    # The snapshot was read a moment before this query: a little younger, never older.
-    assert 0 < age <= float(now_age) + 0.01
+    assert firsts == 10
+    assert value(figures, "pipeline_window_pickup_latency_seconds_gcount") == firsts
+    assert value(figures, "pipeline_window_pickup_latency_seconds_gsum") >= 0
+
+
+def test_metrics__oldest_pending_failed_and_live_lease_ages(
+    filled: PostgresStore, exporter: tuple[int, Any]
+) -> None:
+    figures = scrape(exporter[0])
+    for name, query in (
+        (
+            "pipeline_oldest_live_lease_age_seconds",
+            "SELECT extract(epoch FROM now() - min(started_at)) FROM file_checkpoints"
+            " WHERE status = 'processing' AND lease_expires_at > now()",
+        ),
+        (
+            "pipeline_oldest_pending_age_seconds",
+            "SELECT extract(epoch FROM now() - min(submitted_at)) FROM file_checkpoints"
+            " WHERE status = 'pending'",
+        ),
+        (
+            "pipeline_oldest_failed_age_seconds",
+            "SELECT extract(epoch FROM now() - min(a.ended_at)) FROM file_checkpoints c"
+            " JOIN file_attempts a ON a.token = c.token WHERE c.status = 'failed'",
+        ),
+    ):
+        age = value(figures, name)
+        # The snapshot was read a moment before this query: a little younger, never older.
+        assert 0 < age <= float(filled.scalar(query)) + 0.01, name
     completed = filled.scalar(
         "SELECT count(*) FROM file_checkpoints"
         " WHERE status = 'completed' AND completed_at > now() - interval '60 seconds'"
     )
     assert completed == 3
     assert value(figures, "pipeline_completions_per_second") == pytest.approx(completed / 60)
+
+
+def test_metrics__workers_live_and_heartbeat_age_from_their_heartbeats(
+    pg_store: PostgresStore,
+) -> None:
+    port = free_port()
+    collector, stop = metrics.serve(pg_store, port=port, addr="127.0.0.1", interval=3600)
+    try:
+        figures = scrape(port)
+        assert value(figures, "pipeline_workers_live") == 0
+        assert "pipeline_worker_heartbeat_age_seconds" not in figures  # none ever seen
+        pg_store.worker_seen("celery@a", 11, 5.0)
+        pg_store.worker_seen("celery@b", 12, 5.0)
+        pg_store.execute_script(  # b's last heartbeat: 20 s ago, past 3 intervals
+            "UPDATE pipeline_workers SET seen_at = now() - interval '20 seconds'"
+            " WHERE worker = 'celery@b'"
+        )
+        collector.refresh()
+        figures = scrape(port)
+        assert value(figures, "pipeline_workers_live") == 1
+        assert value(figures, "pipeline_worker_heartbeat_age_seconds") < 5
+        pg_store.worker_stopped("celery@a", 11)
+        collector.refresh()
+        figures = scrape(port)
+        assert value(figures, "pipeline_workers_live") == 0
+        assert value(figures, "pipeline_worker_heartbeat_age_seconds") >= 20
+    finally:
+        stop.set()
 
 
 def test_metrics__no_live_lease_reads_zero_age(pg_store: PostgresStore) -> None:
@@ -173,9 +293,15 @@ def test_metrics__no_live_lease_reads_zero_age(pg_store: PostgresStore) -> None:
         figures = scrape(port)
     finally:
         stop.set()
-    assert value(figures, "pipeline_oldest_live_lease_age_seconds") == 0
-    assert value(figures, "pipeline_expired_leases") == 0
-    assert value(figures, "pipeline_files", batch="", status="completed") == 1
+    for name in (
+        "pipeline_oldest_live_lease_age_seconds",
+        "pipeline_oldest_pending_age_seconds",
+        "pipeline_oldest_failed_age_seconds",
+        "pipeline_oldest_expired_lease_age_seconds",
+        "pipeline_expired_leases",
+    ):
+        assert value(figures, name) == 0, name
+    assert value(figures, "pipeline_files", status="completed") == 1
 
 
 def test_metrics__scrapes_serve_the_snapshot_without_querying(
@@ -210,8 +336,8 @@ def test_metrics__scrapes_serve_the_snapshot_without_querying(
         collector.refresh()
         assert len(statements) > before_refresh
         later = scrape(port)
-        completed = value(later, "pipeline_files", batch="", status="completed")
-        assert completed == value(first, "pipeline_files", batch="", status="completed") + 1
+        completed = value(later, "pipeline_files", status="completed")
+        assert completed == value(first, "pipeline_files", status="completed") + 1
         assert value(later, "pipeline_snapshot_timestamp_seconds") > value(
             first, "pipeline_snapshot_timestamp_seconds"
         )
@@ -226,17 +352,17 @@ def test_metrics__refresh_survives_an_unexpected_error(
     port = free_port()
     _, stop = metrics.serve(filled, port=port, addr="127.0.0.1", interval=0.1)
     try:
-        real = filled.attempt_outcomes
+        real = filled.operations
 
-        def broken() -> dict[str, int]:
+        def broken(**_: Any) -> Any:
             raise RuntimeError("not a PipelineError")
 
-        monkeypatch.setattr(filled, "attempt_outcomes", broken)
+        monkeypatch.setattr(filled, "operations", broken)
         wait_until(
             lambda: value(scrape(port), "pipeline_up") == 0, timeout=10, what="pipeline_up 0"
         )
         stamp = value(scrape(port), "pipeline_snapshot_timestamp_seconds")
-        monkeypatch.setattr(filled, "attempt_outcomes", real)
+        monkeypatch.setattr(filled, "operations", real)
         wait_until(
             lambda: (
                 value(scrape(port), "pipeline_up") == 1
@@ -289,8 +415,8 @@ def test_metrics_cli__serves_the_table_and_stops_on_sigterm(
 
         figures = wait_until(served, timeout=30, what=f"`pipeline metrics` on port {port}")
         assert value(figures, "pipeline_up") == 1
-        assert value(figures, "pipeline_files", batch="alpha", status="completed") == 2
-        assert value(figures, "pipeline_dead_files") == 2
+        assert value(figures, "pipeline_batch_files", batch="alpha", status="completed") == 2
+        assert value(figures, "pipeline_window_dead_files") == 2
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=15)[0].decode()
         assert proc.returncode == 0, output

@@ -997,11 +997,37 @@ def test_overview__counts_leases_dead_files_and_records(store: Store) -> None:
 
 
 @postgres_only
-def test_attempt_outcomes__counts_executions_by_outcome(store: Store) -> None:
+def test_operations__counts_attempts_ended_in_the_window_by_outcome_and_class(
+    store: Store,
+) -> None:
     make_completed(store, URL)
     claim_and_fail(store, OTHER)
     lose(store, "file:///data/c.csv")
-    assert store.attempt_outcomes() == {"completed": 1, "failed": 1, "lost": 1, "running": 1}
+    ops = store.operations(window_seconds=900)
+    assert ops.window_attempts == {
+        ("completed", ""): 1,
+        ("failed", "RuntimeError"): 1,
+        ("lost", "WorkerLost"): 1,
+    }
+    assert ops.counts[Status.PROCESSING] == 1  # the lost one's second claim, still running
+    assert ops.window_run_seconds["completed"].count == 1
+
+
+@postgres_only
+def test_record_trace__kept_on_the_attempt_through_its_end_and_never_for_a_stale_token(
+    store: Store,
+) -> None:
+    claim = store.claim(URL, "w1", 30)
+    assert isinstance(claim, Claim)
+    store.record_trace(URL, claim.token, "ab" * 16)
+    store.record_trace(URL, claim.token + 1000, "cd" * 16)  # not the current claim: nothing
+    assert [(a.outcome, a.trace_id) for a in snapshot(store).attempts] == [
+        (Outcome.RUNNING, "ab" * 16)
+    ]
+    store.complete(URL, claim.token, {"total": 1})
+    assert [(a.outcome, a.trace_id) for a in snapshot(store).attempts] == [
+        (Outcome.COMPLETED, "ab" * 16)
+    ]
 
 
 # -- backoff on the database clock (the README's "Postgres decides") -------------------------

@@ -142,10 +142,13 @@ class Cluster:
     # -- state ------------------------------------------------------------------------------
 
     def reset_tables(self) -> None:
-        """Empty the checkpoint tables and the sink (created on first use)."""
+        """Empty the checkpoint tables, the workers' heartbeats and the sink (created on first
+        use)."""
         with self.engine.connect() as conn:
             conn.execute(sa.text(SINK_DDL))
-            conn.execute(sa.text("TRUNCATE sink, file_checkpoints, file_attempts CASCADE"))
+            conn.execute(
+                sa.text("TRUNCATE sink, file_checkpoints, file_attempts, pipeline_workers CASCADE")
+            )
 
     def rows(self, query: str, **params: Any) -> list[sa.Row[Any]]:
         with self.engine.connect() as conn:

@@ -24,7 +24,18 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 LOCAL_DEFAULT = "local-only-password"
-SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "metrics", "watch")
+SERVICES = (
+    "postgres",
+    "redis",
+    "migrate",
+    "worker",
+    "beat",
+    "flower",
+    "metrics",
+    "watch",
+    "prometheus",
+    "grafana",
+)
 PIPELINE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics", "watch")
 # ${VAR}, ${VAR:-default}, ${VAR-default}
 INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?:(?::?-)(?P<default>[^}]*))?\}")
@@ -207,7 +218,7 @@ def test_compose__every_password_is_a_marked_default_overridable_by_env() -> Non
                 assert INTERPOLATION.fullmatch(url_password), (name, key, val)
                 assert with_defaults(url_password) == LOCAL_DEFAULT, (name, key, val)
                 checked += 1
-    assert checked >= 3  # POSTGRES_PASSWORD, FLOWER_BASIC_AUTH, the database URLs
+    assert checked >= 4  # POSTGRES_PASSWORD, FLOWER_BASIC_AUTH, Grafana's, the database URLs
     # Nothing secret-looking is left once the ${...} expressions are taken out.
     bare = INTERPOLATION.sub("", text)
     assert not re.search(r"://[^:/@\s]+:[^@\s]+@", bare), "a literal password in a URL"
@@ -219,7 +230,7 @@ def test_env_example__overrides_every_secret_the_compose_file_reads() -> None:
     example = (REPO / ".env.example").read_text()
     names = {m["var"] for m in INTERPOLATION.finditer(COMPOSE.read_text())}
     secrets = {n for n in names if SECRET_KEY.search(n)}
-    assert secrets == {"POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"}
+    assert secrets == {"POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD"}
     for name in secrets:
         assert re.search(rf"^{name}=\S", example, re.MULTILINE), f"{name} not in .env.example"
     assert LOCAL_DEFAULT not in example
@@ -287,3 +298,54 @@ def test_makefile__stack_targets_run_docker_compose() -> None:
     assert len(lines) == 3, lines
     for line, verb in zip(lines, ("up", "down", "logs"), strict=True):
         assert line.split()[:3] == ["docker", "compose", verb], line
+
+
+def mounts(service: str) -> dict[str, pathlib.Path]:
+    """A service's bind mounts of repository folders: {container path: repository path}."""
+    found = {}
+    for volume in services()[service].get("volumes", []):
+        source, target = with_defaults(str(volume)).split(":")[:2]
+        if source.startswith("./"):
+            found[target] = REPO / source[2:]
+    return found
+
+
+def in_container(service: str, path: str) -> pathlib.Path:
+    """The repository file a container path of `service` reads through its bind mounts."""
+    for target, source in mounts(service).items():
+        if path == target or path.startswith(target + "/"):
+            return source / path[len(target) :].lstrip("/")
+    raise AssertionError(f"{service}: {path} is not in a bind mount of the repository")
+
+
+def test_compose__prometheus_loads_the_rules_and_scrapes_the_exporter() -> None:
+    argv = command("prometheus")
+    config_path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config.file="))
+    config = yaml.safe_load(in_container("prometheus", config_path).read_text())
+    base = in_container("prometheus", config_path).parent
+    for rule_file in config["rule_files"]:
+        assert (base / rule_file).is_file(), rule_file  # alerts.yml, beside the config
+    assert "alerts.yml" in config["rule_files"]
+    targets = {
+        t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
+    port = command("metrics")[command("metrics").index("--port") + 1]
+    assert f"metrics:{port}" in targets
+    watch_port = command("watch")[command("watch").index("--metrics-port") + 1]
+    assert f"watch:{watch_port}" in targets
+
+
+def test_compose__grafana_provisions_the_dashboard_on_the_prometheus_service() -> None:
+    provisioning = in_container("grafana", "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    published = {with_defaults(str(p)).split(":")[-1] for p in services()["prometheus"]["ports"]}
+    assert source["url"] == f"http://prometheus:{published.pop()}"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "pipeline.yml").read_text())[
+        "providers"
+    ]
+    dashboards = in_container("grafana", provider["options"]["path"])
+    assert (dashboards / "pipeline.json").is_file()
+    home = environment("grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert in_container("grafana", home).is_file()

@@ -16,7 +16,7 @@ from pipeline.store.postgres.connection import Connections
 
 
 class Reports(Connections):
-    """`get`, `summary`, `overview` and `attempt_outcomes`."""
+    """`get`, `summary` and `overview`."""
 
     def get(self, file_url: str, *, with_attempts: bool = False) -> Checkpoint | None:
         rows = self._fast("get", {"file_url": file_url})
@@ -79,7 +79,3 @@ class Reports(Connections):
             records=records,
             batch_seconds=seconds,
         )
-
-    def attempt_outcomes(self) -> dict[str, int]:
-        """Executions by outcome (running, completed, failed, lost)."""
-        return {r.outcome: int(r.n) for r in self._fast("attempt_outcomes", {})}

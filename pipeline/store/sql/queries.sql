@@ -41,10 +41,14 @@ SELECT file_url, file_type, status, attempt, max_attempts, generation, token, re
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
--- The attempt history of one file, oldest first, the running one included (pipeline_attempts).
-SELECT generation, attempt, token, worker, started_at, ended_at, outcome, error_class,
-       error_message, start_position, end_position, chunks
-  FROM pipeline_attempts WHERE file_url = :file_url ORDER BY token
+-- The attempt history of one file, oldest first, the running one included (pipeline_attempts),
+-- with where each started and ended and the trace each ran in. In the order of generation and
+-- attempt, not of token: each process reserves its tokens in blocks, so a later attempt may
+-- hold a smaller token.
+SELECT a.generation, a.attempt, a.token, a.worker, a.started_at, a.ended_at, a.outcome,
+       a.error_class, a.error_message, a.start_position, a.end_position, a.chunks, t.trace_id
+  FROM pipeline_attempts a LEFT JOIN file_attempts t ON t.token = a.token
+ WHERE a.file_url = :file_url ORDER BY a.generation, a.attempt, a.started_at
 
 -- register --
 -- Register URLs as pending in one statement. New URLs are inserted; a completed or dead file
@@ -86,7 +90,7 @@ WITH input AS (
            progress_bytes = NULL, size_bytes = NULL, progress_at = NULL,
            fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
            task_name = excluded.task_name, max_attempts = excluded.max_attempts,
-           updated_at = now()
+           submitted_at = now(), updated_at = now()
      -- checked again on the row as it is now: a concurrent register (another watch of the
      -- same prefix) may have inserted or regenerated it since the snapshot; then it is theirs
      WHERE c.status IN ('completed', 'dead')
@@ -116,7 +120,7 @@ UPDATE file_checkpoints
        records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
        details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
        position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
-       size_bytes = NULL, progress_at = NULL, updated_at = now()
+       size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
  WHERE status = ANY(CAST(:statuses AS text[]))
    AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
    AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
@@ -167,9 +171,140 @@ SELECT file_url, error_message, updated_at, attempt FROM file_checkpoints
  ORDER BY updated_at DESC
  LIMIT :limit
 
--- attempt_outcomes --
--- Executions by outcome, for the metrics (the running ones from the checkpoint rows).
-SELECT outcome, count(*) AS n FROM pipeline_attempts GROUP BY outcome
+-- ops_state --
+-- The exporter's single figures in one read, on the database's clock: the oldest pending file
+-- (since its submit) and the oldest failed one (since its failure), live and expired leases,
+-- what finished in the last minute and in the last :window seconds, the workers' heartbeats.
+SELECT
+    (SELECT min(coalesce(submitted_at, created_at)) FROM file_checkpoints
+      WHERE status = 'pending') AS oldest_pending,
+    (SELECT min(coalesce(a.ended_at, c.updated_at)) FROM file_checkpoints c
+       LEFT JOIN file_attempts a ON a.token = c.token
+      WHERE c.status = 'failed') AS oldest_failed,
+    (SELECT min(started_at) FROM file_checkpoints
+      WHERE status = 'processing' AND lease_expires_at > now()) AS oldest_live_start,
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'processing' AND lease_expires_at <= now()) AS expired_leases,
+    (SELECT min(lease_expires_at) FROM file_checkpoints
+      WHERE status = 'processing' AND lease_expires_at <= now()) AS oldest_expiry,
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'completed'
+        AND completed_at > now() - interval '60 seconds') AS completed_last_minute,
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'completed'
+        AND completed_at > now() - make_interval(secs => :window)) AS window_completed,
+    (SELECT coalesce(sum(records_persisted), 0) FROM file_checkpoints
+      WHERE status = 'completed'
+        AND completed_at > now() - make_interval(secs => :window)) AS window_records,
+    (SELECT coalesce(sum(records_total), 0) FROM file_checkpoints
+      WHERE status = 'processing') AS records_in_flight,
+    (SELECT count(*) FROM file_checkpoints
+      WHERE status = 'dead' AND updated_at > now() - make_interval(secs => :window)) AS window_dead,
+    (SELECT count(*) FROM pipeline_workers
+      WHERE seen_at > now() - make_interval(secs => 3 * interval_seconds)) AS workers_live,
+    (SELECT max(seen_at) FROM pipeline_workers) AS last_heartbeat,
+    now() AS db_now
+
+-- ops_batches --
+-- Files by status, overall (batch_id NULL) and for the batches an operator follows: those with
+-- a file not yet terminal or finished in the last :window seconds, the latest finishing first,
+-- at most :limit; with how many files each finished in the window and when the first of those
+-- finished, and how many batches are active in all. One parallel pass over the (batch_id,
+-- status) index for the counts (GROUPING SETS would do the overall sums in the same pass, but
+-- without parallel workers: 4x slower at a million rows); the window's finishes come from
+-- their own indexes.
+WITH counts AS (
+    SELECT batch_id, status, count(*) AS n FROM file_checkpoints GROUP BY batch_id, status
+), finished AS (
+    SELECT f.batch_id, count(*) AS n, min(f.at) AS first_at, max(f.at) AS last_at
+      FROM (SELECT batch_id, completed_at AS at FROM file_checkpoints
+             WHERE status = 'completed'
+               AND completed_at > now() - make_interval(secs => :window)
+            UNION ALL
+            SELECT batch_id, updated_at FROM file_checkpoints
+             WHERE status = 'dead' AND updated_at > now() - make_interval(secs => :window)) f
+     WHERE f.batch_id IS NOT NULL
+     GROUP BY f.batch_id
+), open AS (
+    SELECT batch_id FROM counts
+     WHERE batch_id IS NOT NULL AND status IN ('pending', 'processing', 'failed')
+     GROUP BY batch_id
+), active AS (
+    SELECT coalesce(o.batch_id, f.batch_id) AS batch_id, f.n, f.first_at, f.last_at
+      FROM open o FULL JOIN finished f ON f.batch_id = o.batch_id
+), shown AS (
+    -- default batch names carry their submit time: the newest first among the quiet ones
+    SELECT * FROM active ORDER BY last_at DESC NULLS LAST, batch_id DESC LIMIT :limit
+)
+SELECT NULL::text AS batch_id, c.status, sum(c.n)::bigint AS n, 0::bigint AS finished,
+       NULL::timestamptz AS first_finished, (SELECT count(*) FROM active) AS active
+  FROM counts c GROUP BY c.status
+UNION ALL
+SELECT s.batch_id, c.status, c.n, coalesce(s.n, 0), s.first_at, NULL
+  FROM shown s JOIN counts c ON c.batch_id = s.batch_id
+
+-- ops_attempts --
+-- Attempts that ended in the last :window seconds, by outcome and error class, with their run
+-- times bucketed by the ascending :bounds (width_bucket: bucket i holds times from bounds[i]
+-- up to bounds[i + 1], 0 those below bounds[1]) and summed.
+SELECT outcome, coalesce(error_class, '') AS error_class,
+       width_bucket(extract(epoch FROM ended_at - started_at)::double precision,
+                    CAST(:bounds AS double precision[])) AS bucket,
+       count(*) AS n, sum(extract(epoch FROM ended_at - started_at))::double precision AS seconds
+  FROM file_attempts
+ WHERE ended_at > now() - make_interval(secs => :window)
+ GROUP BY 1, 2, 3
+
+-- ops_pickup --
+-- Pickup latency, submit to first claim, of the files whose first attempt of their current
+-- generation started in the last :window seconds (ended since, or still running), bucketed
+-- like ops_attempts.
+WITH firsts AS (
+    SELECT greatest(extract(epoch FROM a.started_at - coalesce(c.submitted_at, c.created_at)),
+                    0)::double precision AS wait
+      FROM file_attempts a
+      JOIN file_checkpoints c ON c.file_url = a.file_url AND c.generation = a.generation
+     WHERE a.attempt = 1
+       AND a.ended_at > now() - make_interval(secs => :window)
+       AND a.started_at > now() - make_interval(secs => :window)
+    UNION ALL
+    SELECT greatest(extract(epoch FROM c.started_at - coalesce(c.submitted_at, c.created_at)),
+                    0)::double precision
+      FROM file_checkpoints c
+     WHERE c.status = 'processing' AND c.attempt = 1
+       AND c.started_at > now() - make_interval(secs => :window)
+)
+SELECT width_bucket(wait, CAST(:bounds AS double precision[])) AS bucket, count(*) AS n,
+       sum(wait) AS seconds
+  FROM firsts GROUP BY 1
+
+-- worker_seen --
+-- A worker's main process is alive (its sweep thread, every PIPELINE_REAP_INTERVAL); the rows
+-- of workers not seen for a day go.
+WITH gone AS (DELETE FROM pipeline_workers WHERE seen_at < now() - interval '1 day')
+INSERT INTO pipeline_workers AS w (worker, pid, interval_seconds)
+VALUES (:worker, :pid, :interval)
+ON CONFLICT (worker) DO UPDATE
+   SET started_at = CASE WHEN w.pid = excluded.pid THEN w.started_at ELSE now() END,
+       pid = excluded.pid, interval_seconds = excluded.interval_seconds, seen_at = now()
+RETURNING w.seen_at
+
+-- worker_stopped --
+-- A worker's main process stops cleanly.
+DELETE FROM pipeline_workers WHERE worker = :worker AND pid = :pid RETURNING worker
+
+-- record_trace --
+-- The trace a granted claim runs in, on its attempt row (written now, ended in place by
+-- complete, fail or a lost attempt, as a row an older claim function wrote); nothing when the
+-- claim is no longer current.
+INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                started_at, trace_id)
+SELECT c.token, c.file_url, c.generation, c.attempt, c.processed_by, c.task_id,
+       coalesce(c.started_at, now()), :trace_id
+  FROM file_checkpoints c
+ WHERE c.file_url = :file_url AND c.token = :token AND c.status = 'processing'
+ON CONFLICT (token) DO UPDATE SET trace_id = excluded.trace_id
+RETURNING a.token
 
 -- abandon --
 -- Release the claim of a process known to be dead; see pipeline_abandon_v3.

@@ -70,6 +70,7 @@ CREATE TABLE public.file_checkpoints (
     details jsonb,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     retry_at timestamp with time zone,
+    submitted_at timestamp with time zone DEFAULT now(),
     "position" jsonb,
     position_version text,
     progress_bytes bigint,
@@ -549,6 +550,7 @@ CREATE TABLE public.file_attempts (
     error_class text,
     error_message text,
     retry_at timestamp with time zone,
+    trace_id text,
     start_position jsonb,
     end_position jsonb,
     chunks integer DEFAULT 0 NOT NULL,
@@ -600,6 +602,15 @@ UNION ALL
            FROM public.file_attempts a
           WHERE (a.token = c.token)))));
 
+CREATE TABLE public.pipeline_workers (
+    worker text NOT NULL,
+    pid integer NOT NULL,
+    interval_seconds double precision NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    seen_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT pipeline_workers_interval_seconds_check CHECK ((interval_seconds > (0)::double precision))
+);
+
 ALTER TABLE ONLY public.events ALTER COLUMN id SET DEFAULT nextval('public.events_id_seq'::regclass);
 
 ALTER TABLE ONLY public.events
@@ -614,7 +625,12 @@ ALTER TABLE ONLY public.file_attempts
 ALTER TABLE ONLY public.file_checkpoints
     ADD CONSTRAINT file_checkpoints_pkey PRIMARY KEY (file_url);
 
+ALTER TABLE ONLY public.pipeline_workers
+    ADD CONSTRAINT pipeline_workers_pkey PRIMARY KEY (worker);
+
 CREATE INDEX events_type_ts_idx ON public.events USING btree (type, ts);
+
+CREATE INDEX file_attempts_ended_at_idx ON public.file_attempts USING btree (ended_at);
 
 CREATE INDEX file_attempts_file_idx ON public.file_attempts USING btree (file_url, token);
 
