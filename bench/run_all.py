@@ -32,6 +32,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
         ["--records", "100000", "--files", "8", "--long-lines", "300000"],
     ),
     ("ingest_s3", "bench_ingest_s3.py", ["--records", "50000", "--rounds", "1"]),
+    ("resume", "bench_resume.py", ["--lines", "300000", "--rounds", "1"]),
 ]
 
 

@@ -70,7 +70,11 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Claim:
-    """A granted claim: the caller may process the file until its lease runs out."""
+    """A granted claim: the caller may process the file until its lease runs out.
+
+    `position`: where the last committed chunk of this generation got to (None: the start),
+    read from the object's `version`, with the running `stats` committed with it.
+    """
 
     file_url: str
     token: int
@@ -78,6 +82,9 @@ class Claim:
     max_attempts: int
     lease_seconds: float
     generation: int
+    position: Any = None
+    version: str | None = None
+    stats: Stats = dataclasses.field(default_factory=Stats)
 
     def __bool__(self) -> bool:
         return True
@@ -113,6 +120,11 @@ class Attempt:
     outcome: Outcome
     error_class: str | None
     error_message: str | None
+    #: where the attempt started and ended (chunk positions; None: the beginning)
+    start_position: Any = None
+    end_position: Any = None
+    #: the chunks it committed that moved the position on
+    chunks: int = 0
     #: the OpenTelemetry trace the attempt ran in (32 hex digits), when tracing was on
     trace_id: str | None = None
 
@@ -146,6 +158,15 @@ class Checkpoint:
     #: when a failed row's next attempt may start (its backoff, on the database clock)
     retry_at: dt.datetime | None = None
     attempts: tuple[Attempt, ...] = ()
+    #: the last committed chunk's position and the object version it was read from
+    position: Any = None
+    position_version: str | None = None
+    #: bytes of the raw stream done, and the object's size, as the task reported them
+    progress_bytes: int | None = None
+    size_bytes: int | None = None
+    progress_at: dt.datetime | None = None
+    #: attempts of this generation that ended without progress (the cap counts these)
+    attempts_spent: int = 0
 
     @property
     def retry_count(self) -> int:
@@ -214,6 +235,39 @@ class DeadFile:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RunningFile:
+    """A file being processed, and how far it got (from its committed chunks)."""
+
+    file_url: str
+    attempt: int
+    records: int
+    #: bytes of the raw stream done, and the object's size, when the task reports them
+    progress_bytes: int | None
+    size_bytes: int | None
+    #: seconds since this generation's first attempt started (for the rate)
+    seconds: float
+
+    @property
+    def percent(self) -> float | None:
+        if self.progress_bytes is None or not self.size_bytes:
+            return None
+        return min(100.0, 100.0 * self.progress_bytes / self.size_bytes)
+
+    @property
+    def rate(self) -> float | None:
+        """Records per second over the generation so far."""
+        return self.records / self.seconds if self.seconds > 0 and self.records else None
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, where the size is known."""
+        if self.progress_bytes is None or not self.size_bytes or not self.progress_bytes:
+            return None
+        per_byte = self.seconds / self.progress_bytes
+        return max(0.0, (self.size_bytes - self.progress_bytes) * per_byte)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Overview:
     """What `pipeline status` shows: counts, throughput, leases and the latest dead files."""
 
@@ -226,6 +280,10 @@ class Overview:
     # One batch's running time so far: its first claim to its last file's end (None when
     # nothing has both yet, or for all batches).
     batch_seconds: float | None = None
+    #: files being processed, oldest first, with their progress
+    running: tuple[RunningFile, ...] = ()
+    #: records committed so far by files still running (their chunks)
+    records_in_flight: int = 0
 
     def totals(self) -> dict[Status, int]:
         result = dict.fromkeys(Status, 0)
@@ -293,6 +351,8 @@ class Operations:
     window_completed: int
     window_dead: int
     window_records_committed: int
+    #: records committed by the chunks of the files still running
+    records_in_flight: int
     #: attempts that ended in the window by (outcome, error class; "" for none)
     window_attempts: Mapping[tuple[str, str], int]
     window_run_seconds: Mapping[str, Histogram]

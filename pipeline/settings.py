@@ -146,6 +146,28 @@ WATCH = Setting[str](
     "patterns beat scans: `PATTERN EVERY [batch=NAME] [task=NAME]`, separated by ';'",
 )
 
+
+# -- the reference task --------------------------------------------------------------------------
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+CHUNK_RECORDS = Setting[int](
+    "PIPELINE_CHUNK_RECORDS",
+    50_000,
+    _positive_int,
+    "the reference task commits a chunk every this many records (or CHUNK_BYTES)",
+)
+CHUNK_BYTES = Setting[int](
+    "PIPELINE_CHUNK_BYTES",
+    32 * 1024 * 1024,
+    _positive_int,
+    "... or every this many bytes of the file, whichever comes first",
+)
+
 ALL: tuple[Setting[Any], ...] = (
     DATABASE_URL,
     BROKER_URL,
@@ -158,4 +180,6 @@ ALL: tuple[Setting[Any], ...] = (
     REAP_WAITING_SECONDS,
     TRACING,
     WATCH,
+    CHUNK_RECORDS,
+    CHUNK_BYTES,
 )

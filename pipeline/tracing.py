@@ -232,10 +232,9 @@ class TracedStore:
     """A ClaimPath whose transitions are spans; a granted claim's trace id goes on its attempt
     row.
 
-    Hook for a new transition of the execution (issue 20's chunk commit): add the method to
-    ClaimPath, and here the same method in a `_span("pipeline.chunk_commit", file_url, ...)`
-    around the store's call, as `complete` below; mypy fails until it is here, since
-    `claim_path` returns this class as a ClaimPath.
+    A new transition of the execution goes here too, in a span around the store's call, as
+    `complete` and `commit_chunk` below: mypy fails until it is here, since `claim_path`
+    returns this class as a ClaimPath.
     """
 
     def __init__(self, store: ClaimPath) -> None:
@@ -283,6 +282,38 @@ class TracedStore:
             self._store.record_trace(claim.file_url, claim.token, trace_id)
         except Exception as error:  # the trace is for people; the file goes on without it
             logger.warning("trace id of %s not recorded: %s", _url(claim.file_url), error)
+
+    def commit_chunk(
+        self,
+        file_url: str,
+        token: int,
+        position: Any,
+        *,
+        version: str | None = None,
+        stats: Stats | None = None,
+        progress_bytes: int | None = None,
+        size_bytes: int | None = None,
+        transaction: OutputTransaction | None = None,
+    ) -> float:
+        with _span("pipeline.chunk_commit", file_url, **{"pipeline.token": token}) as span:
+            if stats is not None:
+                span.set_attribute("pipeline.records", stats.total)
+            return self._store.commit_chunk(
+                file_url,
+                token,
+                position,
+                version=version,
+                stats=stats,
+                progress_bytes=progress_bytes,
+                size_bytes=size_bytes,
+                transaction=transaction,
+            )
+
+    def restart(
+        self, file_url: str, token: int, version: str | None, fingerprint: str | None = None
+    ) -> int:
+        with _span("pipeline.restart", file_url, **{"pipeline.token": token}):
+            return self._store.restart(file_url, token, version, fingerprint)
 
     def complete(
         self,

@@ -147,11 +147,14 @@ def _follow(
         MofNCompleteColumn(),
         TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[dead]} dead[/red]"),
         TextColumn("{task.fields[running]} running"),
+        TextColumn("{task.fields[records]} records"),
         RateColumn(),
         TimeElapsedColumn(),
         console=err,
     ) as bar:
-        tid = bar.add_task(escape(batch_id), total=None, ok=0, dead=0, running=0, rate=None)
+        tid = bar.add_task(
+            escape(batch_id), total=None, ok=0, dead=0, running=0, records="0", rate=None
+        )
         while True:
             with interrupts.reading():
                 overview = store.overview(batch_id)
@@ -166,6 +169,8 @@ def _follow(
                 ok=t[Status.COMPLETED],
                 dead=t[Status.DEAD],
                 running=t[Status.PROCESSING],
+                # the completed files' records and those of the chunks committed so far
+                records=f"{records_so_far(overview):,}",
             )
             if not unfinished(overview):
                 return overview
@@ -175,6 +180,12 @@ def _follow(
             interrupts.sleep(poll)
             if interrupts.received:
                 return overview
+
+
+def records_so_far(overview: Overview) -> int:
+    """Records read: the completed files' and the running files' committed chunks'."""
+    done = overview.records.total if overview.records is not None else 0
+    return done + overview.records_in_flight
 
 
 def overview_json(overview: Overview) -> dict[str, Any]:
@@ -198,6 +209,20 @@ def overview_json(overview: Overview) -> dict[str, Any]:
             for d in overview.dead
         ],
         "records": overview.records.as_dict() if overview.records else None,
+        "records_in_flight": overview.records_in_flight,
+        "running": [
+            {
+                "file_url": masking.scrub(r.file_url),
+                "attempt": r.attempt,
+                "records": r.records,
+                "bytes": r.progress_bytes,
+                "size": r.size_bytes,
+                "percent": None if r.percent is None else round(r.percent, 1),
+                "records_per_second": None if r.rate is None else round(r.rate, 1),
+                "eta_seconds": None if r.eta is None else round(r.eta, 1),
+            }
+            for r in overview.running
+        ],
     }
 
 
@@ -216,6 +241,8 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
     if overview.records is not None:
         r = overview.records
         out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
+    if overview.running:
+        out.print(running_table(overview))
     if overview.dead:
         dead = Table(title="latest dead files")
         # The end of a file's URL tells files apart: cut long ones from the left.
@@ -230,6 +257,48 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
                 escape(masking.scrub((d.error or "")[:200])),
             )
         out.print(dead)
+
+
+def running_table(overview: Overview) -> Table:
+    """The files being processed, with how far their committed chunks got."""
+    table = Table(title="running (committed so far)")
+    width = max(24, out.width // 2 - 8)
+    table.add_column("file", no_wrap=True, max_width=width)
+    for name in ("attempt", "records", "bytes", "done", "records/s", "eta"):
+        table.add_column(name, justify="right")
+    for r in overview.running:
+        size = (
+            f"{_bytes(r.progress_bytes)} of {_bytes(r.size_bytes)}"
+            if r.size_bytes
+            else (_bytes(r.progress_bytes))
+        )
+        table.add_row(
+            escape(shorten_left(masking.scrub(r.file_url), width)),
+            str(r.attempt),
+            f"{r.records:,}",
+            size,
+            "-" if r.percent is None else f"{r.percent:.0f}%",
+            "-" if r.rate is None else f"{r.rate:,.0f}",
+            "-" if r.eta is None else _clock(r.eta),
+        )
+    return table
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns first
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def shorten_left(text: str, width: int) -> str:

@@ -182,6 +182,11 @@ def window(s: Operations) -> Iterator[Metric]:
         "Records persisted by the files completed in the window",
         s.window_records_committed,
     )
+    yield gauge(
+        "pipeline_records_in_flight",
+        "Records committed so far by the chunks of the files still running",
+        s.records_in_flight,
+    )
     attempts = GaugeMetricFamily(
         "pipeline_window_attempts",
         "Attempts that ended in the window, by outcome and error class",

@@ -20,7 +20,7 @@ import os
 import pathlib
 import posixpath
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -99,6 +99,11 @@ class Tally:
     candidates: int = 0
     examples: list[str] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def resumed(cls, stats: Stats) -> Tally:
+        """The counts a resumed read starts from: those committed with its position."""
+        return cls(total=stats.total, filtered=stats.filtered, candidates=stats.persisted)
+
     def add(self, record: Record) -> None:
         self.total += 1
         if record.ok:
@@ -146,8 +151,29 @@ def file_format(url: str) -> tuple[str, str | None]:
 def read_records(url: str) -> Iterator[Record]:
     """Stream the file's records in order; the format is checked now, the file read lazily."""
     kind, compression = file_format(url)
-    fs, path = urls.filesystem(url)
-    return _records(kind, textfile.read_blocks(url, fs, path, compression))
+    items = records(kind, textfile.read_blocks(url, compression))
+    return (item for item in items if isinstance(item, Record))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Boundary:
+    """A place between two records where a read can stop and resume: after `line` lines, at
+    byte `offset` of the raw stream (None: gzip, resumed by skipping lines), with the CSV
+    header read so far (resumed reads need it)."""
+
+    line: int
+    offset: int | None
+    header: tuple[str, ...] | None = None
+
+
+def records(
+    kind: str, blocks: Iterator[Block], *, line: int = 0, header: Sequence[str] | None = None
+) -> Iterator[Record | Boundary]:
+    """The records of `blocks` (which start after `line` lines), with a Boundary after each
+    block that ends between two records (`header`: a CSV file's, when they start after it)."""
+    if kind == "jsonl":
+        return _json_records(blocks)
+    return _csv_records(blocks, line, None if header is None else list(header))
 
 
 def copy_rows(file_url: str, records: Iterable[Record], tally: Tally) -> Iterator[tuple[Any, ...]]:
@@ -230,34 +256,35 @@ def parse_ts(text: str) -> dt.datetime | None:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def _records(kind: str, blocks: Iterator[Block]) -> Iterator[Record]:
-    return _json_records(blocks) if kind == "jsonl" else _csv_records(blocks)
-
-
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _json_records(blocks: Iterable[Block]) -> Iterator[Record]:
+def _json_records(blocks: Iterable[Block]) -> Iterator[Record | Boundary]:
     decode = _decoder.decode
-    for first, lines, _ended in blocks:
-        for number, raw in enumerate(lines, start=first):
-            text = raw.strip()
-            if not text:
-                continue
-            try:
-                fields = decode(text)
-            # msgspec refuses what json refuses, and also lone surrogates, numbers out of
-            # range and deep nesting: the standard library's verdict and words are kept.
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                yield _json_record_slowly(number, text.decode("utf-8"))
-                continue
-            if not isinstance(fields, dict):
-                yield Record(number, problem="not a JSON object")
-                continue
-            # Without a \u escape no string can hold a NUL or a lone surrogate (the bytes are
-            # checked UTF-8 without NUL), and msgspec refused every non-finite number.
-            yield _record(number, fields, checked=b"\\u" not in text)
+    for first, lines, _ended, end in blocks:
+        yield from _json_lines(decode, first, lines)
+        yield Boundary(first + len(lines) - 1, end)
+
+
+def _json_lines(decode: Any, first: int, lines: list[bytes]) -> Iterator[Record]:
+    for number, raw in enumerate(lines, start=first):
+        text = raw.strip()
+        if not text:
+            continue
+        try:
+            fields = decode(text)
+        # msgspec refuses what json refuses, and also lone surrogates, numbers out of
+        # range and deep nesting: the standard library's verdict and words are kept.
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            yield _json_record_slowly(number, text.decode("utf-8"))
+            continue
+        if not isinstance(fields, dict):
+            yield Record(number, problem="not a JSON object")
+            continue
+        # Without a \u escape no string can hold a NUL or a lone surrogate (the bytes are
+        # checked UTF-8 without NUL), and msgspec refused every non-finite number.
+        yield _record(number, fields, checked=b"\\u" not in text)
 
 
 def _json_record_slowly(number: int, text: str) -> Record:
@@ -277,27 +304,44 @@ def _json_record_slowly(number: int, text: str) -> Record:
     return _record(number, fields)
 
 
-def _csv_lines(blocks: Iterable[Block]) -> Iterator[str]:
-    for _first, lines, ended in blocks:
-        if ended:
-            # The newline back on: csv needs it inside a quoted field that spans lines.
-            yield from (raw.decode("utf-8") + "\n" for raw in lines)
-        else:
-            yield from (raw.decode("utf-8") for raw in lines)
+class _CsvLines:
+    """The physical lines of the blocks as csv wants them, knowing where each block ended."""
+
+    def __init__(self, blocks: Iterable[Block]) -> None:
+        self.blocks = blocks
+        self.pulled = 0  # lines handed to the csv reader
+        self.block_last = 0  # the last line of the block those came from
+        self.block_end: int | None = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for first, lines, ended, end in self.blocks:
+            self.block_last, self.block_end = first + len(lines) - 1, end
+            for raw in lines:
+                self.pulled += 1
+                # The newline back on: csv needs it inside a quoted field that spans lines.
+                yield raw.decode("utf-8") + "\n" if ended else raw.decode("utf-8")
 
 
-def _csv_records(blocks: Iterable[Block]) -> Iterator[Record]:
-    reader = csv.reader(_csv_lines(blocks))
-    header: list[str] | None = None
+def _csv_records(
+    blocks: Iterable[Block], line: int, header: list[str] | None
+) -> Iterator[Record | Boundary]:
+    source = _CsvLines(blocks)
+    reader = csv.reader(source)
     while True:
+        # Between two rows the reader has read exactly the lines it handed back: where they
+        # end a block is a place to resume from (a row may span blocks: then the next end is).
+        if source.pulled and line + source.pulled == source.block_last:
+            yield Boundary(
+                source.block_last, source.block_end, None if header is None else tuple(header)
+            )
         # A row spans several physical lines when a quoted field holds a newline.
-        first_line = reader.line_num + 1
+        first_line = line + reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            yield from _refused_row(first_line, reader.line_num, f"not valid CSV: {exc}")
+            yield from _refused_row(first_line, line + reader.line_num, f"not valid CSV: {exc}")
             continue
         if not row:
             continue  # blank line
@@ -306,14 +350,14 @@ def _csv_records(blocks: Iterable[Block]) -> Iterator[Record]:
             continue
         if len(row) != len(header):
             problem = f"{len(row)} fields, header has {len(header)}"
-            yield from _refused_row(first_line, reader.line_num, problem)
+            yield from _refused_row(first_line, line + reader.line_num, problem)
             continue
         # Strings of checked UTF-8 text without NUL: nothing Postgres would refuse.
         record = _record(first_line, dict(zip(header, row, strict=True)), checked=True)
         if record.ok:
             yield record
         else:
-            yield from _refused_row(first_line, reader.line_num, record.problem or "invalid")
+            yield from _refused_row(first_line, line + reader.line_num, record.problem or "invalid")
 
 
 def _refused_row(first: int, last: int, problem: str) -> Iterator[Record]:

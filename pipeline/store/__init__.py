@@ -100,6 +100,30 @@ class ClaimPath(Protocol):
         """Mark completed; raises LostClaim when the token is stale (nothing changes)."""
         ...
 
+    def commit_chunk(
+        self,
+        file_url: str,
+        token: int,
+        position: Any,
+        *,
+        version: str | None = None,
+        stats: Stats | None = None,
+        progress_bytes: int | None = None,
+        size_bytes: int | None = None,
+        transaction: OutputTransaction | None = None,
+    ) -> float:
+        """Record a chunk: the position it reached (JSON), the object version it was read
+        from and the running stats, inside the chunk's output `transaction`, fenced by the
+        token; extends the lease. The seconds left on it; LostClaim when the token is stale."""
+        ...
+
+    def restart(
+        self, file_url: str, token: int, version: str | None, fingerprint: str | None = None
+    ) -> int:
+        """The object changed under a resumed file: a new generation from the beginning under
+        the same claim; its number. LostClaim when the token is stale."""
+        ...
+
     def fail(
         self,
         file_url: str,
@@ -196,8 +220,11 @@ class Reports(Protocol):
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]: ...
 
-    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
-        """Counts, recent throughput, the oldest live lease and the latest dead files."""
+    def overview(
+        self, batch_id: str | None = None, *, dead_limit: int = 10, running_limit: int = 10
+    ) -> Overview:
+        """Counts, recent throughput, the oldest live lease, the latest dead files and the
+        files running, with their progress."""
         ...
 
     def operations(self, *, window_seconds: float = 900.0, max_batches: int = 20) -> Operations:

@@ -25,6 +25,7 @@ What each situation does, and what Flower shows (the README's outcome table):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from pipeline import errors, masking, tracing
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import ClaimPath, resume_tokens
 from pipeline.worker import runtime
-from pipeline.worker.checkpoint import CheckpointContext
+from pipeline.worker.checkpoint import CheckpointContext, Chunk
 from pipeline.worker.lease import Held, keeper
 from pipeline.worker.options import Spec
 
@@ -177,10 +178,13 @@ def _execute(
 ) -> Any:
     heartbeat = keeper.hold(store, claim)
     last_error: BaseException | None = None
+    # Where each start of the function begins: the claim's position, then, after an outage,
+    # the last chunk the database has (a chunk whose reply was lost may have committed).
+    resume_from = claim
     try:
         for start in range(1, MAX_STARTS_PER_ATTEMPT + 1):
             try:
-                return _run_once(fn, spec, store, claim, heartbeat, args, kwargs)
+                return _run_once(task, fn, spec, store, resume_from, heartbeat, args, kwargs)
             except errors.LostClaim:
                 # A newer claim took the file over (we were frozen or too slow): our writes
                 # were fenced off and rolled back; the new holder's result stands.
@@ -211,7 +215,8 @@ def _execute(
                         claim.file_url, "claim lost while the database was away; output discarded"
                     )
                 # Still ours: the broken output transaction was rolled back; start again,
-                # same claim, same attempt.
+                # same claim, same attempt, from the last chunk that committed.
+                resume_from = where
                 last_error = error
         raise errors.TransactionBroken(
             f"the database broke the output transaction of {claim.file_url} "
@@ -237,6 +242,7 @@ def _execute(
 
 
 def _run_once(
+    task: Task,
     fn: Callable[..., Any],
     spec: Spec,
     store: ClaimPath,
@@ -248,7 +254,9 @@ def _run_once(
     """One start of the function under `claim`, completed in its output transaction."""
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        context = CheckpointContext(store, claim, stack)
+        context = CheckpointContext(
+            store, claim, stack, lost=heartbeat.lost, on_chunk=_progress_reporter(task, claim)
+        )
         call_kwargs = dict(kwargs)
         if spec.wants_checkpoint:
             call_kwargs["checkpoint"] = context
@@ -287,15 +295,43 @@ def _output_discarded(claim: Claim) -> dict[str, Any]:
     return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
 
 
-def _where_is(store: ClaimPath, claim: Claim) -> dict[str, Any] | bool | None:
-    """After an outage: True if `claim` is still held (its lease renewed now), the result if
-    its completion had committed, None if the claim was lost meanwhile."""
-    if store.heartbeat(claim.file_url, claim.token) is not None:
-        return True
+def _where_is(store: ClaimPath, claim: Claim) -> dict[str, Any] | Claim | None:
+    """After an outage: the claim, with the position of its last committed chunk, if it is
+    still held (its lease renewed now); the result if its completion had committed; None if
+    the claim was lost meanwhile."""
+    held = store.heartbeat(claim.file_url, claim.token) is not None
     row = store.get(claim.file_url)
-    if row is not None and row.token == claim.token and row.status is Status.COMPLETED:
+    if row is None or row.token != claim.token:
+        return None
+    if held:
+        return dataclasses.replace(
+            claim, position=row.position, version=row.position_version, stats=row.stats
+        )
+    if row.status is Status.COMPLETED:
         return _completed(claim, row.stats)
     return None
+
+
+def _progress_reporter(task: Task, claim: Claim) -> Callable[[Chunk], None]:
+    """After each chunk: a PROGRESS state with its meta, as Celery users expect (stored by a
+    result backend if there is one; Flower shows it from the task-progress event)."""
+
+    def report(chunk: Chunk) -> None:
+        meta = {
+            "file_url": claim.file_url,
+            "attempt": claim.attempt,
+            "position": chunk.position,
+            "records": chunk.stats.total,
+            "progress_bytes": chunk.progress_bytes,
+            "size_bytes": chunk.size_bytes,
+        }
+        try:
+            task.update_state(state="PROGRESS", meta=meta)
+            task.send_event("task-progress", **meta)
+        except Exception:  # progress is for people watching: never the file's failure
+            logger.debug("progress of %s not reported", claim.file_url, exc_info=True)
+
+    return report
 
 
 def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: Any) -> Retry:

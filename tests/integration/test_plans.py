@@ -63,10 +63,20 @@ class Session:
         )
 
     def paths(self, url: str, other: str) -> None:
-        """Every path of claim, heartbeat, complete and fail, on two existing pending rows."""
+        """Every path of claim, heartbeat, a chunk, complete and fail, on two existing
+        pending rows."""
         claim = self.claim(url)  # pending: take over
         assert claim.outcome == "granted", claim
         assert self.run("heartbeat", file_url=url, token=claim.token)
+        assert self.run(
+            "commit_chunk",
+            file_url=url,
+            token=claim.token,
+            position='{"offset": 1}',
+            total=1,
+            filtered=0,
+            persisted=1,
+        )
         self.expire(url)
         claim = self.claim(url)  # expired: the lost attempt, then take over
         assert claim.outcome == "granted", claim
@@ -164,9 +174,10 @@ def test_plans__claim_heartbeat_complete_and_fail_use_the_primary_key_at_20k_row
     def seen(fragment: str) -> bool:
         return any(fragment in q for q, _ in by_url)
 
-    # The statements that matter were all among them (the claim's, heartbeat, complete, fail).
+    # The statements that matter were all among them (claim, heartbeat, chunk, complete, fail).
     assert seen("FOR UPDATE"), "claim's row lock"
     assert seen("SET status = 'processing'"), "claim's take-over"
     assert seen("SET lease_expires_at = clock_timestamp() + make_interval"), "heartbeat"
     assert seen("SET status = 'completed'"), "complete"
-    assert seen("SET status = CASE WHEN p_retryable"), "fail"
+    assert seen("SET attempt_chunks = c.attempt_chunks"), "a chunk's commit"
+    assert seen("SET status = CASE WHEN v_left"), "fail"

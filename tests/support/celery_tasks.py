@@ -1,5 +1,9 @@
 """Checkpointed tasks for the Celery tests; the URL's query string says how each behaves.
 
+`tests.chunked` works in chunks instead: `?chunks=N` chunks of `?sleep=S` seconds each, one
+sink row per chunk (its `line` is the chunk's number), resuming after the last committed
+chunk; `?kill_before=1` SIGKILLs its process before its first chunk.
+
 `?sleep=S` sleeps S seconds inside the output transaction (with `&sleep_until=N`, only on
 attempts before N), `?raise=1` raises a retryable error, `?permanent=1` a non-retryable one,
 `?kill=1` SIGKILLs its own process, `?dataerror=1` runs a statement the database
@@ -21,10 +25,10 @@ from typing import Any
 import sqlalchemy as sa
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipeline import app, checkpointed, errors
+from pipeline import Stats, app, checkpointed, errors
 
 # `celery -A tests.support.celery_tasks worker` finds the app under this name.
-__all__ = ["SINK_DDL", "Boom", "app", "backoff", "limited", "plain", "sink"]
+__all__ = ["SINK_DDL", "Boom", "app", "backoff", "chunked", "limited", "plain", "sink"]
 
 logger = logging.getLogger("tests.sink")
 
@@ -37,6 +41,7 @@ CREATE TABLE IF NOT EXISTS sink (
     token bigint NOT NULL,
     attempt integer NOT NULL,
     pid integer NOT NULL,
+    line integer,
     inserted_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
@@ -109,3 +114,40 @@ def _sink(file_url: str, checkpoint: Any) -> dict[str, int]:
 def plain(file_url: str) -> dict[str, int]:
     """No checkpoint parameter: completes on its own connection."""
     return {"total": 2, "filtered": 1, "persisted": 1}
+
+
+@checkpointed(
+    name="tests.chunked",
+    file_type="test",
+    lease_seconds=LEASE,
+    max_attempts=2,
+    backoff=0.2,
+    backoff_max=1,
+)
+def chunked(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    """Chunks 1..N, each a sink row and a sleep in a transaction of its own, committed with
+    its number as the position; an attempt resumes after the last one committed."""
+    opts = _options(file_url)
+    count, pause = int(opts.get("chunks", 10)), float(opts.get("sleep", 0))
+    done = checkpoint.resume("v1") or 0
+    logger.warning("CHUNKED-START %s attempt=%s from=%s", file_url, checkpoint.attempt, done)
+    if opts.get("kill_before"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    for n in range(done + 1, count + 1):
+        with checkpoint.chunk(n) as chunk:
+            chunk.execute(
+                sa.text(
+                    "INSERT INTO sink (file_url, token, attempt, pid, line)"
+                    " VALUES (:u, :t, :a, :p, :n)"
+                ),
+                {
+                    "u": file_url,
+                    "t": checkpoint.token,
+                    "a": checkpoint.attempt,
+                    "p": os.getpid(),
+                    "n": n,
+                },
+            )
+            time.sleep(pause)
+            chunk.stats = Stats(n, 0, n)
+    return {"total": count, "filtered": 0, "persisted": count}

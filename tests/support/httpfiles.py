@@ -8,7 +8,9 @@
 
 HEAD gives the length (and ETag / Last-Modified when set); GET honours one `Range: bytes=a-b`
 (206) unless the resource has `ranges=False`, which answers 200 with the whole body and says
-nothing about ranges, as `python -m http.server` does. A `chunked` resource's GET bodies
+nothing about ranges, as `python -m http.server` does. An `If-Range` that names another
+version than the resource's (ETag or Last-Modified) gets the whole body (200), as RFC 9110
+says. A `chunked` resource's GET bodies
 are sent with Transfer-Encoding: chunked. Faults: "503"; "short" (a Content-Length larger
 than what is sent, then the connection closes); "cut" (a chunked body that stops without its
 last chunk).
@@ -120,7 +122,13 @@ def _handler(files: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             body, start, code = resource.body, 0, 200
-            if resource.ranges and (match := _RANGE.match(self.headers.get("Range", ""))):
+            if_range = self.headers.get("If-Range")
+            current = if_range in (resource.etag, resource.last_modified)
+            if (
+                resource.ranges
+                and (if_range is None or current)
+                and (match := _RANGE.match(self.headers.get("Range", "")))
+            ):
                 start = int(match.group(1))
                 end = min(int(match.group(2) or len(body) - 1), len(body) - 1)
                 body, code = resource.body[start : end + 1], 206

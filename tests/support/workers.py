@@ -169,7 +169,8 @@ class Cluster:
     def attempts(self, file_url: str) -> list[sa.Row[Any]]:
         return self.rows(
             "SELECT attempt, token, worker, task_id, outcome, error_class, error_message,"
-            " started_at, ended_at FROM file_attempts WHERE file_url = :u ORDER BY token",
+            " started_at, ended_at, start_position, end_position, chunks"
+            " FROM file_attempts WHERE file_url = :u ORDER BY token",
             u=file_url,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 
@@ -90,3 +91,27 @@ def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
     assert str(column.render(task)) == "2.5 files/s, eta 0:40"
     progress.update(tid, completed=300)
     assert str(column.render(task)) == "2.5 files/s, eta 0:00"
+
+
+def test_running__a_big_file_shows_its_records_bytes_percent_rate_and_eta() -> None:
+    from pipeline.models import RunningFile
+
+    big = RunningFile("file:///data/big.jsonl", 3, 1_500_000, 75 * 2**20, 100 * 2**20, seconds=30.0)
+    live = dataclasses.replace(
+        overview({Status.PROCESSING: 1}, seconds=None), running=(big,), records_in_flight=1_500_000
+    )
+    shown = display.overview_json(live)["running"][0]
+    assert (shown["records"], shown["percent"], shown["records_per_second"]) == (
+        1_500_000,
+        75.0,
+        50_000.0,
+    )
+    assert shown["eta_seconds"] == 10.0  # a quarter left at the rate so far
+    assert display.records_so_far(live) == 1_500_000
+    console = Console(file=io.StringIO(), width=160)
+    console.print(display.running_table(live))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "1,500,000" in text
+    assert "75.0 MiB of 100.0 MiB" in text
+    assert "75%" in text
+    assert "0:10" in text

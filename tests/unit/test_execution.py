@@ -46,8 +46,10 @@ class ScriptedStore:
         self.claims = list(claims)
         self.completes = list(completes)
         self.heartbeats: list[Any] = []
+        self.chunks: list[Any] = []
         self.fails: list[Any] = []
-        self.row: Checkpoint | None = None
+        # What get() answers: by default the row as it is while the claim is held.
+        self.row: Checkpoint | None = _row()
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.outputs: list[Output] = []
         self._tokens = iter(range(100, 10_000))
@@ -73,6 +75,15 @@ class ScriptedStore:
     def complete(self, file_url: str, token: int, stats: Any = None, **kwargs: Any) -> None:
         self.calls.append(("complete", {"token": token, "stats": stats, **kwargs}))
         self._answer(self.completes, None)
+
+    def commit_chunk(self, file_url: str, token: int, position: Any, **kwargs: Any) -> float:
+        self.calls.append(("commit_chunk", {"token": token, "position": position, **kwargs}))
+        answer: float = self._answer(self.chunks, 30.0)
+        return answer
+
+    def restart(self, file_url: str, token: int, version: Any, fingerprint: Any = None) -> int:
+        self.calls.append(("restart", {"token": token, "version": version}))
+        return 2
 
     def fail(self, file_url: str, token: int, error: Any, **kwargs: Any) -> FailResult:
         self.calls.append(("fail", {"token": token, "error": error, **kwargs}))
@@ -112,6 +123,13 @@ class FakeTask:
             id="task-1", hostname="node", is_eager=eager, retries=0
         )
         self.retried: list[dict[str, Any]] = []
+        self.states: list[tuple[str, dict[str, Any]]] = []
+
+    def update_state(self, state: str, meta: dict[str, Any]) -> None:
+        self.states.append((state, meta))
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        self.states.append((type_, fields))
 
     def retry(self, exc: Any = None, countdown: float = 0, **kwargs: Any) -> Retry:
         self.retried.append({"exc": exc, "countdown": countdown, **kwargs})
@@ -335,6 +353,102 @@ def test_url_with_credentials__refused_before_anything_is_stored() -> None:
         runtime.set_store(None)
     assert "secret" not in str(raised.value)
     assert store.calls == []
+
+
+class ChunkedReader:
+    """A chunked task over lines 1..`lines`, `per` lines a chunk, resuming where it left off;
+    records the lines it wrote (a chunk's lines count once its commit returns)."""
+
+    def __init__(self, lines: int, per: int) -> None:
+        self.lines, self.per = lines, per
+        self.starts: list[Any] = []
+        self.written: list[int] = []
+
+    def __call__(self, file_url: str, *, checkpoint: Any) -> dict[str, int]:
+        start = checkpoint.resume("v1") or 0
+        self.starts.append(start)
+        for first in range(start + 1, self.lines + 1, self.per):
+            last = min(first + self.per - 1, self.lines)
+            with checkpoint.chunk(last) as chunk:
+                chunk.stats = Stats(last, 0, last)
+            self.written.extend(range(first, last + 1))
+        return {"total": self.lines, "persisted": self.lines}
+
+
+def test_chunks__each_commits_its_position_in_a_transaction_of_its_own() -> None:
+    store, task, reader = ScriptedStore(), FakeTask(), ChunkedReader(25, 10)
+    deliver(store, reader, task)
+    assert [c["position"] for c in store.named("commit_chunk")] == [10, 20, 25]
+    assert all(
+        c["transaction"] is o
+        for c, o in zip(store.named("commit_chunk"), store.outputs, strict=True)
+    )
+    assert [o.ended for o in store.outputs] == ["committed"] * 3
+    assert store.named("complete")[0]["transaction"] is None  # the output is in already
+    assert [s for s, _ in task.states].count("PROGRESS") == 3
+    assert task.states[-2][1]["records"] == 25
+
+
+def test_chunks__an_attempt_resumes_at_the_position_of_its_claim() -> None:
+    store = ScriptedStore(dataclasses.replace(claim(attempt=2), position=20, version="v1"))
+    reader = ChunkedReader(25, 10)
+    deliver(store, reader)
+    assert reader.starts == [20]
+    assert reader.written == [21, 22, 23, 24, 25]
+
+
+def test_chunks__after_an_outage_mid_file_the_next_start_begins_at_the_last_commit() -> None:
+    store, reader = ScriptedStore(), ChunkedReader(30, 10)
+    store.chunks = [30.0, DOWN]  # the second chunk's commit breaks
+    store.row = dataclasses.replace(_row(), position=10, position_version="v1")
+    deliver(store, reader)
+    assert reader.starts == [0, 10]
+    assert reader.written == list(
+        range(1, 31)
+    )  # lines 11-20 written once: the broken one rolled back
+    assert [o.ended for o in store.outputs] == [
+        "committed",
+        "rolled back",
+        "committed",
+        "committed",
+    ]
+
+
+def test_chunks__a_claim_lost_to_its_heartbeat_commits_no_further_chunk() -> None:
+    store = ScriptedStore(claim(lease=0.15))
+    store.heartbeats = [None]
+
+    def slow(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+        with checkpoint.chunk(1):
+            time.sleep(0.3)
+        return {"total": 1}
+
+    result = deliver(store, slow)
+    assert result["reason"] == "claim lost to a newer execution; output discarded"
+    assert store.named("commit_chunk") == []
+    assert store.outputs[0].ended == "rolled back"
+
+
+def test_chunks__a_chunk_that_says_nowhere_fails_the_attempt() -> None:
+    store = ScriptedStore()
+
+    def nowhere(file_url: str, *, checkpoint: Any) -> None:
+        with checkpoint.chunk():
+            pass
+
+    with pytest.raises(Retry):
+        deliver(store, nowhere)
+    (failed,) = store.named("fail")
+    assert "chunk.position" in str(failed["error"])
+
+
+def test_resume__another_version_of_the_object_starts_a_new_generation_from_the_start() -> None:
+    store = ScriptedStore(dataclasses.replace(claim(attempt=2), position=20, version="old"))
+    reader = ChunkedReader(25, 10)
+    deliver(store, reader)
+    assert store.named("restart") == [{"token": 7, "version": "v1"}]
+    assert reader.starts == [0]
+    assert reader.written == list(range(1, 26))
 
 
 def _row() -> Checkpoint:

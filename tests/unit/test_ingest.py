@@ -246,7 +246,7 @@ def test_read_records__endless_line_is_bad_content(
 ) -> None:
     # The reading moved to pipeline.sources.textfile (ingest re-exports MAX_LINE_BYTES, read-only).
     monkeypatch.setattr(textfile, "MAX_LINE_BYTES", 1000)
-    monkeypatch.setattr(textfile, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(textfile, "READ_BYTES", 256)
     url = write(tmp_path / "a.jsonl", jsonl(GOOD) + "x" * 5000)
     with pytest.raises(BadContent, match="line 2 is longer than"):
         read(url)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from pipeline.models import Attempt, Checkpoint, DeadFile, Outcome, Overview, Stats, Status
+from pipeline.models import (
+    Attempt,
+    Checkpoint,
+    DeadFile,
+    Outcome,
+    Overview,
+    RunningFile,
+    Stats,
+    Status,
+)
 from pipeline.store.postgres.connection import Connections
 
 
@@ -29,7 +38,9 @@ class Reports(Connections):
             result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
         return result
 
-    def overview(self, batch_id: str | None = None, *, dead_limit: int = 10) -> Overview:
+    def overview(
+        self, batch_id: str | None = None, *, dead_limit: int = 10, running_limit: int = 10
+    ) -> Overview:
         (act,) = self._fast("activity", {"batch_id": batch_id})
         dead = tuple(
             DeadFile(r.file_url, r.error_message, r.updated_at, r.attempt)
@@ -46,7 +57,20 @@ class Reports(Connections):
             if act.oldest_live_start is not None
             else None
         )
+        running = self._fast("running", {"batch_id": batch_id, "limit": running_limit})
         return Overview(
+            running=tuple(
+                RunningFile(
+                    r.file_url,
+                    r.attempt,
+                    int(r.records_total),
+                    r.progress_bytes,
+                    r.size_bytes,
+                    float(r.seconds or 0.0),
+                )
+                for r in running
+            ),
+            records_in_flight=int(running[0].in_flight) if running else 0,
             counts=self.summary(batch_id),
             completed_last_minute=int(act.completed_last_minute),
             oldest_live_lease_age=age,

@@ -47,6 +47,9 @@ def _granted(file_url: str, lease: float, row: Any) -> ClaimResult:
         max_attempts=row.max_attempts,
         lease_seconds=lease,
         generation=row.generation,
+        position=row.position,
+        version=row.position_version,
+        stats=Stats(row.records_total, row.records_filtered, row.records_persisted),
     )
 
 
@@ -166,6 +169,51 @@ class PostgresStore(Reports, OperationsReads, Schema):
             ok = self._fast("complete", params)[0].ok
         if not ok:
             raise errors.LostClaim.of(file_url, token, "completion not applied")
+
+    def commit_chunk(
+        self,
+        file_url: str,
+        token: int,
+        position: Any,
+        *,
+        version: str | None = None,
+        stats: Stats | None = None,
+        progress_bytes: int | None = None,
+        size_bytes: int | None = None,
+        transaction: Any = None,
+    ) -> float:
+        s = stats or Stats()
+        params = {
+            "file_url": file_url,
+            "token": token,
+            "position": json.dumps(position),
+            "version": version,
+            "total": s.total,
+            "filtered": s.filtered,
+            "persisted": s.persisted,
+            "progress_bytes": progress_bytes,
+            "size_bytes": size_bytes,
+        }
+        if transaction is not None:
+            with translate(self.url):
+                left = transaction.connection.execute(self._q["commit_chunk"], params).scalar()
+        else:
+            rows = self._fast("commit_chunk", params)
+            left = rows[0].lease_left if rows else None
+        if left is None:
+            raise errors.LostClaim.of(file_url, token, "chunk not committed")
+        return float(left)
+
+    def restart(
+        self, file_url: str, token: int, version: str | None, fingerprint: str | None = None
+    ) -> int:
+        rows = self._fast(
+            "restart",
+            {"file_url": file_url, "token": token, "version": version, "fingerprint": fingerprint},
+        )
+        if not rows:
+            raise errors.LostClaim.of(file_url, token, "restart not applied")
+        return int(rows[0].generation)
 
     def fail(
         self,

@@ -2,8 +2,9 @@
 -- Parameters use SQLAlchemy's :name form.
 
 -- claim --
--- Claim a file (grant, or refuse with done / busy / not_due / dead); see pipeline_claim_v3.
-SELECT * FROM pipeline_claim_v3(:file_url, :worker, :lease_seconds, :max_attempts,
+-- Claim a file (grant, with the position to resume from, or refuse with done / busy / not_due /
+-- dead); see pipeline_claim_v4.
+SELECT * FROM pipeline_claim_v4(:file_url, :worker, :lease_seconds, :max_attempts,
                                 :file_type, :task_name, :task_id,
                                 CAST(:resume_tokens AS bigint[]), :token)
 
@@ -21,13 +22,13 @@ RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double preci
 
 -- complete --
 -- Mark the current claim completed with its stats; false when the token is stale.
-SELECT pipeline_complete_v2(:file_url, :token, :total, :filtered, :persisted,
+SELECT pipeline_complete_v3(:file_url, :token, :total, :filtered, :persisted,
                             :processing_time_ms, CAST(:details AS jsonb)) AS ok
 
 -- fail --
 -- Record a failed execution: failed (retry no earlier than :retry_in seconds from now) or
 -- dead; no row when the token is stale.
-SELECT * FROM pipeline_fail_v3(:file_url, :token, :error_class, :error_message, :retryable,
+SELECT * FROM pipeline_fail_v4(:file_url, :token, :error_class, :error_message, :retryable,
                                :retry_in)
 
 -- get --
@@ -35,15 +36,17 @@ SELECT * FROM pipeline_fail_v3(:file_url, :token, :error_class, :error_message, 
 SELECT file_url, file_type, status, attempt, max_attempts, generation, token, records_total,
        records_filtered, records_persisted, processing_time_ms, error_message, processed_by,
        task_name, task_id, batch_id, fingerprint, lease_expires_at, retry_at, started_at,
-       completed_at, created_at, updated_at
+       completed_at, created_at, updated_at, position, position_version, progress_bytes,
+       size_bytes, progress_at, attempts_spent
   FROM file_checkpoints WHERE file_url = :file_url
 
 -- attempts --
 -- The attempt history of one file, oldest first, the running one included (pipeline_attempts),
--- with the trace each ran in. In the order of generation and attempt, not of token: each
--- process reserves its tokens in blocks, so a later attempt may hold a smaller token.
+-- with where each started and ended and the trace each ran in. In the order of generation and
+-- attempt, not of token: each process reserves its tokens in blocks, so a later attempt may
+-- hold a smaller token.
 SELECT a.generation, a.attempt, a.token, a.worker, a.started_at, a.ended_at, a.outcome,
-       a.error_class, a.error_message, t.trace_id
+       a.error_class, a.error_message, a.start_position, a.end_position, a.chunks, t.trace_id
   FROM pipeline_attempts a LEFT JOIN file_attempts t ON t.token = a.token
  WHERE a.file_url = :file_url ORDER BY a.generation, a.attempt, a.started_at
 
@@ -82,7 +85,9 @@ WITH input AS (
        SET status = 'pending', attempt = 0, generation = c.generation + 1, token = NULL,
            lease_expires_at = NULL, error_message = NULL, completed_at = NULL,
            records_total = 0, records_filtered = 0, records_persisted = 0,
-           processing_time_ms = 0, details = NULL,
+           processing_time_ms = 0, details = NULL, attempts_spent = 0, attempt_chunks = 0,
+           position = NULL, position_version = NULL, attempt_start_position = NULL,
+           progress_bytes = NULL, size_bytes = NULL, progress_at = NULL,
            fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
            task_name = excluded.task_name, max_attempts = excluded.max_attempts,
            submitted_at = now(), updated_at = now()
@@ -113,7 +118,9 @@ UPDATE file_checkpoints
    SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
        lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
        records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
-       details = NULL, submitted_at = now(), updated_at = now()
+       details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
+       position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
+       size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
  WHERE status = ANY(CAST(:statuses AS text[]))
    AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
    AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
@@ -121,8 +128,8 @@ UPDATE file_checkpoints
 RETURNING file_url, task_name, status
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v3.
-SELECT * FROM pipeline_reap_v3(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v4.
+SELECT * FROM pipeline_reap_v4(:waiting_seconds, :limit, :overdue_seconds)
 
 -- summary --
 -- Counts by batch and status.
@@ -189,6 +196,8 @@ SELECT
     (SELECT coalesce(sum(records_persisted), 0) FROM file_checkpoints
       WHERE status = 'completed'
         AND completed_at > now() - make_interval(secs => :window)) AS window_records,
+    (SELECT coalesce(sum(records_total), 0) FROM file_checkpoints
+      WHERE status = 'processing') AS records_in_flight,
     (SELECT count(*) FROM file_checkpoints
       WHERE status = 'dead' AND updated_at > now() - make_interval(secs => :window)) AS window_dead,
     (SELECT count(*) FROM pipeline_workers
@@ -298,8 +307,8 @@ ON CONFLICT (token) DO UPDATE SET trace_id = excluded.trace_id
 RETURNING a.token
 
 -- abandon --
--- Release the claim of a process known to be dead; see pipeline_abandon_v2.
-SELECT * FROM pipeline_abandon_v2(:file_url, :worker, :task_id)
+-- Release the claim of a process known to be dead; see pipeline_abandon_v3.
+SELECT * FROM pipeline_abandon_v3(:file_url, :worker, :task_id)
 
 -- name_session --
 -- Name this session after a claim for the rest of the transaction only, so that a takeover
@@ -333,3 +342,30 @@ SELECT to_regclass('pipeline_schema_version') IS NOT NULL
 -- schema_version --
 -- The newest migration applied.
 SELECT max(version) FROM pipeline_schema_version
+
+-- commit_chunk --
+-- A chunk's position, version and running stats, in the chunk's own output transaction, fenced
+-- by the token; extends the lease. No row when the token is stale. See pipeline_commit_chunk_v1.
+SELECT * FROM pipeline_commit_chunk_v1(:file_url, :token, CAST(:position AS jsonb), :version,
+                                       :total, :filtered, :persisted, :progress_bytes,
+                                       :size_bytes)
+
+-- restart --
+-- The object changed under a resumed file: a new generation from the beginning, same claim.
+-- No row when the token is stale. See pipeline_restart_v1.
+SELECT * FROM pipeline_restart_v1(:file_url, :token, :version, :fingerprint)
+
+-- running --
+-- Files being processed, oldest claim first, with how far their committed chunks got and
+-- the seconds since their generation's first attempt started (for a rate and an ETA); and
+-- every running file's committed records, in the first row's `in_flight`.
+SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
+       extract(epoch FROM clock_timestamp() - coalesce(
+           (SELECT min(a.started_at) FROM file_attempts a
+             WHERE a.file_url = c.file_url AND a.generation = c.generation),
+           c.started_at))::double precision AS seconds,
+       sum(c.records_total) OVER () AS in_flight
+  FROM file_checkpoints c
+ WHERE c.status = 'processing' AND (CAST(:batch_id AS text) IS NULL OR c.batch_id = :batch_id)
+ ORDER BY c.started_at
+ LIMIT :limit

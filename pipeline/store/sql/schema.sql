@@ -13,10 +13,16 @@ CREATE FUNCTION public.pipeline_abandon_v1(p_file_url text, p_worker text, p_tas
 $$;
 
 CREATE FUNCTION public.pipeline_abandon_v2(p_file_url text, p_worker text, p_task_id text) RETURNS TABLE(status text, attempt integer, max_attempts integer)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_abandon_v3(p_file_url, p_worker, p_task_id)
+$$;
+
+CREATE FUNCTION public.pipeline_abandon_v3(p_file_url text, p_worker text, p_task_id text) RETURNS TABLE(status text, attempt integer, max_attempts integer)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
-    AS $$
+    AS $_$
 DECLARE
     r     file_checkpoints%ROWTYPE;
     v_now timestamptz := clock_timestamp();
@@ -29,20 +35,12 @@ BEGIN
         RETURN;
     END IF;
     PERFORM pipeline_fence_v1(r.token);
-    PERFORM pipeline_attempt_lost_v1(r, v_now,
-        format('process %s died while running the file', p_worker));
-    UPDATE file_checkpoints c
-       SET status = CASE WHEN c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
-           retry_at = CASE WHEN c.attempt < c.max_attempts THEN v_now END,
-           error_message = CASE WHEN c.attempt < c.max_attempts
-               THEN format('worker process %s died on attempt %s of %s; will retry', p_worker, c.attempt, c.max_attempts)
-               ELSE format('worker lost: process %s died on attempt %s of %s', p_worker, c.attempt, c.max_attempts) END,
-           lease_expires_at = NULL, updated_at = v_now
-     WHERE c.file_url = p_file_url
-    RETURNING c.* INTO r;
+    r := pipeline_lose_v1(r, v_now, format('process %s died while running the file', p_worker),
+        'worker process %3$s died on attempt %1$s of %2$s; will retry',
+        'worker lost: process %3$s died on attempt %1$s of %2$s', v_now);
     RETURN QUERY SELECT r.status, r.attempt, r.max_attempts;
 END;
-$$;
+$_$;
 
 CREATE TABLE public.file_checkpoints (
     file_url text NOT NULL,
@@ -73,11 +71,36 @@ CREATE TABLE public.file_checkpoints (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     retry_at timestamp with time zone,
     submitted_at timestamp with time zone DEFAULT now(),
+    "position" jsonb,
+    position_version text,
+    progress_bytes bigint,
+    size_bytes bigint,
+    progress_at timestamp with time zone,
+    attempt_start_position jsonb,
+    attempt_chunks integer DEFAULT 0 NOT NULL,
+    attempts_spent integer DEFAULT 0 NOT NULL,
     CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
     CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
     CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text])))
 );
+
+CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_outcome text, p_error_class text, p_error_message text, p_retry_at timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message,
+                                    retry_at, start_position, end_position, chunks)
+    VALUES (r.token, r.file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, p_ended_at), p_ended_at, p_outcome, p_error_class,
+            p_error_message, p_retry_at, r.attempt_start_position, r.position, r.attempt_chunks)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = excluded.outcome, ended_at = excluded.ended_at,
+           error_class = excluded.error_class, error_message = excluded.error_message,
+           retry_at = excluded.retry_at, start_position = excluded.start_position,
+           end_position = excluded.end_position, chunks = excluded.chunks
+     WHERE a.outcome = 'running'
+$$;
 
 CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_error_message text) RETURNS void
     LANGUAGE sql
@@ -110,6 +133,15 @@ CREATE FUNCTION public.pipeline_claim_v2(p_file_url text, p_worker text, p_lease
 $$;
 
 CREATE FUNCTION public.pipeline_claim_v3(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
+    LANGUAGE sql
+    AS $$
+    SELECT c.outcome, c.token, c.attempt, c.max_attempts, c.generation, c.retry_in,
+           c.records_total, c.records_filtered, c.records_persisted, c.error_message
+      FROM pipeline_claim_v4(p_file_url, p_worker, p_lease_seconds, p_max_attempts,
+          p_file_type, p_task_name, p_task_id, p_resume_tokens, p_token) c
+$$;
+
+CREATE FUNCTION public.pipeline_claim_v4(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text, "position" jsonb, position_version text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
@@ -118,13 +150,13 @@ DECLARE
     r       file_checkpoints%ROWTYPE;
     v_cap   integer;
     v_old   bigint;
+    v_error text;
     v_now   timestamptz := clock_timestamp();
 BEGIN
     -- See pipeline_claim_v1: end a zombie's output session before waiting for its row lock.
     PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
       WHERE c.file_url = p_file_url AND c.status = 'processing' AND c.lease_expires_at <= v_now;
 
-    -- The common case (registered by submit, or seen before): decide under the row's lock.
     SELECT * INTO r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
     IF NOT FOUND THEN
         -- First sight of the file: insert it already claimed.
@@ -139,16 +171,17 @@ BEGIN
         RETURNING c.* INTO r;
         IF FOUND THEN
             RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
-                NULL::double precision, 0, 0, 0, NULL::text;
+                NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
             RETURN;
         END IF;
-        -- Another claimant inserted it between our look and our insert (its transaction has
-        -- committed, or the conflict would still be waiting): decide on its row, under its lock.
+        -- Another claimant inserted it between our look and our insert: decide on its row.
         SELECT * INTO STRICT r FROM file_checkpoints c WHERE c.file_url = p_file_url FOR UPDATE;
     END IF;
     -- The lock may have been waited for: decide on the time it was granted.
     v_now := clock_timestamp();
     v_cap := coalesce(p_max_attempts, r.max_attempts);
+    -- A row taken over keeps the error it had (the lost attempt's is in its history).
+    v_error := r.error_message;
 
     IF r.status = 'processing' AND r.token = ANY(p_resume_tokens) THEN
         -- This task chain's own claim, whose reply was lost: hand it over, same attempt.
@@ -160,50 +193,54 @@ BEGIN
                processed_by = p_worker, task_id = p_task_id, updated_at = v_now
          WHERE c.file_url = p_file_url
         RETURNING c.* INTO r;
-        -- Only a claim made by an older function has a row yet.
         UPDATE file_attempts a SET token = r.token, worker = p_worker, task_id = p_task_id
          WHERE a.token = v_old;
         RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
-            NULL::double precision, 0, 0, 0, NULL::text;
+            NULL::double precision, r.records_total, r.records_filtered, r.records_persisted,
+            NULL::text, r.position, r.position_version;
         RETURN;
     END IF;
 
     IF r.status = 'completed' THEN
         RETURN QUERY SELECT 'done'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
             NULL::double precision, r.records_total, r.records_filtered, r.records_persisted,
-            NULL::text;
+            NULL::text, NULL::jsonb, NULL::text;
         RETURN;
     ELSIF r.status = 'dead' THEN
         RETURN QUERY SELECT 'dead'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
-            NULL::double precision, 0, 0, 0, r.error_message;
+            NULL::double precision, 0, 0, 0, r.error_message, NULL::jsonb, NULL::text;
         RETURN;
     ELSIF r.status = 'processing' AND r.lease_expires_at > v_now THEN
         RETURN QUERY SELECT 'busy'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
-            extract(epoch FROM r.lease_expires_at - v_now)::double precision, 0, 0, 0, NULL::text;
+            extract(epoch FROM r.lease_expires_at - v_now)::double precision, 0, 0, 0,
+            NULL::text, NULL::jsonb, NULL::text;
         RETURN;
-    ELSIF r.status = 'failed' AND r.retry_at > v_now AND r.attempt < v_cap THEN
+    ELSIF r.status = 'failed' AND r.retry_at > v_now AND r.attempts_spent < v_cap THEN
         RETURN QUERY SELECT 'not_due'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
-            extract(epoch FROM r.retry_at - v_now)::double precision, 0, 0, 0, r.error_message;
+            extract(epoch FROM r.retry_at - v_now)::double precision, 0, 0, 0, r.error_message,
+            NULL::jsonb, NULL::text;
         RETURN;
     ELSIF r.status = 'processing' THEN
-        -- The holder's lease ran out: its execution is lost and counts as an attempt; it is
-        -- recorded here, from the row, before the row moves on.
+        -- The holder's lease ran out: its execution is lost, recorded here from the row, and
+        -- spends an attempt unless it made progress; the row moves on before it is claimed.
         PERFORM pipeline_fence_v1(r.token);
-        PERFORM pipeline_attempt_lost_v1(r, v_now,
-            format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by));
+        r.max_attempts := v_cap;  -- the cap this claim gives decides, as below
+        r := pipeline_lose_v1(r, v_now,
+            format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by),
+            'worker lost on attempt %s of %s (held by %s); will retry',
+            'worker lost: lease expired on attempt %s of %s (held by %s)', NULL);
     END IF;
 
-    IF r.attempt >= v_cap THEN
+    IF r.attempts_spent >= v_cap OR r.status = 'dead' THEN
         UPDATE file_checkpoints c
            SET status = 'dead', lease_expires_at = NULL, retry_at = NULL, max_attempts = v_cap,
                updated_at = v_now,
-               error_message = CASE WHEN r.status = 'processing'
-                   THEN format('worker lost: lease expired on attempt %s of %s (held by %s)', r.attempt, v_cap, r.processed_by)
-                   ELSE coalesce(r.error_message, format('no attempts left (%s of %s used)', r.attempt, v_cap)) END
+               error_message = coalesce(r.error_message,
+                   format('no attempts left (%s of %s spent)', r.attempts_spent, v_cap))
          WHERE c.file_url = p_file_url
         RETURNING c.* INTO r;
         RETURN QUERY SELECT 'dead'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
-            NULL::double precision, 0, 0, 0, r.error_message;
+            NULL::double precision, 0, 0, 0, r.error_message, NULL::jsonb, NULL::text;
         RETURN;
     END IF;
 
@@ -214,12 +251,30 @@ BEGIN
            lease_expires_at = v_now + make_interval(secs => p_lease_seconds), retry_at = NULL,
            processed_by = p_worker, task_name = coalesce(p_task_name, r.task_name),
            task_id = p_task_id, file_type = coalesce(p_file_type, r.file_type),
+           attempt_start_position = r.position, attempt_chunks = 0, error_message = v_error,
            started_at = v_now, updated_at = v_now
      WHERE c.file_url = p_file_url
     RETURNING c.* INTO r;
     RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
-        NULL::double precision, 0, 0, 0, NULL::text;
+        NULL::double precision, r.records_total, r.records_filtered, r.records_persisted,
+        NULL::text, r.position, r.position_version;
 END;
+$$;
+
+CREATE FUNCTION public.pipeline_commit_chunk_v1(p_file_url text, p_token bigint, p_position jsonb, p_version text, p_total integer, p_filtered integer, p_persisted integer, p_progress_bytes bigint, p_size_bytes bigint) RETURNS TABLE(lease_left double precision)
+    LANGUAGE sql
+    AS $$
+    UPDATE file_checkpoints c
+       SET attempt_chunks = c.attempt_chunks
+               + CASE WHEN c.position IS DISTINCT FROM p_position THEN 1 ELSE 0 END,
+           position = p_position, position_version = p_version,
+           records_total = p_total, records_filtered = p_filtered, records_persisted = p_persisted,
+           progress_bytes = p_progress_bytes, size_bytes = coalesce(p_size_bytes, c.size_bytes),
+           progress_at = clock_timestamp(),
+           lease_expires_at = clock_timestamp() + make_interval(secs => c.lease_seconds),
+           updated_at = clock_timestamp()
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+    RETURNING extract(epoch FROM c.lease_expires_at - clock_timestamp())::double precision
 $$;
 
 CREATE FUNCTION public.pipeline_complete_v1(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
@@ -230,12 +285,19 @@ CREATE FUNCTION public.pipeline_complete_v1(p_file_url text, p_token bigint, p_t
 $$;
 
 CREATE FUNCTION public.pipeline_complete_v2(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
+    LANGUAGE sql
+    AS $$
+    SELECT pipeline_complete_v3(p_file_url, p_token, p_total, p_filtered, p_persisted,
+        p_processing_time_ms, p_details)
+$$;
+
+CREATE FUNCTION public.pipeline_complete_v3(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
     AS $$
 DECLARE
-    r     record;
+    r     file_checkpoints%ROWTYPE;
     v_now timestamptz := clock_timestamp();
 BEGIN
     UPDATE file_checkpoints c
@@ -246,16 +308,11 @@ BEGIN
            details = coalesce(p_details, c.details), retry_at = NULL,
            error_message = NULL, lease_expires_at = NULL, completed_at = v_now, updated_at = v_now
      WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
-    RETURNING c.generation, c.attempt, c.processed_by, c.task_id, c.started_at INTO r;
+    RETURNING c.* INTO r;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
-                                    started_at, ended_at, outcome)
-    VALUES (p_token, p_file_url, r.generation, r.attempt, r.processed_by, r.task_id,
-            coalesce(r.started_at, v_now), v_now, 'completed')
-    -- a claim made by an older function wrote its row at the start
-    ON CONFLICT (token) DO UPDATE SET outcome = 'completed', ended_at = v_now;
+    PERFORM pipeline_attempt_end_v1(r, v_now, 'completed', NULL, NULL, NULL);
     RETURN true;
 END;
 $$;
@@ -275,33 +332,41 @@ CREATE FUNCTION public.pipeline_fail_v2(p_file_url text, p_token bigint, p_error
 $$;
 
 CREATE FUNCTION public.pipeline_fail_v3(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean, p_retry_in double precision) RETURNS TABLE(status text, attempt integer, max_attempts integer, retry_in double precision)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_fail_v4(p_file_url, p_token, p_error_class, p_error_message,
+        p_retryable, p_retry_in)
+$$;
+
+CREATE FUNCTION public.pipeline_fail_v4(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean, p_retry_in double precision) RETURNS TABLE(status text, attempt integer, max_attempts integer, retry_in double precision)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
     AS $$
 DECLARE
-    r     file_checkpoints%ROWTYPE;
-    v_now timestamptz := clock_timestamp();
+    r        file_checkpoints%ROWTYPE;
+    v_now    timestamptz := clock_timestamp();
+    v_spent  integer;
+    v_left   boolean;
+    v_retry  timestamptz;
 BEGIN
-    UPDATE file_checkpoints c
-       SET status = CASE WHEN p_retryable AND c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
-           retry_at = CASE WHEN p_retryable AND c.attempt < c.max_attempts AND p_retry_in IS NOT NULL
-               THEN v_now + make_interval(secs => greatest(p_retry_in, 0)) END,
-           error_message = p_error_message, lease_expires_at = NULL, updated_at = v_now
+    SELECT * INTO r FROM file_checkpoints c
      WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
-    RETURNING c.* INTO r;
+       FOR UPDATE;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
-                                    started_at, ended_at, outcome, error_class, error_message,
-                                    retry_at)
-    VALUES (p_token, p_file_url, r.generation, r.attempt, r.processed_by, r.task_id,
-            coalesce(r.started_at, v_now), v_now, 'failed', p_error_class, p_error_message,
-            r.retry_at)
-    ON CONFLICT (token) DO UPDATE
-       SET outcome = 'failed', ended_at = v_now, error_class = p_error_class,
-           error_message = p_error_message, retry_at = r.retry_at;
+    v_spent := r.attempts_spent + CASE WHEN r.attempt_chunks > 0 THEN 0 ELSE 1 END;
+    v_left := p_retryable AND v_spent < r.max_attempts;
+    v_retry := CASE WHEN v_left AND p_retry_in IS NOT NULL
+        THEN v_now + make_interval(secs => greatest(p_retry_in, 0)) END;
+    PERFORM pipeline_attempt_end_v1(r, v_now, 'failed', p_error_class, p_error_message, v_retry);
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN v_left THEN 'failed' ELSE 'dead' END, retry_at = v_retry,
+           attempts_spent = v_spent, attempt_chunks = 0,
+           error_message = p_error_message, lease_expires_at = NULL, updated_at = v_now
+     WHERE c.file_url = p_file_url
+    RETURNING c.* INTO r;
     RETURN QUERY SELECT r.status, r.attempt, r.max_attempts,
         CASE WHEN r.retry_at IS NOT NULL
              THEN greatest(extract(epoch FROM r.retry_at - clock_timestamp()), 0)::double precision
@@ -332,6 +397,30 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_lose_v1(r public.file_checkpoints, p_now timestamp with time zone, p_why text, p_failed text, p_dead text, p_retry_at timestamp with time zone) RETURNS public.file_checkpoints
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_spent integer := r.attempts_spent + CASE WHEN r.attempt_chunks > 0 THEN 0 ELSE 1 END;
+    v_left  boolean := v_spent < r.max_attempts;
+    v_kept  text := CASE WHEN r.attempt_chunks > 0
+        THEN format(' (it committed %s chunks: no attempt spent)', r.attempt_chunks) ELSE '' END;
+BEGIN
+    PERFORM pipeline_attempt_end_v1(r, p_now, 'lost', 'WorkerLost', p_why || v_kept, NULL);
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN v_left THEN 'failed' ELSE 'dead' END,
+           attempts_spent = v_spent, attempt_chunks = 0, max_attempts = r.max_attempts,
+           retry_at = CASE WHEN v_left THEN p_retry_at END,
+           error_message = CASE WHEN v_left
+               THEN format(p_failed, c.attempt, r.max_attempts, c.processed_by) || v_kept
+               ELSE format(p_dead, c.attempt, r.max_attempts, c.processed_by) END,
+           lease_expires_at = NULL, updated_at = p_now
+     WHERE c.file_url = r.file_url
+    RETURNING c.* INTO r;
+    RETURN r;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_reap_v1(p_waiting_seconds double precision, p_limit integer) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE sql
     AS $$
@@ -345,9 +434,16 @@ CREATE FUNCTION public.pipeline_reap_v2(p_waiting_seconds double precision, p_li
 $$;
 
 CREATE FUNCTION public.pipeline_reap_v3(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_reap_v4(p_waiting_seconds, p_limit, p_overdue_seconds)
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v4(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
     AS $$
 DECLARE
+    r     file_checkpoints%ROWTYPE;
     v_now timestamptz := clock_timestamp();
 BEGIN
     IF NOT pg_try_advisory_xact_lock(1885958258) THEN  -- 'pipr', as pipeline_reap_v2
@@ -356,36 +452,23 @@ BEGIN
     PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
       WHERE c.status = 'processing' AND c.lease_expires_at <= v_now;
 
-    RETURN QUERY
-    WITH expired AS (
-        SELECT c.file_url, c.token, c.generation, c.attempt, c.task_id, c.started_at,
-               c.lease_expires_at, c.processed_by, pipeline_fence_v1(c.token) AS fenced
-          FROM file_checkpoints c
+    FOR r IN
+        SELECT * FROM file_checkpoints c
          WHERE c.status = 'processing' AND c.lease_expires_at <= v_now
          ORDER BY c.lease_expires_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED
-    ), lost AS (
-        INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
-                                        started_at, ended_at, outcome, error_class, error_message)
-        SELECT e.token, e.file_url, e.generation, e.attempt, e.processed_by, e.task_id,
-               coalesce(e.started_at, v_now), v_now, 'lost', 'WorkerLost',
-               format('lease expired at %s; worker %s lost', e.lease_expires_at, e.processed_by)
-          FROM expired e
-        ON CONFLICT (token) DO UPDATE
-           SET outcome = 'lost', ended_at = excluded.ended_at, error_class = 'WorkerLost',
-               error_message = excluded.error_message
-         WHERE a.outcome = 'running'
-    )
-    UPDATE file_checkpoints c
-       SET status = CASE WHEN c.attempt < c.max_attempts THEN 'failed' ELSE 'dead' END,
-           error_message = CASE WHEN c.attempt < c.max_attempts
-               THEN format('worker lost on attempt %s of %s (held by %s); will retry', c.attempt, c.max_attempts, c.processed_by)
-               ELSE format('worker lost: lease expired on attempt %s of %s (held by %s)', c.attempt, c.max_attempts, c.processed_by) END,
-           lease_expires_at = NULL, retry_at = NULL, updated_at = v_now
-      FROM expired e
-     WHERE c.file_url = e.file_url
-    RETURNING c.file_url, c.task_name, c.status;
+    LOOP
+        PERFORM pipeline_fence_v1(r.token);
+        r := pipeline_lose_v1(r, v_now,
+            format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by),
+            'worker lost on attempt %s of %s (held by %s); will retry',
+            'worker lost: lease expired on attempt %s of %s (held by %s)', NULL);
+        file_url := r.file_url;
+        task_name := r.task_name;
+        status := r.status;
+        RETURN NEXT;
+    END LOOP;
 
     RETURN QUERY
     WITH overdue AS (
@@ -418,6 +501,19 @@ BEGIN
      WHERE c.file_url = w.file_url
     RETURNING c.file_url, c.task_name, c.status;
 END;
+$$;
+
+CREATE FUNCTION public.pipeline_restart_v1(p_file_url text, p_token bigint, p_version text, p_fingerprint text) RETURNS TABLE(generation integer)
+    LANGUAGE sql
+    AS $$
+    UPDATE file_checkpoints c
+       SET generation = c.generation + 1, attempt = 1, attempts_spent = 0,
+           position = NULL, position_version = p_version, attempt_start_position = NULL,
+           attempt_chunks = 0, progress_bytes = NULL, size_bytes = NULL, progress_at = NULL,
+           records_total = 0, records_filtered = 0, records_persisted = 0,
+           fingerprint = coalesce(p_fingerprint, c.fingerprint), updated_at = clock_timestamp()
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+    RETURNING c.generation
 $$;
 
 CREATE TABLE public.events (
@@ -455,6 +551,9 @@ CREATE TABLE public.file_attempts (
     error_message text,
     retry_at timestamp with time zone,
     trace_id text,
+    start_position jsonb,
+    end_position jsonb,
+    chunks integer DEFAULT 0 NOT NULL,
     CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text])))
 );
 
@@ -477,7 +576,10 @@ CREATE VIEW public.pipeline_attempts AS
     a.outcome,
     a.error_class,
     a.error_message,
-    a.retry_at
+    a.retry_at,
+    a.start_position,
+    a.end_position,
+    a.chunks
    FROM public.file_attempts a
 UNION ALL
  SELECT c.token,
@@ -491,7 +593,10 @@ UNION ALL
     'running'::text AS outcome,
     NULL::text AS error_class,
     NULL::text AS error_message,
-    NULL::timestamp with time zone AS retry_at
+    NULL::timestamp with time zone AS retry_at,
+    c.attempt_start_position AS start_position,
+    c."position" AS end_position,
+    c.attempt_chunks AS chunks
    FROM public.file_checkpoints c
   WHERE ((c.status = 'processing'::text) AND (NOT (EXISTS ( SELECT 1
            FROM public.file_attempts a
