@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 
 import click
 
@@ -81,6 +82,10 @@ def db_shell(psql_args: tuple[str, ...]) -> None:
 )
 def metrics(port: int, addr: str, interval: float, window: float, max_batches: int) -> None:
     """Serve Prometheus metrics of the checkpoint table on http://ADDR:PORT/metrics."""
+    # As PID 1 in a container a signal without a handler is ignored: stop cleanly on SIGTERM.
+    # Installed before the port is served: whoever sees it answer may signal at once.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with handled():
         store = services().store()
         try:
@@ -96,12 +101,12 @@ def metrics(port: int, addr: str, interval: float, window: float, max_batches: i
             raise errors.PipelineError(f"cannot listen on {addr}:{port}: {error}") from error
     where = masking.mask_url(services().database_url())
     err.print(f"metrics of {where} on http://{addr}:{port}/metrics")
-    # As PID 1 in a container a signal without a handler is ignored: stop cleanly on SIGTERM.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.wait(3600):
+        while not stopping.wait(3600):
             pass
     except KeyboardInterrupt:
+        pass
+    finally:
         stop.set()
 
 

@@ -87,6 +87,10 @@ class S3Server:
             f"-s3.config={identities}",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
+            # the default cap of 8 volumes runs out once a few buckets (a collection each, grown
+            # several volumes at a time) have been written in one session: PutObject then fails
+            # with "InternalError" (weed.log: "no free volumes left"). Volumes are sparse files.
+            "-volume.max=200",
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
