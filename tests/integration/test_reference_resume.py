@@ -21,16 +21,11 @@ from pipeline.models import Outcome, Status
 from pipeline.reference import chunks, ingest
 from pipeline.reference.task import ingest_file
 from pipeline.store.postgres import PostgresStore
-from pipeline.worker import runtime
 
 
 @pytest.fixture
-def store(pg_store: PostgresStore) -> Iterator[PostgresStore]:
-    pg_store.execute_script("TRUNCATE events")
-    previous = runtime._store
-    runtime.set_store(pg_store)
-    yield pg_store
-    runtime.set_store(previous)
+def store(reference_store: PostgresStore) -> PostgresStore:
+    return reference_store
 
 
 @pytest.fixture

@@ -18,25 +18,20 @@ from pipeline.reference import chunks, ingest
 from pipeline.reference.task import ingest_file
 from pipeline.sources import textfile
 from pipeline.store.postgres import PostgresStore
-from pipeline.worker import runtime
 from tests.support.httpfiles import FileServer
 
 LINES = 1000
 
 
 @pytest.fixture
-def store(pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[PostgresStore]:
-    pg_store.execute_script("TRUNCATE events")
-    previous = runtime._store
-    runtime.set_store(pg_store)
+def store(reference_store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> PostgresStore:
     # Blocks of a few lines, chunks of 100 records: a small file has many of each.
     monkeypatch.setattr(textfile, "READ_BYTES", 512)
     real = chunks.pieces
     monkeypatch.setattr(
         chunks, "pieces", lambda items, start, **kw: real(items, start, records=100)
     )
-    yield pg_store
-    runtime.set_store(previous)
+    return reference_store
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,17 +19,12 @@ from pipeline import errors
 from pipeline.models import Status
 from pipeline.reference.task import ingest_file
 from pipeline.store.postgres import PostgresStore
-from pipeline.worker import runtime
 
 
 @pytest.fixture
-def store(pg_store: PostgresStore) -> Iterator[PostgresStore]:
+def store(reference_store: PostgresStore) -> PostgresStore:
     """The test store as the task's store, on empty checkpoint and events tables."""
-    pg_store.execute_script("TRUNCATE events")
-    previous = runtime._store
-    runtime.set_store(pg_store)
-    yield pg_store
-    runtime.set_store(previous)
+    return reference_store
 
 
 def url(path: pathlib.Path) -> str:
