@@ -285,8 +285,6 @@ class Request:
     fingerprints: bool = True
     #: at most this many of the batch's files processing at once (None: no limit)
     concurrency: int | None = None
-    #: a Celery task to run once every file of the batch is terminal
-    on_complete: str | None = None
 
     def batch(self) -> BatchSpec:
         """The batch row this submit opens (or adds to)."""
@@ -295,7 +293,6 @@ class Request:
             task_name=self.task_name,
             submitted_by=submitter(),
             concurrency=self.concurrency,
-            on_complete=self.on_complete,
         )
 
 
@@ -327,9 +324,7 @@ def submit_request(
         )
     if request.pattern:
         sources.append(from_glob(request.pattern))
-    for kind, name in (("batch", request.batch_id), ("task", request.on_complete)):
-        if name is not None:
-            check_name(kind, name)
+    check_name("batch", request.batch_id)
     # The batch row first, with its settings: a file registered into it is never claimed
     # before its limit is known.
     store.open_batch(request.batch())

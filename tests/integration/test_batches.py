@@ -32,18 +32,13 @@ def claim(store: PostgresStore, url: str, worker: str = "w:1") -> Claim | Refusa
 
 
 def test_submit__writes_the_batch_row_and_status_reads_it(pg_store: PostgresStore) -> None:
-    files = submit(pg_store, "b", 5, concurrency=3, on_complete="report")
+    files = submit(pg_store, "b", 5, concurrency=3)
     first = claim(pg_store, files[0])
     assert isinstance(first, Claim)
     pg_store.complete(files[0], first.token, Stats(1, 0, 1))
     batch = pg_store.batch("b")
     assert batch is not None
-    assert (batch.file_count, batch.state, batch.concurrency, batch.on_complete) == (
-        5,
-        BatchState.OPEN,
-        3,
-        "report",
-    )
+    assert (batch.file_count, batch.state, batch.concurrency) == (5, BatchState.OPEN, 3)
     assert (batch.task_name, batch.submitted_by) == ("t", "me@here")
     assert batch.counts == {Status.PENDING: 4, Status.COMPLETED: 1}
     assert batch.completed_last_minute == 1
@@ -67,13 +62,13 @@ def test_submit__more_files_under_the_same_name_add_to_its_count(pg_store: Postg
 
 def test_submit__the_producer_opens_the_batch_with_its_settings(pg_store: PostgresStore) -> None:
     request = producer.Request(
-        batch_id="p", arguments=("file:///x/1", "file:///x/2"), concurrency=2, on_complete="cb"
+        batch_id="p", arguments=("file:///x/1", "file:///x/2"), concurrency=2
     )
     sent: list[str] = []
     producer.submit_request(pg_store, request, lambda task, url: sent.append(url))
     batch = pg_store.batch("p")
     assert batch is not None
-    assert (batch.file_count, batch.concurrency, batch.on_complete) == (2, 2, "cb")
+    assert (batch.file_count, batch.concurrency) == (2, 2)
     assert batch.submitted_by
     assert "@" in batch.submitted_by
     assert len(sent) == 2

@@ -17,7 +17,6 @@ class BatchRows(Connections):
                 "task_name": spec.task_name,
                 "submitted_by": spec.submitted_by,
                 "concurrency": spec.concurrency,
-                "on_complete": spec.on_complete,
             },
         )
         return BatchState(row.state)
@@ -56,8 +55,6 @@ def read(store: Connections, name: str) -> Batch | None:
         file_count=int(r.file_count),
         state=BatchState(r.state),
         concurrency=r.concurrency,
-        on_complete=r.on_complete,
-        callbacks=int(r.callbacks),
         counts={Status(s): int(n) for s, n in (r.counts or {}).items()},
         oldest_waiting_age=None if waiting is None else max(waiting.total_seconds(), 0.0),
         completed_last_minute=int(r.completed_last_minute),

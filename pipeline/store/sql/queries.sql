@@ -403,13 +403,12 @@ SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
 -- batch_open --
 -- A submit's batch: created, or its settings updated when it exists (a later submit under the
 -- same name adds files to it). Its state as it is now.
-INSERT INTO pipeline_batches AS b (name, task_name, submitted_by, concurrency, on_complete)
-VALUES (:name, :task_name, :submitted_by, :concurrency, :on_complete)
+INSERT INTO pipeline_batches AS b (name, task_name, submitted_by, concurrency)
+VALUES (:name, :task_name, :submitted_by, :concurrency)
 ON CONFLICT (name) DO UPDATE
    SET task_name = coalesce(excluded.task_name, b.task_name),
        submitted_by = coalesce(excluded.submitted_by, b.submitted_by),
-       concurrency = coalesce(excluded.concurrency, b.concurrency),
-       on_complete = coalesce(excluded.on_complete, b.on_complete), updated_at = now()
+       concurrency = coalesce(excluded.concurrency, b.concurrency), updated_at = now()
 RETURNING b.state
 
 -- batch_cancel --
@@ -443,7 +442,6 @@ SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
 -- files by status (the (batch_id, status) index), its oldest waiting file (the pending index)
 -- and what it completed in the last minute (the completions index). No row: no such batch.
 SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state, b.concurrency,
-       b.on_complete, b.callbacks,
        (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
           FROM (SELECT c.status, count(*) AS n FROM file_checkpoints c
                  WHERE c.batch_id = b.name GROUP BY c.status) s) AS counts,

@@ -24,7 +24,8 @@ CREATE TABLE pipeline_batches (
                   CHECK (state IN ('open', 'done', 'cancelled', 'paused')),
     -- at most this many of its files processing at once (NULL: no limit)
     concurrency   integer CHECK (concurrency > 0),
-    -- the Celery task run once every file is terminal (NULL: none)
+    -- the Celery task to run once every file is terminal (NULL: none). Reserved for the
+    -- completion callback (issue 22, not built yet): nothing reads or writes these three yet
     on_complete   text,
     -- callbacks created so far (the next is `batch:NAME#<callbacks + 1>`), and the file count
     -- the last one covered: a batch that grows after its callback fires again, once
