@@ -394,6 +394,8 @@ class BatchSpec:
     submitted_by: str | None = None
     #: at most this many of its files processing at once (None: no limit)
     concurrency: int | None = None
+    #: the Celery task run once every file is terminal (None: none)
+    on_complete: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -407,6 +409,9 @@ class Batch:
     file_count: int
     state: BatchState
     concurrency: int | None
+    on_complete: str | None
+    #: completion callbacks created so far (`batch:NAME#1`, `#2` when it grew after the first)
+    callbacks: int
     counts: Mapping[Status, int]
     #: seconds the oldest pending file has waited since its submit (None: none pending)
     oldest_waiting_age: float | None

@@ -237,6 +237,8 @@ def batch_json(batch: Batch) -> dict[str, Any]:
         "file_count": batch.file_count,
         "state": str(batch.state),
         "concurrency": batch.concurrency,
+        "on_complete": batch.on_complete,
+        "callbacks": batch.callbacks,
         "counts": {str(s): batch.counts.get(s, 0) for s in Status},
         "oldest_waiting_seconds": batch.oldest_waiting_age,
         "files_per_second": batch.rate,
@@ -251,6 +253,8 @@ def batch_line(batch: Batch) -> str:
         parts.append(f"by {batch.submitted_by}")
     if batch.concurrency:
         parts.append(f"at most {batch.concurrency} running")
+    if batch.on_complete:
+        parts.append(f"on complete {batch.on_complete} (fired {batch.callbacks})")
     if batch.oldest_waiting_age is not None:
         parts.append(f"oldest waiting {batch.oldest_waiting_age:.0f}s")
     if batch.eta_seconds:

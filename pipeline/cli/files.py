@@ -52,6 +52,12 @@ from pipeline.worker import sweep
     default=None,
     help="at most N files of this batch processing at once",
 )
+@click.option(
+    "--on-complete",
+    "on_complete",
+    callback=name_check("task"),
+    help="a Celery task to run once, when every file of the batch is completed or dead",
+)
 def submit(
     urls: tuple[str, ...],
     from_file: str | None,
@@ -65,6 +71,7 @@ def submit(
     timeout: float | None,
     no_fingerprint: bool,
     concurrency: int | None,
+    on_complete: str | None,
 ) -> None:
     """Register files and enqueue one task per file that is not already done.
 
@@ -84,6 +91,7 @@ def submit(
         force=force,
         fingerprints=not no_fingerprint,
         concurrency=concurrency,
+        on_complete=on_complete,
     )
     # One handler from the first line read to the last poll: a signal is noted wherever it
     # lands, the submit's bar and the follow's bar included (pipeline.interrupts says why).

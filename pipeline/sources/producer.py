@@ -285,6 +285,8 @@ class Request:
     fingerprints: bool = True
     #: at most this many of the batch's files processing at once (None: no limit)
     concurrency: int | None = None
+    #: a Celery task to run once every file of the batch is terminal (completed or dead)
+    on_complete: str | None = None
 
     def batch(self) -> BatchSpec:
         """The batch row this submit opens (or adds to)."""
@@ -293,6 +295,7 @@ class Request:
             task_name=self.task_name,
             submitted_by=submitter(),
             concurrency=self.concurrency,
+            on_complete=self.on_complete,
         )
 
 
@@ -324,7 +327,9 @@ def submit_request(
         )
     if request.pattern:
         sources.append(from_glob(request.pattern))
-    check_name("batch", request.batch_id)
+    for kind, name in (("batch", request.batch_id), ("task", request.on_complete)):
+        if name is not None:
+            check_name(kind, name)
     # The batch row first, with its settings: a file registered into it is never claimed
     # before its limit is known.
     store.open_batch(request.batch())

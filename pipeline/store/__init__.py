@@ -239,6 +239,12 @@ class Batches(Protocol):
         """One batch: its row, counts, oldest waiting file and pace, in one read."""
         ...
 
+    def callback_summary(self, file_url: str) -> dict[str, Any] | None:
+        """The summary a completion callback (`batch:NAME#N`) runs with: the batch, the
+        callback's number, its file count, its files by status and its dead files with their
+        errors, as they were when it settled; None when `file_url` is no callback."""
+        ...
+
 
 class Presence(Protocol):
     """A worker's heartbeat, written by its sweep thread, which the metrics count."""

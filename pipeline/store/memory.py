@@ -136,6 +136,7 @@ class MemoryStore:
                     spec.task_name or old.task_name,
                     spec.submitted_by or old.submitted_by,
                     spec.concurrency or old.concurrency,
+                    spec.on_complete or old.on_complete,
                 )
             self.batches[spec.name] = spec
         return BatchState.OPEN

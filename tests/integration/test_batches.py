@@ -19,9 +19,18 @@ def urls(n: int, batch: str = "b") -> list[str]:
     return [f"file:///data/{batch}/{i:03}.jsonl" for i in range(n)]
 
 
-def submit(store: PostgresStore, name: str, n: int, **spec: object) -> list[str]:
+def submit(
+    store: PostgresStore,
+    name: str,
+    n: int,
+    *,
+    concurrency: int | None = None,
+    on_complete: str | None = None,
+) -> list[str]:
     """What `pipeline submit` does to the store: open the batch, register its files."""
-    store.open_batch(BatchSpec(name, task_name="t", submitted_by="me@here", **spec))  # type: ignore[arg-type]
+    store.open_batch(
+        BatchSpec(name, "t", "me@here", concurrency=concurrency, on_complete=on_complete)
+    )
     files = urls(n, name)
     store.register(files, batch_id=name, task_name="t")
     return files
@@ -214,3 +223,78 @@ def test_concurrency__concurrent_claims_never_exceed_the_limit(pg_store: Postgre
     assert sum(isinstance(r, Claim) for r in results) == 3
     assert all(r.reason is Reason.LIMITED for r in results if isinstance(r, Refusal))
     assert pg_store.batch("b").counts[Status.PROCESSING] == 3  # type: ignore[union-attr]
+
+
+def finish(store: PostgresStore, url: str, *, dead: bool = False) -> None:
+    c = claim(store, url)
+    assert isinstance(c, Claim), c
+    if dead:
+        store.fail(url, c.token, "bad row 7", retryable=False)
+    else:
+        store.complete(url, c.token, Stats(1, 0, 1))
+
+
+def test_callback__created_once_when_every_file_is_terminal_with_the_summary(
+    pg_store: PostgresStore,
+) -> None:
+    files = submit(pg_store, "b", 3, on_complete="report")
+    finish(pg_store, files[0])
+    finish(pg_store, files[1])
+    assert pg_store.reap(waiting_seconds=None) == []  # one file still pending: not yet
+    finish(pg_store, files[2], dead=True)  # the last file ends dead: it fires all the same
+    work = pg_store.reap(waiting_seconds=None)
+    assert [(w.file_url, w.task_name, w.status) for w in work] == [
+        ("batch:b#1", "report", Status.PENDING)
+    ]
+    assert pg_store.reap(waiting_seconds=None) == []  # settled: never a second one
+    batch = pg_store.batch("b")
+    assert batch is not None
+    assert (batch.state, batch.callbacks) == (BatchState.DONE, 1)
+    summary = pg_store.callback_summary("batch:b#1")
+    assert summary is not None
+    assert summary["batch"] == "b"
+    assert summary["counts"] == {"completed": 2, "dead": 1}
+    assert [(d["file_url"], d["error"]) for d in summary["dead"]] == [(files[2], "bad row 7")]
+    assert pg_store.callback_summary(files[0]) is None
+    # The callback is claimed and fenced like a file: once completed, a copy is refused done.
+    finish(pg_store, "batch:b#1")
+    again = claim(pg_store, "batch:b#1")
+    assert isinstance(again, Refusal)
+    assert again.reason is Reason.DONE
+
+
+def test_callback__a_batch_that_grows_after_completing_fires_again_once(
+    pg_store: PostgresStore,
+) -> None:
+    (first,) = submit(pg_store, "b", 1, on_complete="report")
+    finish(pg_store, first)
+    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#1"]
+    pg_store.register(["file:///data/b/later"], batch_id="b", task_name="t")
+    assert pg_store.batch("b").state is BatchState.OPEN  # type: ignore[union-attr]
+    assert pg_store.reap(waiting_seconds=None) == []
+    finish(pg_store, "file:///data/b/later")
+    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#2"]
+    assert pg_store.reap(waiting_seconds=None) == []
+    summary = pg_store.callback_summary("batch:b#2")
+    assert summary is not None
+    assert (summary["files"], summary["counts"]) == (2, {"completed": 2})
+
+
+def test_callback__a_requeue_that_ends_as_before_does_not_fire_again(
+    pg_store: PostgresStore,
+) -> None:
+    (url,) = submit(pg_store, "b", 1, on_complete="report")
+    finish(pg_store, url, dead=True)
+    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#1"]
+    pg_store.requeue(batch_id="b")
+    assert pg_store.batch("b").state is BatchState.OPEN  # type: ignore[union-attr]
+    finish(pg_store, url)
+    assert pg_store.reap(waiting_seconds=None) == []
+    assert pg_store.batch("b").state is BatchState.DONE  # type: ignore[union-attr]
+
+
+def test_callback__a_batch_without_one_is_only_marked_done(pg_store: PostgresStore) -> None:
+    (url,) = submit(pg_store, "b", 1)
+    finish(pg_store, url)
+    assert pg_store.reap(waiting_seconds=None) == []
+    assert pg_store.batch("b").state is BatchState.DONE  # type: ignore[union-attr]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.models import Batch, BatchSpec, BatchState, Status, Work
 from pipeline.store.postgres.connection import Connections
 
@@ -17,6 +19,7 @@ class BatchRows(Connections):
                 "task_name": spec.task_name,
                 "submitted_by": spec.submitted_by,
                 "concurrency": spec.concurrency,
+                "on_complete": spec.on_complete,
             },
         )
         return BatchState(row.state)
@@ -39,6 +42,10 @@ class BatchRows(Connections):
     def batch(self, name: str) -> Batch | None:
         return read(self, name)
 
+    def callback_summary(self, file_url: str) -> dict[str, Any] | None:
+        rows = self._fast("callback_summary", {"file_url": file_url})
+        return dict(rows[0].details) if rows and rows[0].details is not None else None
+
 
 def read(store: Connections, name: str) -> Batch | None:
     """One batch, in one read (the `batch` query)."""
@@ -55,6 +62,8 @@ def read(store: Connections, name: str) -> Batch | None:
         file_count=int(r.file_count),
         state=BatchState(r.state),
         concurrency=r.concurrency,
+        on_complete=r.on_complete,
+        callbacks=int(r.callbacks),
         counts={Status(s): int(n) for s, n in (r.counts or {}).items()},
         oldest_waiting_age=None if waiting is None else max(waiting.total_seconds(), 0.0),
         completed_last_minute=int(r.completed_last_minute),

@@ -148,8 +148,11 @@ WITH fresh AS (
        AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
     RETURNING file_url, task_name, status, batch_id
 ), reopened AS (
+    -- their batches have files to run again: open (a done one settles again once they end,
+    -- firing its callback only if files were added since the last)
     UPDATE pipeline_batches b SET state = 'open', updated_at = now()
-     WHERE b.state = 'cancelled' AND b.name IN (SELECT r.batch_id FROM resumed r)
+     WHERE b.state IN ('cancelled', 'done')
+       AND b.name IN (SELECT r.batch_id FROM resumed r UNION SELECT f.batch_id FROM fresh f)
 )
 SELECT file_url, task_name, status FROM fresh
 UNION ALL
@@ -403,12 +406,13 @@ SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
 -- batch_open --
 -- A submit's batch: created, or its settings updated when it exists (a later submit under the
 -- same name adds files to it). Its state as it is now.
-INSERT INTO pipeline_batches AS b (name, task_name, submitted_by, concurrency)
-VALUES (:name, :task_name, :submitted_by, :concurrency)
+INSERT INTO pipeline_batches AS b (name, task_name, submitted_by, concurrency, on_complete)
+VALUES (:name, :task_name, :submitted_by, :concurrency, :on_complete)
 ON CONFLICT (name) DO UPDATE
    SET task_name = coalesce(excluded.task_name, b.task_name),
        submitted_by = coalesce(excluded.submitted_by, b.submitted_by),
-       concurrency = coalesce(excluded.concurrency, b.concurrency), updated_at = now()
+       concurrency = coalesce(excluded.concurrency, b.concurrency),
+       on_complete = coalesce(excluded.on_complete, b.on_complete), updated_at = now()
 RETURNING b.state
 
 -- batch_cancel --
@@ -442,6 +446,7 @@ SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
 -- files by status (the (batch_id, status) index), its oldest waiting file (the pending index)
 -- and what it completed in the last minute (the completions index). No row: no such batch.
 SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state, b.concurrency,
+       b.on_complete, b.callbacks,
        (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
           FROM (SELECT c.status, count(*) AS n FROM file_checkpoints c
                  WHERE c.batch_id = b.name GROUP BY c.status) s) AS counts,
@@ -453,3 +458,9 @@ SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state,
        now() AS db_now
   FROM pipeline_batches b
  WHERE b.name = :name
+
+-- callback_summary --
+-- The batch summary a completion callback row carries (written when the batch settled); no row
+-- when the URL is not a callback's.
+SELECT details FROM file_checkpoints
+ WHERE file_url = :file_url AND file_type = 'batch-callback'

@@ -135,6 +135,58 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_batch_settle_v1(p_name text) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    b       pipeline_batches%ROWTYPE;
+    v_url   text;
+    v_now   timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO b FROM pipeline_batches pb WHERE pb.name = p_name AND pb.state = 'open'
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Read after the lock: a file that ended since is seen; one still running keeps it open
+    -- (its completion commits later, and a later sweep settles).
+    IF EXISTS (SELECT 1 FROM file_checkpoints c
+                WHERE c.batch_id = p_name
+                  AND c.status IN ('pending', 'processing', 'failed', 'cancelled')) THEN
+        RETURN;
+    END IF;
+    UPDATE pipeline_batches pb
+       SET state = 'done', settled_count = b.file_count,
+           callbacks = b.callbacks
+               + CASE WHEN b.on_complete IS NOT NULL AND b.settled_count < b.file_count
+                      THEN 1 ELSE 0 END,
+           updated_at = v_now
+     WHERE pb.name = p_name;
+    IF b.on_complete IS NULL OR b.settled_count >= b.file_count THEN
+        RETURN;  -- nothing new since the last callback (a requeue that ended as before)
+    END IF;
+    v_url := format('batch:%s#%s', p_name, b.callbacks + 1);
+    INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
+                                       details, updated_at)
+    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete,
+        jsonb_build_object(
+            'batch', p_name, 'callback', b.callbacks + 1, 'files', b.file_count,
+            'counts', (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
+                         FROM (SELECT c2.status, count(*) AS n FROM file_checkpoints c2
+                                WHERE c2.batch_id = p_name GROUP BY c2.status) s),
+            'dead', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                               'file_url', d.file_url, 'error', d.error_message,
+                               'attempts', d.attempt) ORDER BY d.updated_at), '[]'::jsonb)
+                       FROM (SELECT c3.file_url, c3.error_message, c3.attempt, c3.updated_at
+                               FROM file_checkpoints c3
+                              WHERE c3.batch_id = p_name AND c3.status = 'dead'
+                              ORDER BY c3.updated_at LIMIT 1000) d)),
+        v_now)
+    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+    RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_claim_v1(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
     LANGUAGE sql
     AS $$
@@ -618,6 +670,14 @@ BEGIN
       FROM waiting w
      WHERE c.file_url = w.file_url
     RETURNING c.file_url, c.task_name, c.status;
+
+    RETURN QUERY
+    SELECT st.* FROM pipeline_batches b
+         CROSS JOIN LATERAL pipeline_batch_settle_v1(b.name) st
+     WHERE b.state = 'open'
+       AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                        WHERE c.batch_id = b.name
+                          AND c.status IN ('pending', 'processing', 'failed', 'cancelled'));
 END;
 $$;
 

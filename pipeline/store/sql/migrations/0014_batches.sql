@@ -24,8 +24,7 @@ CREATE TABLE pipeline_batches (
                   CHECK (state IN ('open', 'done', 'cancelled', 'paused')),
     -- at most this many of its files processing at once (NULL: no limit)
     concurrency   integer CHECK (concurrency > 0),
-    -- the Celery task to run once every file is terminal (NULL: none). Reserved for the
-    -- completion callback (issue 22, not built yet): nothing reads or writes these three yet
+    -- the Celery task run once every file is terminal (NULL: none)
     on_complete   text,
     -- callbacks created so far (the next is `batch:NAME#<callbacks + 1>`), and the file count
     -- the last one covered: a batch that grows after its callback fires again, once
@@ -294,9 +293,70 @@ BEGIN
 END;
 $$;
 
+-- Settle a batch whose files are all terminal (completed or dead): it is `done`, and when it
+-- has an `on_complete` task, its callback is created as a row of its own, `batch:NAME#N`,
+-- pending, with the batch's summary in its details: from there it is claimed, leased, retried
+-- and fenced like any file (its message sent by the caller, or re-sent by the sweep if lost).
+-- Exactly once per growth of the batch: under the batch row's lock, only when files were
+-- added since the last callback (`settled_count < file_count`). A batch row another session
+-- holds (a submit adding files) is skipped: the next sweep settles it. The callback row, or
+-- no row.
+CREATE FUNCTION pipeline_batch_settle_v1(p_name text)
+RETURNS TABLE (file_url text, task_name text, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b       pipeline_batches%ROWTYPE;
+    v_url   text;
+    v_now   timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO b FROM pipeline_batches pb WHERE pb.name = p_name AND pb.state = 'open'
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Read after the lock: a file that ended since is seen; one still running keeps it open
+    -- (its completion commits later, and a later sweep settles).
+    IF EXISTS (SELECT 1 FROM file_checkpoints c
+                WHERE c.batch_id = p_name
+                  AND c.status IN ('pending', 'processing', 'failed', 'cancelled')) THEN
+        RETURN;
+    END IF;
+    UPDATE pipeline_batches pb
+       SET state = 'done', settled_count = b.file_count,
+           callbacks = b.callbacks
+               + CASE WHEN b.on_complete IS NOT NULL AND b.settled_count < b.file_count
+                      THEN 1 ELSE 0 END,
+           updated_at = v_now
+     WHERE pb.name = p_name;
+    IF b.on_complete IS NULL OR b.settled_count >= b.file_count THEN
+        RETURN;  -- nothing new since the last callback (a requeue that ended as before)
+    END IF;
+    v_url := format('batch:%s#%s', p_name, b.callbacks + 1);
+    INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
+                                       details, updated_at)
+    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete,
+        jsonb_build_object(
+            'batch', p_name, 'callback', b.callbacks + 1, 'files', b.file_count,
+            'counts', (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
+                         FROM (SELECT c2.status, count(*) AS n FROM file_checkpoints c2
+                                WHERE c2.batch_id = p_name GROUP BY c2.status) s),
+            'dead', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                               'file_url', d.file_url, 'error', d.error_message,
+                               'attempts', d.attempt) ORDER BY d.updated_at), '[]'::jsonb)
+                       FROM (SELECT c3.file_url, c3.error_message, c3.attempt, c3.updated_at
+                               FROM file_checkpoints c3
+                              WHERE c3.batch_id = p_name AND c3.status = 'dead'
+                              ORDER BY c3.updated_at LIMIT 1000) d)),
+        v_now)
+    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+    RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
+END;
+$$;
+
 -- The sweep: as v4, except that it hands out no file of a paused or cancelled batch (an
 -- expired claim there still moves on, to `cancelled` in a cancelled batch; `resume` and
--- `requeue` enqueue them again).
+-- `requeue` enqueue them again); and it settles the open batches whose files are all
+-- terminal (their callbacks come back with the rest, to be sent).
 CREATE FUNCTION pipeline_reap_v5(
     p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision
 ) RETURNS TABLE (file_url text, task_name text, status text)
@@ -372,6 +432,14 @@ BEGIN
       FROM waiting w
      WHERE c.file_url = w.file_url
     RETURNING c.file_url, c.task_name, c.status;
+
+    RETURN QUERY
+    SELECT st.* FROM pipeline_batches b
+         CROSS JOIN LATERAL pipeline_batch_settle_v1(b.name) st
+     WHERE b.state = 'open'
+       AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                        WHERE c.batch_id = b.name
+                          AND c.status IN ('pending', 'processing', 'failed', 'cancelled'));
 END;
 $$;
 
