@@ -462,5 +462,4 @@ SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state,
 -- callback_summary --
 -- The batch summary a completion callback row carries (written when the batch settled); no row
 -- when the URL is not a callback's.
-SELECT details FROM file_checkpoints
- WHERE file_url = :file_url AND file_type = 'batch-callback'
+SELECT summary AS details FROM pipeline_batch_callbacks WHERE file_url = :file_url

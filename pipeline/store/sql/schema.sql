@@ -167,8 +167,11 @@ BEGIN
     END IF;
     v_url := format('batch:%s#%s', p_name, b.callbacks + 1);
     INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
-                                       details, updated_at)
-    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete,
+                                       updated_at)
+    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete, v_now)
+    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+    INSERT INTO pipeline_batch_callbacks (file_url, batch, callback, summary)
+    VALUES (v_url, p_name, b.callbacks + 1,
         jsonb_build_object(
             'batch', p_name, 'callback', b.callbacks + 1, 'files', b.file_count,
             'counts', (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
@@ -180,9 +183,8 @@ BEGIN
                        FROM (SELECT c3.file_url, c3.error_message, c3.attempt, c3.updated_at
                                FROM file_checkpoints c3
                               WHERE c3.batch_id = p_name AND c3.status = 'dead'
-                              ORDER BY c3.updated_at LIMIT 1000) d)),
-        v_now)
-    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+                              ORDER BY c3.updated_at LIMIT 1000) d)))
+    ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
 END;
 $$;
@@ -780,6 +782,14 @@ UNION ALL
            FROM public.file_attempts a
           WHERE (a.token = c.token)))));
 
+CREATE TABLE public.pipeline_batch_callbacks (
+    file_url text NOT NULL,
+    batch text NOT NULL,
+    callback integer NOT NULL,
+    summary jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
 CREATE TABLE public.pipeline_batches (
     name text NOT NULL,
     task_name text,
@@ -819,6 +829,9 @@ ALTER TABLE ONLY public.file_attempts
 ALTER TABLE ONLY public.file_checkpoints
     ADD CONSTRAINT file_checkpoints_pkey PRIMARY KEY (file_url);
 
+ALTER TABLE ONLY public.pipeline_batch_callbacks
+    ADD CONSTRAINT pipeline_batch_callbacks_pkey PRIMARY KEY (file_url);
+
 ALTER TABLE ONLY public.pipeline_batches
     ADD CONSTRAINT pipeline_batches_pkey PRIMARY KEY (name);
 
@@ -847,3 +860,6 @@ CREATE INDEX file_checkpoints_waiting_idx ON public.file_checkpoints USING btree
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.pipeline_batch_callbacks
+    ADD CONSTRAINT pipeline_batch_callbacks_batch_fkey FOREIGN KEY (batch) REFERENCES public.pipeline_batches(name) ON DELETE CASCADE;

@@ -33,6 +33,16 @@ CREATE TABLE pipeline_batches (
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Each completion callback created: its row's URL (`batch:NAME#N`), and the batch's summary
+-- as it was when it settled, which the callback task reads (pipeline.batch_summary).
+CREATE TABLE pipeline_batch_callbacks (
+    file_url   text PRIMARY KEY,
+    batch      text NOT NULL REFERENCES pipeline_batches (name) ON DELETE CASCADE,
+    callback   integer NOT NULL,
+    summary    jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- The batches that existed before this migration, from their files.
 INSERT INTO pipeline_batches (name, task_name, created_at, file_count, state)
 SELECT batch_id, min(task_name), min(created_at), count(*),
@@ -295,7 +305,7 @@ $$;
 
 -- Settle a batch whose files are all terminal (completed or dead): it is `done`, and when it
 -- has an `on_complete` task, its callback is created as a row of its own, `batch:NAME#N`,
--- pending, with the batch's summary in its details: from there it is claimed, leased, retried
+-- pending, its summary kept beside it (pipeline_batch_callbacks): from there it is claimed, leased, retried
 -- and fenced like any file (its message sent by the caller, or re-sent by the sweep if lost).
 -- Exactly once per growth of the batch: under the batch row's lock, only when files were
 -- added since the last callback (`settled_count < file_count`). A batch row another session
@@ -333,8 +343,11 @@ BEGIN
     END IF;
     v_url := format('batch:%s#%s', p_name, b.callbacks + 1);
     INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
-                                       details, updated_at)
-    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete,
+                                       updated_at)
+    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete, v_now)
+    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+    INSERT INTO pipeline_batch_callbacks (file_url, batch, callback, summary)
+    VALUES (v_url, p_name, b.callbacks + 1,
         jsonb_build_object(
             'batch', p_name, 'callback', b.callbacks + 1, 'files', b.file_count,
             'counts', (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
@@ -346,9 +359,8 @@ BEGIN
                        FROM (SELECT c3.file_url, c3.error_message, c3.attempt, c3.updated_at
                                FROM file_checkpoints c3
                               WHERE c3.batch_id = p_name AND c3.status = 'dead'
-                              ORDER BY c3.updated_at LIMIT 1000) d)),
-        v_now)
-    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+                              ORDER BY c3.updated_at LIMIT 1000) d)))
+    ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
 END;
 $$;
