@@ -121,7 +121,9 @@ def submit(
                 )
                 raise SystemExit(interrupts.exit_status) from None
             display.print_overview(overview, request.batch_id)
-            if overview.totals()[Status.DEAD] or display.unfinished(overview):
+            totals = overview.totals()
+            # A cancelled file did not complete either (its batch was cancelled meanwhile).
+            if totals[Status.DEAD] or totals[Status.CANCELLED] or display.unfinished(overview):
                 status = EXIT_FAILED
         raise SystemExit(status)
 
