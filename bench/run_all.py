@@ -33,6 +33,11 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ),
     ("ingest_s3", "bench_ingest_s3.py", ["--records", "50000", "--rounds", "1"]),
     ("resume", "bench_resume.py", ["--lines", "300000", "--rounds", "1"]),
+    (
+        "batches",
+        "bench_batches.py",
+        ["--seconds", "2", "--rounds", "1", "--files", "100000", "--calls", "5"],
+    ),
 ]
 
 

@@ -16,6 +16,7 @@ from pipeline.store import Store, open_store
 if TYPE_CHECKING:
     from celery import Celery
 
+    from pipeline.worker.callbacks import batch_summary as batch_summary
     from pipeline.worker.decorator import checkpointed as checkpointed
 
     app: Celery
@@ -26,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from pipeline.worker.celery_app import app
 
         return app
+    if name == "batch_summary":
+        from pipeline.worker.callbacks import batch_summary
+
+        return batch_summary
     if name == "checkpointed":
         from pipeline.worker.decorator import checkpointed
 
@@ -46,6 +51,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "app",
+    "batch_summary",
     "checkpointed",
     "open_store",
 ]

@@ -59,6 +59,10 @@ class FileDead(PipelineError):
     """The file is dead: its attempts are used up or its error is not retryable."""
 
 
+class BatchCancelled(PipelineError):
+    """The file's batch was cancelled: the file stopped at its last committed chunk."""
+
+
 class FileBusy(PipelineError):
     """Another live execution holds the file's claim."""
 

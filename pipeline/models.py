@@ -17,6 +17,8 @@ class Status(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     DEAD = "dead"
+    #: a file of a cancelled batch, stopped where it got to; `requeue` brings it back
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
@@ -31,6 +33,12 @@ class Reason(enum.StrEnum):
     #: a failed file whose backoff is not over yet (`retry_in` says how long it still runs)
     NOT_DUE = "not_due"
     DEAD = "dead"
+    #: its batch was cancelled: the file is `cancelled` until requeued
+    CANCELLED = "cancelled"
+    #: its batch is paused: held, no attempt spent; `resume` enqueues it again
+    PAUSED = "paused"
+    #: its batch has as many files running as its limit allows: not now (`retry_in`)
+    LIMITED = "limited"
 
 
 class Outcome(enum.StrEnum):
@@ -40,6 +48,8 @@ class Outcome(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     LOST = "lost"
+    #: stopped at a chunk because its batch was cancelled (no attempt spent)
+    CANCELLED = "cancelled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -284,6 +294,8 @@ class Overview:
     running: tuple[RunningFile, ...] = ()
     #: records committed so far by files still running (their chunks)
     records_in_flight: int = 0
+    #: the batch asked for (`status --batch`), when it has a row
+    batch: Batch | None = None
 
     def totals(self) -> dict[Status, int]:
         result = dict.fromkeys(Status, 0)
@@ -362,3 +374,63 @@ class Operations:
     workers_live: int
     #: seconds since the latest heartbeat of any worker (None: no worker ever seen)
     worker_heartbeat_age: float | None
+
+
+class BatchState(enum.StrEnum):
+    """A batch's state; the values match the database's check constraint."""
+
+    OPEN = "open"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """What a submit says about its batch besides its files."""
+
+    name: str
+    task_name: str | None = None
+    submitted_by: str | None = None
+    #: at most this many of its files processing at once (None: no limit)
+    concurrency: int | None = None
+    #: the Celery task run once every file is terminal (None: none)
+    on_complete: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch as `status --batch` shows it: its row, its files by status and its pace."""
+
+    name: str
+    task_name: str | None
+    created_at: dt.datetime
+    submitted_by: str | None
+    file_count: int
+    state: BatchState
+    concurrency: int | None
+    on_complete: str | None
+    #: completion callbacks created so far (`batch:NAME#1`, `#2` when it grew after the first)
+    callbacks: int
+    counts: Mapping[Status, int]
+    #: seconds the oldest pending file has waited since its submit (None: none pending)
+    oldest_waiting_age: float | None
+    completed_last_minute: int
+
+    @property
+    def remaining(self) -> int:
+        """Files not yet terminal, the cancelled ones included (a requeue brings them back)."""
+        return sum(n for status, n in self.counts.items() if not status.terminal)
+
+    @property
+    def rate(self) -> float | None:
+        """Files completed per second over the last minute (None: none)."""
+        return self.completed_last_minute / 60.0 if self.completed_last_minute else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until every file is terminal at the last minute's rate (None: no rate)."""
+        if self.remaining == 0:
+            return 0.0
+        rate = self.rate
+        return None if rate is None else self.remaining / rate

@@ -83,7 +83,10 @@ def database_url() -> Iterator[str]:
 def pg_store(database_url: str) -> Iterator[PostgresStore]:
     """A store on an empty checkpoint table."""
     store = pipeline.open_store(database_url)
-    store.execute_script("TRUNCATE file_checkpoints, file_attempts, pipeline_workers CASCADE")
+    store.execute_script(
+        "TRUNCATE file_checkpoints, file_attempts, pipeline_workers, pipeline_batches,"
+        " pipeline_batch_callbacks CASCADE"
+    )
     yield store
     store.close()
 

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from pipeline import masking
 from pipeline.interrupts import Interrupts
-from pipeline.models import Overview, Status
+from pipeline.models import Batch, Overview, Status
 from pipeline.sender import Sender
 from pipeline.sources import producer
 from pipeline.store import Registry, Reports
@@ -210,6 +210,7 @@ def overview_json(overview: Overview) -> dict[str, Any]:
         ],
         "records": overview.records.as_dict() if overview.records else None,
         "records_in_flight": overview.records_in_flight,
+        "batch": None if overview.batch is None else batch_json(overview.batch),
         "running": [
             {
                 "file_url": masking.scrub(r.file_url),
@@ -226,6 +227,41 @@ def overview_json(overview: Overview) -> dict[str, Any]:
     }
 
 
+def batch_json(batch: Batch) -> dict[str, Any]:
+    """A batch's row, counts, oldest waiting file and pace (`status --batch --json`)."""
+    return {
+        "name": batch.name,
+        "task": batch.task_name,
+        "created": batch.created_at.isoformat(),
+        "submitted_by": batch.submitted_by,
+        "file_count": batch.file_count,
+        "state": str(batch.state),
+        "concurrency": batch.concurrency,
+        "on_complete": batch.on_complete,
+        "callbacks": batch.callbacks,
+        "counts": {str(s): batch.counts.get(s, 0) for s in Status},
+        "oldest_waiting_seconds": batch.oldest_waiting_age,
+        "files_per_second": batch.rate,
+        "eta_seconds": batch.eta_seconds,
+    }
+
+
+def batch_line(batch: Batch) -> str:
+    """One line about a batch's row: state, who, limit, callback, oldest waiting, ETA."""
+    parts = [f"state {batch.state}", f"{batch.file_count} files", f"task {batch.task_name}"]
+    if batch.submitted_by:
+        parts.append(f"by {batch.submitted_by}")
+    if batch.concurrency:
+        parts.append(f"at most {batch.concurrency} running")
+    if batch.on_complete:
+        parts.append(f"on complete {batch.on_complete} (fired {batch.callbacks})")
+    if batch.oldest_waiting_age is not None:
+        parts.append(f"oldest waiting {batch.oldest_waiting_age:.0f}s")
+    if batch.eta_seconds:
+        parts.append(f"ETA {batch.eta_seconds:.0f}s")
+    return escape(", ".join(parts))
+
+
 def print_overview(overview: Overview, batch_id: str | None = None) -> None:
     table = Table(title=f"batch {escape(batch_id)}" if batch_id else "all batches")
     table.add_column("batch")
@@ -237,6 +273,8 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
         t = overview.totals()
         table.add_row("[bold]total", *[f"[bold]{t[s]}" for s in Status])
     out.print(table)
+    if overview.batch is not None:
+        out.print(batch_line(overview.batch))
     out.print(throughput_line(overview, batch_id))
     if overview.records is not None:
         r = overview.records

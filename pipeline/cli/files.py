@@ -46,6 +46,18 @@ from pipeline.worker import sweep
 @click.option("--wait", is_flag=True, help="follow the batch until every file is done")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
 @click.option("--no-fingerprint", is_flag=True, help="do not stat local files for change detection")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="at most N files of this batch processing at once",
+)
+@click.option(
+    "--on-complete",
+    "on_complete",
+    callback=name_check("task"),
+    help="a Celery task to run once, when every file of the batch is completed or dead",
+)
 def submit(
     urls: tuple[str, ...],
     from_file: str | None,
@@ -58,6 +70,8 @@ def submit(
     wait: bool,
     timeout: float | None,
     no_fingerprint: bool,
+    concurrency: int | None,
+    on_complete: str | None,
 ) -> None:
     """Register files and enqueue one task per file that is not already done.
 
@@ -76,6 +90,8 @@ def submit(
         max_attempts=max_attempts,
         force=force,
         fingerprints=not no_fingerprint,
+        concurrency=concurrency,
+        on_complete=on_complete,
     )
     # One handler from the first line read to the last poll: a signal is noted wherever it
     # lands, the submit's bar and the follow's bar included (pipeline.interrupts says why).
@@ -105,7 +121,9 @@ def submit(
                 )
                 raise SystemExit(interrupts.exit_status) from None
             display.print_overview(overview, request.batch_id)
-            if overview.totals()[Status.DEAD] or display.unfinished(overview):
+            totals = overview.totals()
+            # A cancelled file did not complete either (its batch was cancelled meanwhile).
+            if totals[Status.DEAD] or totals[Status.CANCELLED] or display.unfinished(overview):
                 status = EXIT_FAILED
         raise SystemExit(status)
 
@@ -173,18 +191,28 @@ def _status_of_file(file_url: str, as_json: bool) -> None:
 @main.command()
 @click.option("--dead", is_flag=True, help="dead files")
 @click.option("--failed", is_flag=True, help="failed files")
+@click.option("--cancelled", is_flag=True, help="cancelled files (resumed where they stopped)")
 @click.option("--url", "file_url", help="one file (normalised like submit)")
 @click.option("--batch", "batch_id", help="only this batch")
 @click.option("--force", is_flag=True, help="completed files too")
 def requeue(
-    dead: bool, failed: bool, file_url: str | None, batch_id: str | None, force: bool
+    dead: bool,
+    failed: bool,
+    cancelled: bool,
+    file_url: str | None,
+    batch_id: str | None,
+    force: bool,
 ) -> None:
-    """Put files back to pending in a new generation of attempts, and enqueue them."""
-    chosen = [s for s, on in ((Status.DEAD, dead), (Status.FAILED, failed)) if on]
+    """Put files back to pending in a new generation of attempts (cancelled ones as they
+    stood, their batch open again), and enqueue them."""
+    flags = ((Status.DEAD, dead), (Status.FAILED, failed), (Status.CANCELLED, cancelled))
+    chosen = [s for s, on in flags if on]
     if force:
         chosen.append(Status.COMPLETED)
     if not chosen and not file_url and not batch_id:
-        raise click.UsageError("say what to requeue: --dead, --failed, --force, --url or --batch")
+        raise click.UsageError(
+            "say what to requeue: --dead, --failed, --cancelled, --force, --url or --batch"
+        )
     with handled():
         url = urls.normalize(file_url) if file_url else None
         with services().sender() as sender:

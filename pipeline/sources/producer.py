@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
-from pipeline.models import Status
+from pipeline.models import BatchSpec, Status
 from pipeline.sources import lines, urls
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Registry
 
@@ -281,6 +283,29 @@ class Request:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     force: bool = False
     fingerprints: bool = True
+    #: at most this many of the batch's files processing at once (None: no limit)
+    concurrency: int | None = None
+    #: a Celery task to run once every file of the batch is terminal (completed or dead)
+    on_complete: str | None = None
+
+    def batch(self) -> BatchSpec:
+        """The batch row this submit opens (or adds to)."""
+        return BatchSpec(
+            self.batch_id,
+            task_name=self.task_name,
+            submitted_by=submitter(),
+            concurrency=self.concurrency,
+            on_complete=self.on_complete,
+        )
+
+
+def submitter() -> str:
+    """Who submits: user@host (for the batch row; `status --batch` shows it)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = "?"
+    return f"{user}@{socket.gethostname()}"
 
 
 def submit_request(
@@ -302,6 +327,12 @@ def submit_request(
         )
     if request.pattern:
         sources.append(from_glob(request.pattern))
+    for kind, name in (("batch", request.batch_id), ("task", request.on_complete)):
+        if name is not None:
+            check_name(kind, name)
+    # The batch row first, with its settings: a file registered into it is never claimed
+    # before its limit is known.
+    store.open_batch(request.batch())
     report = SubmitReport()
     try:
         for source in sources:

@@ -14,6 +14,9 @@ from typing import Any, Protocol
 
 from pipeline import errors, masking, settings
 from pipeline.models import (
+    Batch,
+    BatchSpec,
+    BatchState,
     Checkpoint,
     ClaimResult,
     FailResult,
@@ -114,7 +117,9 @@ class ClaimPath(Protocol):
     ) -> float:
         """Record a chunk: the position it reached (JSON), the object version it was read
         from and the running stats, inside the chunk's output `transaction`, fenced by the
-        token; extends the lease. The seconds left on it; LostClaim when the token is stale."""
+        token; extends the lease. The seconds left on it; 0 when the file's batch was cancelled
+        (the chunk committed, and the file stopped there, `cancelled`); LostClaim when the token
+        is stale."""
         ...
 
     def restart(
@@ -180,6 +185,11 @@ class Registry(Protocol):
         URL, or with `changes_only` only for those this call created or regenerated."""
         ...
 
+    def open_batch(self, spec: BatchSpec) -> BatchState:
+        """Create a submit's batch row, or update its settings when it exists (a later submit
+        under the same name adds files); its state now."""
+        ...
+
     def requeue(
         self,
         file_url: str | None = None,
@@ -187,7 +197,10 @@ class Registry(Protocol):
         batch_id: str | None = None,
         statuses: Sequence[Status] | None = None,
         force: bool = False,
-    ) -> list[Work]: ...
+    ) -> list[Work]:
+        """Dead and failed files (completed with `force`) back to pending in a new generation;
+        cancelled ones back to pending as they stood (their batch open again)."""
+        ...
 
     def reap(
         self,
@@ -200,6 +213,36 @@ class Registry(Protocol):
         `overdue_seconds` (their message lost); with `waiting_seconds`, also the pending rows
         (and failed ones with no retry time) that waited longer than that (None: skip those).
         One sweep at a time: a concurrent call returns nothing."""
+        ...
+
+
+class Batches(Protocol):
+    """What `cancel`, `pause`, `resume` and `status --batch` do to a batch."""
+
+    def cancel_batch(self, name: str) -> int | None:
+        """No claim of the batch's files starts once this returns; its waiting files become
+        `cancelled` (running ones at their next chunk, or they finish). How many were
+        cancelled now; None when there is no such batch."""
+        ...
+
+    def pause_batch(self, name: str) -> BatchState | None:
+        """Hold the batch's claims (refused `paused`, no attempt spent); its state after
+        (unchanged when cancelled); None when there is no such batch."""
+        ...
+
+    def resume_batch(self, name: str) -> list[Work] | None:
+        """Release a paused batch: its waiting files, to enqueue again; None when it was not
+        paused."""
+        ...
+
+    def batch(self, name: str) -> Batch | None:
+        """One batch: its row, counts, oldest waiting file and pace, in one read."""
+        ...
+
+    def callback_summary(self, file_url: str) -> dict[str, Any] | None:
+        """The summary a completion callback (`batch:NAME#N`) runs with: the batch, the
+        callback's number, its file count, its files by status and its dead files with their
+        errors, as they were when it settled; None when `file_url` is no callback."""
         ...
 
 
@@ -256,7 +299,7 @@ class Admin(Protocol):
     def close(self) -> None: ...
 
 
-class Store(ClaimPath, Registry, Presence, Reports, Admin, Protocol):
+class Store(ClaimPath, Registry, Batches, Presence, Reports, Admin, Protocol):
     """The whole store: every role above."""
 
 
@@ -293,11 +336,13 @@ def split_registrations(
 
 
 def requeue_statuses(statuses: Sequence[Status] | None, force: bool) -> list[Status]:
-    """The statuses a requeue may move: dead and failed, and completed only with force."""
-    chosen = list(statuses) if statuses else [Status.DEAD, Status.FAILED]
+    """The statuses a requeue may move: dead, failed and cancelled, and completed only with
+    force."""
+    chosen = list(statuses) if statuses else [Status.DEAD, Status.FAILED, Status.CANCELLED]
     if force and not statuses:
         chosen.append(Status.COMPLETED)
-    return [s for s in chosen if s in (Status.DEAD, Status.FAILED, Status.COMPLETED)]
+    movable = (Status.DEAD, Status.FAILED, Status.COMPLETED, Status.CANCELLED)
+    return [s for s in chosen if s in movable]
 
 
 def resume_tokens(resume: int | Sequence[int] | None) -> list[int] | None:

@@ -14,7 +14,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.models import Change, Checkpoint, Registration, Stats, Status, Work
+from pipeline.models import (
+    BatchSpec,
+    BatchState,
+    Change,
+    Checkpoint,
+    Registration,
+    Stats,
+    Status,
+    Work,
+)
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Registry, requeue_statuses, split_registrations
 
 
@@ -50,6 +59,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
+        #: the batches opened by submit, by name (their settings; states are tested on Postgres)
+        self.batches: dict[str, BatchSpec] = {}
         #: every call made, in order: (method name, what it was given: register's (url,
         #: fingerprint) pairs, requeue's filters, the URL or batch of get and summary)
         self.calls: list[tuple[str, Any]] = []
@@ -114,6 +125,22 @@ class MemoryStore:
             return [r for r in result if r.change is not Change.UNCHANGED]
         return result
 
+    def open_batch(self, spec: BatchSpec) -> BatchState:
+        """Keep the batch's settings (a later submit's settings replace those it gives)."""
+        self.calls.append(("open_batch", spec.name))
+        with self._lock:
+            old = self.batches.get(spec.name)
+            if old is not None:
+                spec = BatchSpec(
+                    spec.name,
+                    spec.task_name or old.task_name,
+                    spec.submitted_by or old.submitted_by,
+                    spec.concurrency or old.concurrency,
+                    spec.on_complete or old.on_complete,
+                )
+            self.batches[spec.name] = spec
+        return BatchState.OPEN
+
     def requeue(
         self,
         file_url: str | None = None,
@@ -136,7 +163,11 @@ class MemoryStore:
                     or (batch_id is not None and row.batch_id != batch_id)
                 ):
                     continue
-                row.new_generation(now)
+                if row.status is Status.CANCELLED:
+                    # As the SQL: back to pending as it stood, same generation.
+                    row.status, row.updated_at = Status.PENDING, now
+                else:
+                    row.new_generation(now)
                 result.append(Work(row.file_url, row.task_name, row.status))
         return result
 

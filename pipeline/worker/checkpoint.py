@@ -114,7 +114,8 @@ class CheckpointContext:
         Set `position` here or on the chunk inside the block (with `stats`, the running
         totals, and optionally `progress_bytes` / `size_bytes`). Fenced like a completion: a
         chunk of a claim that was lost commits nothing and ends the execution. Each commit
-        extends the lease.
+        extends the lease. When the file's batch was cancelled the chunk still commits, and
+        BatchCancelled is raised after it: the file stops there (`requeue` resumes it).
         """
         with self._store.transaction(token=self._claim.token) as output:
             chunk = Chunk(output, position, self.stats)
@@ -123,7 +124,7 @@ class CheckpointContext:
                 raise ValueError("a chunk must say where it got to: set chunk.position")
             if self._lost.is_set():
                 raise errors.LostClaim(url=self.file_url, token=self.token)
-            self._store.commit_chunk(
+            lease_left = self._store.commit_chunk(
                 self.file_url,
                 self.token,
                 chunk.position,
@@ -137,3 +138,10 @@ class CheckpointContext:
         self.position, self.stats = chunk.position, chunk.stats
         if self._on_chunk is not None:
             self._on_chunk(chunk)
+        if lease_left <= 0:
+            # The batch was cancelled: the store stopped the file at this chunk (it is
+            # `cancelled` now, its claim released); the function must not go on.
+            raise errors.BatchCancelled(
+                f"{self.file_url}: its batch was cancelled; stopped after this chunk",
+                url=self.file_url,
+            )

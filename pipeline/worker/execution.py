@@ -19,7 +19,10 @@ What each situation does, and what Flower shows (the README's outcome table):
 - the cap reached or the error permanent: the file is dead (FAILURE, FileDead);
 - its pool process SIGKILLed: the worker's main process releases the claim at once
   (hooks.CheckpointRequest) and the message is redelivered (the next attempt);
-- a zombie whose claim was taken over: its writes are rolled back (SUCCESS, "claim lost").
+- a zombie whose claim was taken over: its writes are rolled back (SUCCESS, "claim lost");
+- its batch cancelled: refused (SUCCESS, "batch cancelled"), or, running, stops after its next
+  chunk commits; paused: refused (SUCCESS, "batch paused"), `resume` enqueues it again; at its
+  batch's concurrency limit: not now (RETRY, no attempt spent).
 """
 
 from __future__ import annotations
@@ -161,6 +164,25 @@ def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
         # Its backoff is not over: an early copy. The retry message (or the sweep, once the
         # retry is overdue) brings the file back when the database says it is due.
         return _skipped(refusal.file_url, "retry not due yet", due_in=round(left, 1))
+    if refusal.reason is Reason.CANCELLED:
+        # Its batch was cancelled: the file is `cancelled`; `requeue` sends it again.
+        return _skipped(refusal.file_url, "batch cancelled")
+    if refusal.reason is Reason.PAUSED:
+        # Held without spending an attempt; `resume` enqueues the batch's waiting files again,
+        # so this message can go (keeping it would spin on the broker for the whole pause).
+        return _skipped(refusal.file_url, "batch paused")
+    if refusal.reason is Reason.LIMITED:
+        # The batch runs as many files as its limit allows: not now, like a backoff (no
+        # attempt); this message comes back when the database says to try again.
+        left = refusal.retry_in or 1.0
+        raise _retry_later(
+            task,
+            errors.FileBusy(
+                f"{refusal.file_url}: its batch is at its concurrency limit", url=refusal.file_url
+            ),
+            left,
+            kwargs,
+        )
     if refusal.reason is Reason.DEAD:
         raise errors.FileDead(f"{refusal.file_url} is dead: {refusal.error}", url=refusal.file_url)
     # A reason this code does not know must not be taken for "dead".
@@ -185,6 +207,10 @@ def _execute(
         for start in range(1, MAX_STARTS_PER_ATTEMPT + 1):
             try:
                 return _run_once(task, fn, spec, store, resume_from, heartbeat, args, kwargs)
+            except errors.BatchCancelled:
+                # Its batch was cancelled: the last chunk committed and the store moved the
+                # file to `cancelled` with it (no attempt spent); requeue resumes it there.
+                return _skipped(claim.file_url, "batch cancelled; stopped at a chunk")
             except errors.LostClaim:
                 # A newer claim took the file over (we were frozen or too slow): our writes
                 # were fenced off and rolled back; the new holder's result stands.

@@ -11,10 +11,15 @@ refuses as data (division by zero) inside the output transaction, `?raise_until=
 attempts before N. Every
 execution writes one row to `sink` through `checkpoint.transaction()`, so counting sink rows
 counts the effects that landed.
+
+`tests.batch_done` is a batch's completion callback: it writes one row to `callback_runs` (no
+unique key) with the batch summary, through `checkpoint.transaction()`, sleeping
+TESTS_CALLBACK_SLEEP seconds inside it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -25,10 +30,21 @@ from typing import Any
 import sqlalchemy as sa
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipeline import Stats, app, checkpointed, errors
+from pipeline import Stats, app, batch_summary, checkpointed, errors
 
 # `celery -A tests.support.celery_tasks worker` finds the app under this name.
-__all__ = ["SINK_DDL", "Boom", "app", "backoff", "chunked", "limited", "plain", "sink"]
+__all__ = [
+    "CALLBACK_DDL",
+    "SINK_DDL",
+    "Boom",
+    "app",
+    "backoff",
+    "batch_done",
+    "chunked",
+    "limited",
+    "plain",
+    "sink",
+]
 
 logger = logging.getLogger("tests.sink")
 
@@ -42,6 +58,16 @@ CREATE TABLE IF NOT EXISTS sink (
     attempt integer NOT NULL,
     pid integer NOT NULL,
     line integer,
+    inserted_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+CALLBACK_DDL = """
+CREATE TABLE IF NOT EXISTS callback_runs (
+    file_url text NOT NULL,
+    summary jsonb,
+    pid integer NOT NULL,
     inserted_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
@@ -151,3 +177,22 @@ def chunked(file_url: str, *, checkpoint: Any) -> dict[str, int]:
             time.sleep(pause)
             chunk.stats = Stats(n, 0, n)
     return {"total": count, "filtered": 0, "persisted": count}
+
+
+@checkpointed(name="tests.batch_done", lease_seconds=LEASE, backoff=0.2, backoff_max=1)
+def batch_done(file_url: str, *, checkpoint: Any) -> dict[str, int]:
+    """A completion callback: its effect, one callback_runs row with the summary, commits
+    with its completion."""
+    summary = batch_summary(file_url)
+    pause = float(os.environ.get("TESTS_CALLBACK_SLEEP") or 0)
+    logger.warning("BATCH-DONE %s attempt=%s", file_url, checkpoint.attempt)
+    with checkpoint.transaction() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO callback_runs (file_url, summary, pid)"
+                " VALUES (:u, CAST(:s AS jsonb), :p)"
+            ),
+            {"u": file_url, "s": json.dumps(summary), "p": os.getpid()},
+        )
+        time.sleep(pause)
+    return {"total": 1, "filtered": 0, "persisted": 1}

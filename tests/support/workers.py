@@ -147,7 +147,10 @@ class Cluster:
         with self.engine.connect() as conn:
             conn.execute(sa.text(SINK_DDL))
             conn.execute(
-                sa.text("TRUNCATE sink, file_checkpoints, file_attempts, pipeline_workers CASCADE")
+                sa.text(
+                    "TRUNCATE sink, file_checkpoints, file_attempts, pipeline_workers,"
+                    " pipeline_batches CASCADE"
+                )
             )
 
     def rows(self, query: str, **params: Any) -> list[sa.Row[Any]]:

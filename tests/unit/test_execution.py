@@ -195,6 +195,8 @@ def test_granted__runs_once_and_completes_in_the_output_transaction() -> None:
         (Refusal(URL, Reason.DONE, stats=Stats(5, 0, 5)), "already completed"),
         (Refusal(URL, Reason.BUSY, retry_in=12.34), "in progress elsewhere"),
         (Refusal(URL, Reason.NOT_DUE, retry_in=60.0), "retry not due yet"),
+        (Refusal(URL, Reason.CANCELLED), "batch cancelled"),
+        (Refusal(URL, Reason.PAUSED), "batch paused"),
     ],
 )
 def test_refused__skips_without_running_the_function(refusal: Refusal, reason: str) -> None:
@@ -218,13 +220,22 @@ def test_refused_not_due_by_a_hair__retries_when_it_is_due() -> None:
     assert retry["countdown"] == pytest.approx(1.6)
 
 
+def test_refused_limited__retries_later_without_an_attempt() -> None:
+    task, fn = FakeTask(), Recorder()
+    with pytest.raises(Retry):
+        deliver(ScriptedStore(Refusal(URL, Reason.LIMITED, retry_in=1.0)), fn, task)
+    (retry,) = task.retried
+    assert retry["countdown"] == pytest.approx(1.0)
+    assert fn.calls == 0
+
+
 def test_refused_dead__is_file_dead() -> None:
     with pytest.raises(errors.FileDead, match="is dead: boom"):
         deliver(ScriptedStore(Refusal(URL, Reason.DEAD, error="boom")), Recorder())
 
 
 def test_refused_for_a_reason_this_code_does_not_know__fails_loudly_not_dead() -> None:
-    unknown = Refusal(URL, "paused")  # type: ignore[arg-type]
+    unknown = Refusal(URL, "frozen")  # type: ignore[arg-type]
     with pytest.raises(errors.PipelineError) as raised:
         deliver(ScriptedStore(unknown), Recorder())
     assert not isinstance(raised.value, errors.FileDead)
@@ -479,3 +490,14 @@ def _row() -> Checkpoint:
         created_at=now,
         updated_at=now,
     )
+
+
+def test_chunks__a_cancelled_batch_stops_the_file_after_the_chunk_that_committed() -> None:
+    store, reader = ScriptedStore(), ChunkedReader(30, 10)
+    store.chunks = [30.0, 0.0]  # the second chunk's commit finds the batch cancelled
+    result = deliver(store, reader)
+    assert (result["skipped"], result["reason"]) == (True, "batch cancelled; stopped at a chunk")
+    # The second chunk's block raised once its commit returned: the reader went no further.
+    assert reader.written == list(range(1, 11))
+    assert [o.ended for o in store.outputs] == ["committed", "committed"]
+    assert store.named("complete") == store.named("fail") == []

@@ -12,6 +12,7 @@ from pipeline.models import (
     Stats,
     Status,
 )
+from pipeline.store.postgres import batches
 from pipeline.store.postgres.connection import Connections
 
 
@@ -48,7 +49,9 @@ class Reports(Connections):
         )
         records = None
         seconds = None
+        batch = None
         if batch_id is not None:
+            batch = batches.read(self, batch_id)
             (t,) = self._fast("totals", {"batch_id": batch_id})
             records = Stats(int(t.total), int(t.filtered), int(t.persisted))
             seconds = None if t.seconds is None else float(t.seconds)
@@ -78,4 +81,5 @@ class Reports(Connections):
             dead=dead,
             records=records,
             batch_seconds=seconds,
+            batch=batch,
         )

@@ -32,6 +32,7 @@ from pipeline.store import (
     resume_tokens,
     split_registrations,
 )
+from pipeline.store.postgres.batches import BatchRows
 from pipeline.store.postgres.boundary import translate
 from pipeline.store.postgres.operations import OperationsReads
 from pipeline.store.postgres.reports import Reports
@@ -71,6 +72,18 @@ def _dead(file_url: str, lease: float, row: Any) -> ClaimResult:
     return Refusal(file_url, Reason.DEAD, error=row.error_message)
 
 
+def _cancelled(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Refusal(file_url, Reason.CANCELLED)
+
+
+def _paused(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Refusal(file_url, Reason.PAUSED)
+
+
+def _limited(file_url: str, lease: float, row: Any) -> ClaimResult:
+    return Refusal(file_url, Reason.LIMITED, retry_in=max(float(row.retry_in), 0.0))
+
+
 # What pipeline_claim answers, and the result each outcome becomes; anything else raises.
 _CLAIM_OUTCOMES: dict[str, Callable[[str, float, Any], ClaimResult]] = {
     "granted": _granted,
@@ -78,13 +91,16 @@ _CLAIM_OUTCOMES: dict[str, Callable[[str, float, Any], ClaimResult]] = {
     "busy": _busy,
     "not_due": _not_due,
     "dead": _dead,
+    "cancelled": _cancelled,
+    "paused": _paused,
+    "limited": _limited,
 }
 
 _STATUSES: dict[str, Status] = {s.value: s for s in Status}
 _CHANGES: dict[str, Change] = {c.value: c for c in Change}
 
 
-class PostgresStore(Reports, OperationsReads, Schema):
+class PostgresStore(Reports, OperationsReads, BatchRows, Schema):
     """The checkpoint store on PostgreSQL."""
 
     def libpq_url(self) -> tuple[str, str | None]:

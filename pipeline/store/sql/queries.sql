@@ -3,8 +3,8 @@
 
 -- claim --
 -- Claim a file (grant, with the position to resume from, or refuse with done / busy / not_due /
--- dead); see pipeline_claim_v4.
-SELECT * FROM pipeline_claim_v4(:file_url, :worker, :lease_seconds, :max_attempts,
+-- dead, or for its batch: cancelled / paused / limited); see pipeline_claim_v5.
+SELECT * FROM pipeline_claim_v5(:file_url, :worker, :lease_seconds, :max_attempts,
                                 :file_type, :task_name, :task_id,
                                 CAST(:resume_tokens AS bigint[]), :token)
 
@@ -97,6 +97,17 @@ WITH input AS (
        AND excluded.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
        AND excluded.fingerprint <> c.fingerprint
     RETURNING c.file_url, c.status, c.task_name
+), counted AS (
+    -- The batch's file count grows with the rows this statement created or regenerated (a
+    -- batch done so far is open again: it has new files). Once per registration statement,
+    -- never per completion; nothing is written when nothing was.
+    INSERT INTO pipeline_batches AS b (name, task_name, file_count)
+    SELECT CAST(:batch_id AS text), :task_name, count(*) FROM upserted
+     WHERE CAST(:batch_id AS text) IS NOT NULL
+    HAVING count(*) > 0
+    ON CONFLICT (name) DO UPDATE
+       SET file_count = b.file_count + excluded.file_count,
+           state = CASE WHEN b.state = 'done' THEN 'open' ELSE b.state END, updated_at = now()
 )
 SELECT k.file_url,
        -- 'pending' when a concurrent register inserted the row after this statement's
@@ -113,23 +124,44 @@ SELECT k.file_url,
 
 -- requeue --
 -- Operator requeue: dead / failed (and completed with force) rows back to pending, in a new
--- generation; the attempt history is kept.
-UPDATE file_checkpoints
-   SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
-       lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
-       records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
-       details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
-       position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
-       size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
- WHERE status = ANY(CAST(:statuses AS text[]))
-   AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
-   AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
-   AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
-RETURNING file_url, task_name, status
+-- generation; the attempt history is kept. Cancelled rows go back to pending as they stood
+-- (same generation, resumed from their last chunk), and their batch is open again.
+WITH fresh AS (
+    UPDATE file_checkpoints
+       SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
+           lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
+           records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
+           details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
+           position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
+           size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
+     WHERE status = ANY(CAST(:statuses AS text[]))
+       AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
+       AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
+       AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
+    RETURNING file_url, task_name, status, batch_id
+), resumed AS (
+    UPDATE file_checkpoints
+       SET status = 'pending', token = NULL, lease_expires_at = NULL, retry_at = NULL,
+           submitted_at = now(), updated_at = now()
+     WHERE status = 'cancelled' AND 'cancelled' = ANY(CAST(:statuses AS text[]))
+       AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
+       AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
+    RETURNING file_url, task_name, status, batch_id
+), reopened AS (
+    -- their batches have files to run again: open (a done one settles again once they end,
+    -- firing its callback only if files were added since the last)
+    UPDATE pipeline_batches b SET state = 'open', updated_at = now()
+     WHERE b.state IN ('cancelled', 'done')
+       AND b.name IN (SELECT r.batch_id FROM resumed r UNION SELECT f.batch_id FROM fresh f)
+)
+SELECT file_url, task_name, status FROM fresh
+UNION ALL
+SELECT file_url, task_name, status FROM resumed
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v4.
-SELECT * FROM pipeline_reap_v4(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: expired claims, overdue retries, rows waiting too long, none of a paused or
+-- cancelled batch; see pipeline_reap_v5.
+SELECT * FROM pipeline_reap_v5(:waiting_seconds, :limit, :overdue_seconds)
 
 -- summary --
 -- Counts by batch and status.
@@ -345,8 +377,9 @@ SELECT max(version) FROM pipeline_schema_version
 
 -- commit_chunk --
 -- A chunk's position, version and running stats, in the chunk's own output transaction, fenced
--- by the token; extends the lease. No row when the token is stale. See pipeline_commit_chunk_v1.
-SELECT * FROM pipeline_commit_chunk_v1(:file_url, :token, CAST(:position AS jsonb), :version,
+-- by the token; extends the lease. No row when the token is stale; 0 left when the file's batch
+-- was cancelled (the chunk committed and the file stopped there). See pipeline_commit_chunk_v2.
+SELECT * FROM pipeline_commit_chunk_v2(:file_url, :token, CAST(:position AS jsonb), :version,
                                        :total, :filtered, :persisted, :progress_bytes,
                                        :size_bytes)
 
@@ -369,3 +402,64 @@ SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
  WHERE c.status = 'processing' AND (CAST(:batch_id AS text) IS NULL OR c.batch_id = :batch_id)
  ORDER BY c.started_at
  LIMIT :limit
+
+-- batch_open --
+-- A submit's batch: created, or its settings updated when it exists (a later submit under the
+-- same name adds files to it). Its state as it is now.
+INSERT INTO pipeline_batches AS b (name, task_name, submitted_by, concurrency, on_complete)
+VALUES (:name, :task_name, :submitted_by, :concurrency, :on_complete)
+ON CONFLICT (name) DO UPDATE
+   SET task_name = coalesce(excluded.task_name, b.task_name),
+       submitted_by = coalesce(excluded.submitted_by, b.submitted_by),
+       concurrency = coalesce(excluded.concurrency, b.concurrency),
+       on_complete = coalesce(excluded.on_complete, b.on_complete), updated_at = now()
+RETURNING b.state
+
+-- batch_cancel --
+-- Cancel a batch: the files cancelled now; no row when there is no such batch. See
+-- pipeline_batch_cancel_v1.
+SELECT * FROM pipeline_batch_cancel_v1(:name)
+
+-- batch_pause --
+-- Hold a batch's claims (an open or done batch); its state after, no row when there is no such
+-- batch.
+UPDATE pipeline_batches b
+   SET state = CASE WHEN b.state IN ('open', 'done') THEN 'paused' ELSE b.state END,
+       updated_at = now()
+ WHERE b.name = :name
+RETURNING b.state
+
+-- batch_resume --
+-- Release a paused batch's claims: its waiting files, to enqueue again (their messages were
+-- dropped while it was paused); no row when it was not paused.
+WITH resumed AS (
+    UPDATE pipeline_batches b SET state = 'open', updated_at = now()
+     WHERE b.name = :name AND b.state = 'paused'
+    RETURNING b.name
+)
+SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
+  FROM resumed r
+  LEFT JOIN file_checkpoints c ON c.batch_id = r.name AND c.status IN ('pending', 'failed')
+
+-- batch --
+-- One batch as `status --batch` shows it, in one read over its own indexes: the batch row, its
+-- files by status (the (batch_id, status) index), its oldest waiting file (the pending index)
+-- and what it completed in the last minute (the completions index). No row: no such batch.
+SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state, b.concurrency,
+       b.on_complete, b.callbacks,
+       (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
+          FROM (SELECT c.status, count(*) AS n FROM file_checkpoints c
+                 WHERE c.batch_id = b.name GROUP BY c.status) s) AS counts,
+       (SELECT min(c.submitted_at) FROM file_checkpoints c
+         WHERE c.batch_id = b.name AND c.status = 'pending') AS oldest_waiting,
+       (SELECT count(*) FROM file_checkpoints c
+         WHERE c.status = 'completed' AND c.completed_at > now() - interval '60 seconds'
+           AND c.batch_id = b.name) AS completed_last_minute,
+       now() AS db_now
+  FROM pipeline_batches b
+ WHERE b.name = :name
+
+-- callback_summary --
+-- The batch summary a completion callback row carries (written when the batch settled); no row
+-- when the URL is not a callback's.
+SELECT summary AS details FROM pipeline_batch_callbacks WHERE file_url = :file_url

@@ -82,7 +82,7 @@ CREATE TABLE public.file_checkpoints (
     CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
     CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
-    CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text])))
+    CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
 );
 
 CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_outcome text, p_error_class text, p_error_message text, p_retry_at timestamp with time zone) RETURNS void
@@ -115,6 +115,80 @@ CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_end
      WHERE a.outcome = 'running'
 $$;
 
+CREATE FUNCTION public.pipeline_batch_cancel_v1(p_name text) RETURNS TABLE(cancelled bigint)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE pipeline_batches b SET state = 'cancelled', updated_at = clock_timestamp()
+     WHERE b.name = p_name;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH moved AS (
+        UPDATE file_checkpoints c
+           SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
+         WHERE c.batch_id = p_name AND c.status IN ('pending', 'failed')
+        RETURNING 1
+    )
+    SELECT count(*) FROM moved;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_settle_v1(p_name text) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    b       pipeline_batches%ROWTYPE;
+    v_url   text;
+    v_now   timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO b FROM pipeline_batches pb WHERE pb.name = p_name AND pb.state = 'open'
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Read after the lock: a file that ended since is seen; one still running keeps it open
+    -- (its completion commits later, and a later sweep settles).
+    IF EXISTS (SELECT 1 FROM file_checkpoints c
+                WHERE c.batch_id = p_name
+                  AND c.status IN ('pending', 'processing', 'failed', 'cancelled')) THEN
+        RETURN;
+    END IF;
+    UPDATE pipeline_batches pb
+       SET state = 'done', settled_count = b.file_count,
+           callbacks = b.callbacks
+               + CASE WHEN b.on_complete IS NOT NULL AND b.settled_count < b.file_count
+                      THEN 1 ELSE 0 END,
+           updated_at = v_now
+     WHERE pb.name = p_name;
+    IF b.on_complete IS NULL OR b.settled_count >= b.file_count THEN
+        RETURN;  -- nothing new since the last callback (a requeue that ended as before)
+    END IF;
+    v_url := format('batch:%s#%s', p_name, b.callbacks + 1);
+    INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
+                                       updated_at)
+    VALUES (v_url, 'batch-callback', 'pending', 3, b.on_complete, v_now)
+    ON CONFLICT ON CONSTRAINT file_checkpoints_pkey DO NOTHING;
+    INSERT INTO pipeline_batch_callbacks (file_url, batch, callback, summary)
+    VALUES (v_url, p_name, b.callbacks + 1,
+        jsonb_build_object(
+            'batch', p_name, 'callback', b.callbacks + 1, 'files', b.file_count,
+            'counts', (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
+                         FROM (SELECT c2.status, count(*) AS n FROM file_checkpoints c2
+                                WHERE c2.batch_id = p_name GROUP BY c2.status) s),
+            'dead', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                               'file_url', d.file_url, 'error', d.error_message,
+                               'attempts', d.attempt) ORDER BY d.updated_at), '[]'::jsonb)
+                       FROM (SELECT c3.file_url, c3.error_message, c3.attempt, c3.updated_at
+                               FROM file_checkpoints c3
+                              WHERE c3.batch_id = p_name AND c3.status = 'dead'
+                              ORDER BY c3.updated_at LIMIT 1000) d)))
+    ON CONFLICT DO NOTHING;
+    RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_claim_v1(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text)
     LANGUAGE sql
     AS $$
@@ -142,6 +216,13 @@ CREATE FUNCTION public.pipeline_claim_v3(p_file_url text, p_worker text, p_lease
 $$;
 
 CREATE FUNCTION public.pipeline_claim_v4(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text, "position" jsonb, position_version text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_claim_v5(p_file_url, p_worker, p_lease_seconds, p_max_attempts,
+        p_file_type, p_task_name, p_task_id, p_resume_tokens, p_token)
+$$;
+
+CREATE FUNCTION public.pipeline_claim_v5(p_file_url text, p_worker text, p_lease_seconds double precision, p_max_attempts integer, p_file_type text, p_task_name text, p_task_id text, p_resume_tokens bigint[] DEFAULT NULL::bigint[], p_token bigint DEFAULT NULL::bigint) RETURNS TABLE(outcome text, token bigint, attempt integer, max_attempts integer, generation integer, retry_in double precision, records_total integer, records_filtered integer, records_persisted integer, error_message text, "position" jsonb, position_version text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
@@ -152,6 +233,8 @@ DECLARE
     v_old   bigint;
     v_error text;
     v_now   timestamptz := clock_timestamp();
+    b       pipeline_batches%ROWTYPE;
+    v_busy  bigint;
 BEGIN
     -- See pipeline_claim_v1: end a zombie's output session before waiting for its row lock.
     PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
@@ -244,6 +327,47 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The file's batch decides last: a file done, dead or held by a live claim answers as
+    -- before whatever the batch's state. A plain read of the batch row (no lock: every claim
+    -- of a batch reads it, and a shared lock would make it the hot row). A cancel that
+    -- committed before this read refuses the claim; one that commits after it finds this claim
+    -- started before it (started_at is taken above), so no claim starts after a cancel returns.
+    IF r.batch_id IS NOT NULL THEN
+        SELECT * INTO b FROM pipeline_batches pb WHERE pb.name = r.batch_id;
+    END IF;
+    IF b.state = 'cancelled' THEN
+        -- A waiting file of a cancelled batch: it stays where it got to (its generation, its
+        -- position) until `requeue` brings it back; no attempt is spent.
+        UPDATE file_checkpoints c
+           SET status = 'cancelled', lease_expires_at = NULL, retry_at = NULL, updated_at = v_now
+         WHERE c.file_url = p_file_url
+        RETURNING c.* INTO r;
+        RETURN QUERY SELECT 'cancelled'::text, NULL::bigint, r.attempt, r.max_attempts,
+            r.generation, NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
+        RETURN;
+    ELSIF b.state = 'paused' THEN
+        -- Held, not spent: the file keeps its row as it is; `resume` enqueues it again.
+        RETURN QUERY SELECT 'paused'::text, NULL::bigint, r.attempt, r.max_attempts,
+            r.generation, NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
+        RETURN;
+    ELSIF b.concurrency IS NOT NULL THEN
+        -- The batch's limit on files running at once. Claims of a limited batch take turns on
+        -- a lock of their own (not the batch row, which cancel updates before the files: taking
+        -- both in the other order could deadlock); each counts after the previous one
+        -- committed, so the limit holds exactly. Batches without a limit never take it.
+        PERFORM pg_advisory_xact_lock(hashtextextended('pipeline_batch:' || r.batch_id, 0));
+        SELECT count(*) INTO v_busy FROM file_checkpoints c
+         WHERE c.batch_id = r.batch_id AND c.status = 'processing'
+           AND c.lease_expires_at > clock_timestamp();
+        IF v_busy >= b.concurrency THEN
+            -- Not now, like a backoff: no attempt, the message comes back in `retry_in`.
+            RETURN QUERY SELECT 'limited'::text, NULL::bigint, r.attempt, r.max_attempts,
+                r.generation, 1.0::double precision, 0, 0, 0, NULL::text, NULL::jsonb,
+                NULL::text;
+            RETURN;
+        END IF;
+    END IF;
+
     UPDATE file_checkpoints c
        SET status = 'processing', attempt = r.attempt + 1, max_attempts = v_cap,
            token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
@@ -264,17 +388,46 @@ $$;
 CREATE FUNCTION public.pipeline_commit_chunk_v1(p_file_url text, p_token bigint, p_position jsonb, p_version text, p_total integer, p_filtered integer, p_persisted integer, p_progress_bytes bigint, p_size_bytes bigint) RETURNS TABLE(lease_left double precision)
     LANGUAGE sql
     AS $$
+    SELECT * FROM pipeline_commit_chunk_v2(p_file_url, p_token, p_position, p_version, p_total,
+        p_filtered, p_persisted, p_progress_bytes, p_size_bytes)
+$$;
+
+CREATE FUNCTION public.pipeline_commit_chunk_v2(p_file_url text, p_token bigint, p_position jsonb, p_version text, p_total integer, p_filtered integer, p_persisted integer, p_progress_bytes bigint, p_size_bytes bigint) RETURNS TABLE(lease_left double precision)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r     file_checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
     UPDATE file_checkpoints c
        SET attempt_chunks = c.attempt_chunks
                + CASE WHEN c.position IS DISTINCT FROM p_position THEN 1 ELSE 0 END,
            position = p_position, position_version = p_version,
            records_total = p_total, records_filtered = p_filtered, records_persisted = p_persisted,
            progress_bytes = p_progress_bytes, size_bytes = coalesce(p_size_bytes, c.size_bytes),
-           progress_at = clock_timestamp(),
-           lease_expires_at = clock_timestamp() + make_interval(secs => c.lease_seconds),
-           updated_at = clock_timestamp()
+           progress_at = v_now,
+           lease_expires_at = v_now + make_interval(secs => c.lease_seconds),
+           updated_at = v_now
      WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
-    RETURNING extract(epoch FROM c.lease_expires_at - clock_timestamp())::double precision
+    RETURNING c.* INTO r;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF r.batch_id IS NOT NULL AND EXISTS (
+        SELECT 1 FROM pipeline_batches b WHERE b.name = r.batch_id AND b.state = 'cancelled'
+    ) THEN
+        PERFORM pipeline_attempt_end_v1(r, v_now, 'cancelled', NULL, 'batch cancelled', NULL);
+        UPDATE file_checkpoints c
+           SET status = 'cancelled', lease_expires_at = NULL, attempt_chunks = 0,
+               updated_at = v_now
+         WHERE c.file_url = p_file_url;
+        RETURN QUERY SELECT 0.0::double precision;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT extract(epoch FROM r.lease_expires_at - clock_timestamp())::double precision;
+END;
 $$;
 
 CREATE FUNCTION public.pipeline_complete_v1(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS boolean
@@ -440,11 +593,18 @@ CREATE FUNCTION public.pipeline_reap_v3(p_waiting_seconds double precision, p_li
 $$;
 
 CREATE FUNCTION public.pipeline_reap_v4(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_reap_v5(p_waiting_seconds, p_limit, p_overdue_seconds)
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v5(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    r     file_checkpoints%ROWTYPE;
-    v_now timestamptz := clock_timestamp();
+    r       file_checkpoints%ROWTYPE;
+    v_state text;
+    v_now   timestamptz := clock_timestamp();
 BEGIN
     IF NOT pg_try_advisory_xact_lock(1885958258) THEN  -- 'pipr', as pipeline_reap_v2
         RETURN;
@@ -464,10 +624,18 @@ BEGIN
             format('lease expired at %s; worker %s lost', r.lease_expires_at, r.processed_by),
             'worker lost on attempt %s of %s (held by %s); will retry',
             'worker lost: lease expired on attempt %s of %s (held by %s)', NULL);
-        file_url := r.file_url;
-        task_name := r.task_name;
-        status := r.status;
-        RETURN NEXT;
+        v_state := (SELECT b.state FROM pipeline_batches b WHERE b.name = r.batch_id);
+        IF v_state = 'cancelled' AND r.status = 'failed' THEN
+            UPDATE file_checkpoints c SET status = 'cancelled', retry_at = NULL
+             WHERE c.file_url = r.file_url
+            RETURNING c.* INTO r;
+        END IF;
+        IF v_state IS NULL OR v_state NOT IN ('paused', 'cancelled') OR r.status = 'dead' THEN
+            file_url := r.file_url;
+            task_name := r.task_name;
+            status := r.status;
+            RETURN NEXT;
+        END IF;
     END LOOP;
 
     RETURN QUERY
@@ -476,6 +644,8 @@ BEGIN
           FROM file_checkpoints c
          WHERE c.status = 'failed'
            AND c.retry_at < v_now - make_interval(secs => p_overdue_seconds)
+           AND NOT EXISTS (SELECT 1 FROM pipeline_batches b
+                            WHERE b.name = c.batch_id AND b.state IN ('paused', 'cancelled'))
          ORDER BY c.retry_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED
@@ -492,6 +662,8 @@ BEGIN
          WHERE p_waiting_seconds IS NOT NULL
            AND (c.status = 'pending' OR (c.status = 'failed' AND c.retry_at IS NULL))
            AND c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+           AND NOT EXISTS (SELECT 1 FROM pipeline_batches b
+                            WHERE b.name = c.batch_id AND b.state IN ('paused', 'cancelled'))
          ORDER BY c.updated_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED
@@ -500,6 +672,14 @@ BEGIN
       FROM waiting w
      WHERE c.file_url = w.file_url
     RETURNING c.file_url, c.task_name, c.status;
+
+    RETURN QUERY
+    SELECT st.* FROM pipeline_batches b
+         CROSS JOIN LATERAL pipeline_batch_settle_v1(b.name) st
+     WHERE b.state = 'open'
+       AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                        WHERE c.batch_id = b.name
+                          AND c.status IN ('pending', 'processing', 'failed', 'cancelled'));
 END;
 $$;
 
@@ -554,7 +734,7 @@ CREATE TABLE public.file_attempts (
     start_position jsonb,
     end_position jsonb,
     chunks integer DEFAULT 0 NOT NULL,
-    CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text])))
+    CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text, 'cancelled'::text])))
 );
 
 CREATE SEQUENCE public.file_checkpoints_token_seq
@@ -602,6 +782,30 @@ UNION ALL
            FROM public.file_attempts a
           WHERE (a.token = c.token)))));
 
+CREATE TABLE public.pipeline_batch_callbacks (
+    file_url text NOT NULL,
+    batch text NOT NULL,
+    callback integer NOT NULL,
+    summary jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE public.pipeline_batches (
+    name text NOT NULL,
+    task_name text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    submitted_by text,
+    file_count bigint DEFAULT 0 NOT NULL,
+    state text DEFAULT 'open'::text NOT NULL,
+    concurrency integer,
+    on_complete text,
+    callbacks integer DEFAULT 0 NOT NULL,
+    settled_count bigint DEFAULT 0 NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT pipeline_batches_concurrency_check CHECK ((concurrency > 0)),
+    CONSTRAINT pipeline_batches_state_check CHECK ((state = ANY (ARRAY['open'::text, 'done'::text, 'cancelled'::text, 'paused'::text])))
+);
+
 CREATE TABLE public.pipeline_workers (
     worker text NOT NULL,
     pid integer NOT NULL,
@@ -625,6 +829,12 @@ ALTER TABLE ONLY public.file_attempts
 ALTER TABLE ONLY public.file_checkpoints
     ADD CONSTRAINT file_checkpoints_pkey PRIMARY KEY (file_url);
 
+ALTER TABLE ONLY public.pipeline_batch_callbacks
+    ADD CONSTRAINT pipeline_batch_callbacks_pkey PRIMARY KEY (file_url);
+
+ALTER TABLE ONLY public.pipeline_batches
+    ADD CONSTRAINT pipeline_batches_pkey PRIMARY KEY (name);
+
 ALTER TABLE ONLY public.pipeline_workers
     ADD CONSTRAINT pipeline_workers_pkey PRIMARY KEY (worker);
 
@@ -633,6 +843,8 @@ CREATE INDEX events_type_ts_idx ON public.events USING btree (type, ts);
 CREATE INDEX file_attempts_ended_at_idx ON public.file_attempts USING btree (ended_at);
 
 CREATE INDEX file_attempts_file_idx ON public.file_attempts USING btree (file_url, token);
+
+CREATE INDEX file_checkpoints_batch_pending_idx ON public.file_checkpoints USING btree (batch_id, submitted_at) WHERE (status = 'pending'::text);
 
 CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING btree (batch_id, status);
 
@@ -648,3 +860,6 @@ CREATE INDEX file_checkpoints_waiting_idx ON public.file_checkpoints USING btree
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.pipeline_batch_callbacks
+    ADD CONSTRAINT pipeline_batch_callbacks_batch_fkey FOREIGN KEY (batch) REFERENCES public.pipeline_batches(name) ON DELETE CASCADE;

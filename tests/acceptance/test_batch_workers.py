@@ -1,0 +1,234 @@
+"""Batches on real `celery worker` processes and the real CLI: cancel during a running batch
+(no claim starts after `pipeline cancel` returns; running files stop at their chunk; requeue
+brings the rest back and each completes once), pause then resume (no attempt spent), a
+concurrency limit that lets a small batch through while a big one runs, and a completion
+callback that fires exactly once with workers SIGKILLed during the last files and during it.
+
+The task is `tests.chunked` (tests/support/celery_tasks.py): chunks of a set length, one sink
+row each, numbered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import signal
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.models import BatchSpec
+from tests.support.celery_tasks import CALLBACK_DDL, chunked
+from tests.support.cli_helpers import assert_no_traceback, cli_env, run_cli
+from tests.support.workers import Cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+FAST_SWEEP = {"PIPELINE_REAP_INTERVAL": "0.5"}
+
+
+def submit(cluster: Cluster, name: str, files: list[str], concurrency: int | None = None) -> None:
+    """What `pipeline submit` does (its URLs are test:// ones): the batch row, the files, one
+    message each."""
+    cluster.store.open_batch(BatchSpec(name, task_name="tests.chunked", concurrency=concurrency))
+    cluster.store.register(files, batch_id=name, task_name="tests.chunked")
+    for url in files:
+        cluster.send(url, task=chunked)
+
+
+def counts(cluster: Cluster, batch: str) -> dict[str, int]:
+    rows = cluster.rows(
+        "SELECT status, count(*) AS n FROM file_checkpoints WHERE batch_id = :b GROUP BY status",
+        b=batch,
+    )
+    return {r.status: int(r.n) for r in rows}
+
+
+def lines_per_file(cluster: Cluster, files: list[str]) -> dict[str, list[int]]:
+    rows = cluster.rows("SELECT file_url, line FROM sink ORDER BY file_url, line")
+    found: dict[str, list[int]] = {u: [] for u in files}
+    for r in rows:
+        found[r.file_url].append(int(r.line))
+    return found
+
+
+def cli(cluster: Cluster, *args: str) -> str:
+    result = run_cli(*args, env=cli_env(cluster.env(task_modules=None)))
+    assert_no_traceback(result)
+    assert result.returncode == 0, result.describe()
+    return result.stdout
+
+
+def test_cancel__no_claim_after_it_returns_and_requeue_completes_each_file_once(
+    cluster: Cluster,
+) -> None:
+    files = [f"test://cancel/{i:02}?chunks=4&sleep=0.1" for i in range(30)]
+    cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
+    submit(cluster, "cx", files)
+    wait_until(
+        lambda: counts(cluster, "cx").get("completed", 0) >= 3, timeout=60, what="3 completions"
+    )
+    out = cli(cluster, "cancel", "--batch", "cx")
+    after = cluster.db_now()
+    assert "cancelled batch cx" in out
+    # Running files stop at their next chunk (or finish): nothing stays processing.
+    wait_until(
+        lambda: "processing" not in counts(cluster, "cx"), timeout=30, what="running files stopped"
+    )
+    time.sleep(1.0)  # the messages still queued are refused now, not run
+    late = cluster.scalar(
+        "SELECT count(*) FROM pipeline_attempts a JOIN file_checkpoints c USING (file_url)"
+        " WHERE c.batch_id = 'cx' AND a.started_at > :t",
+        t=after,
+    )
+    assert late == 0
+    before = counts(cluster, "cx")
+    assert before.get("cancelled", 0) > 0, before
+    assert set(before) <= {"completed", "cancelled"}, before
+
+    assert "requeued" in cli(cluster, "requeue", "--batch", "cx")
+    wait_until(
+        lambda: counts(cluster, "cx") == {"completed": 30}, timeout=90, what="all 30 completed"
+    )
+    # Each file's chunks landed once: a file stopped at a chunk resumed after it.
+    assert lines_per_file(cluster, files) == {u: [1, 2, 3, 4] for u in files}
+
+
+def test_pause_then_resume__no_attempt_spent_and_everything_completes_once(
+    cluster: Cluster,
+) -> None:
+    files = [f"test://pause/{i:02}?chunks=2&sleep=0.05" for i in range(20)]
+    cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
+    cli_run = cluster.store.open_batch(BatchSpec("px", task_name="tests.chunked"))
+    assert cli_run.value == "open"
+    assert "paused batch px" in cli(cluster, "pause", "--batch", "px")
+    submit(cluster, "px", files)
+    # Every message is delivered and refused: nothing is claimed while paused.
+    wait_until(lambda: cluster.queue_length() == 0, timeout=30, what="queue drained")
+    time.sleep(2.0)
+    assert counts(cluster, "px") == {"pending": 20}
+    assert cluster.scalar("SELECT count(*) FROM pipeline_attempts") == 0
+
+    assert "20 files enqueued" in cli(cluster, "resume", "--batch", "px")
+    wait_until(
+        lambda: counts(cluster, "px") == {"completed": 20}, timeout=60, what="all 20 completed"
+    )
+    rows = cluster.rows("SELECT attempt, attempts_spent FROM file_checkpoints")
+    assert {(r.attempt, r.attempts_spent) for r in rows} == {(1, 0)}
+    assert lines_per_file(cluster, files) == {u: [1, 2] for u in files}
+
+
+def test_concurrency_limit__a_small_batch_after_a_big_one_finishes_while_the_big_one_runs(
+    cluster: Cluster,
+) -> None:
+    big = [f"test://big/{i:02}?chunks=3&sleep=0.1" for i in range(15)]
+    small = [f"test://small/{i}?chunks=1" for i in range(3)]
+    cluster.start_worker(concurrency=3, extra_env=FAST_SWEEP)
+    submit(cluster, "big", big, concurrency=1)
+    submit(cluster, "small", small)
+    wait_until(
+        lambda: counts(cluster, "small") == {"completed": 3}, timeout=60, what="small batch done"
+    )
+    # The big batch, one file at a time, is far from done when the small one is.
+    assert counts(cluster, "big").get("completed", 0) < len(big)
+    wait_until(
+        lambda: counts(cluster, "big") == {"completed": 15}, timeout=90, what="big batch done"
+    )
+    # Its attempts never overlapped: at most 1 running at once, as limited.
+    spans = cluster.rows(
+        "SELECT a.started_at, a.ended_at FROM pipeline_attempts a"
+        " JOIN file_checkpoints c USING (file_url) WHERE c.batch_id = 'big'"
+        " ORDER BY a.started_at"
+    )
+    assert len(spans) == 15
+    for before, after in itertools.pairwise(spans):
+        assert after.started_at >= before.ended_at
+
+
+CALLBACK_RUNS = int(os.environ.get("BATCH_CALLBACK_RUNS") or 8)
+
+
+def test_callback__fires_exactly_once_with_workers_sigkilled_during_the_last_files_and_itself(
+    cluster: Cluster,
+) -> None:
+    """CALLBACK_RUNS runs (8 here; BATCH_CALLBACK_RUNS=200 for the issue's 200) of a 12-file
+    batch with an on-complete task; in each, a worker is SIGKILLed (its pool process, or the
+    whole worker) during the last files or during the callback. The callback's effect, a row
+    in a table with no unique key, lands exactly once per run; on even runs the last file
+    ends dead and the callback's summary names it."""
+    with cluster.engine.connect() as conn:
+        conn.execute(sa.text(CALLBACK_DDL))
+        conn.execute(sa.text("TRUNCATE callback_runs"))
+    env = {**FAST_SWEEP, "PIPELINE_REAP_WAITING_SECONDS": "2", "TESTS_CALLBACK_SLEEP": "0.3"}
+    workers = [cluster.start_worker(concurrency=2, extra_env=env) for _ in range(2)]
+    rng = random.Random(22)
+    kills: dict[str, int] = {"last files": 0, "callback": 0}
+    for run in range(CALLBACK_RUNS):
+        name = f"cb{run}"
+        files = [f"test://cb/{run}/{i:02}?sleep=0.2" for i in range(11)]
+        poison = f"test://cb/{run}/99?permanent=1" if run % 2 == 0 else None
+        files.append(poison or f"test://cb/{run}/99?sleep=0.2")
+        cluster.store.open_batch(
+            BatchSpec(name, task_name="tests.sink", on_complete="tests.batch_done")
+        )
+        cluster.store.register(files, batch_id=name, task_name="tests.sink")
+        for url in files:
+            cluster.send(url)
+        callback = f"batch:{name}#1"
+        during = rng.choice(["last files", "callback"])
+        whole = rng.random() < 0.5
+        # The holder of one of the last files running (half the batch ended), or of the
+        # callback, is SIGKILLed: its pool process, or the whole worker.
+        killed, holder = wait_until(
+            lambda d=during, b=name, c=callback: _target(cluster, d, b, c),
+            timeout=60,
+            what=f"{during} of {name} running",
+        )
+        worker, pid = cluster.worker_of(holder)
+        if whole:
+            worker.kill()
+            workers.remove(worker)
+            workers.append(cluster.start_worker(concurrency=2, extra_env=env))
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                worker.signal_child(pid, signal.SIGKILL)
+        kills[killed] += 1
+        done = cluster.wait_status(callback, "completed", timeout=90)
+        assert done.status == "completed"
+        runs = cluster.rows(
+            "SELECT summary FROM callback_runs WHERE file_url LIKE :p", p=f"batch:{name}#%"
+        )
+        assert len(runs) == 1, (run, killed, whole)
+        summary = runs[0].summary
+        assert summary["batch"] == name
+        if poison:
+            assert summary["counts"] == {"completed": 11, "dead": 1}, summary
+            assert [d["file_url"] for d in summary["dead"]] == [poison]
+        else:
+            assert summary["counts"] == {"completed": 12}, summary
+    assert all(kills.values()), kills
+    # Every run's callback ran once, and no batch fired a second one.
+    assert cluster.scalar("SELECT count(*) FROM callback_runs") == CALLBACK_RUNS
+    assert cluster.scalar("SELECT count(*) FROM pipeline_batch_callbacks") == CALLBACK_RUNS
+
+
+def _target(cluster: Cluster, during: str, batch: str, callback: str) -> tuple[str, str] | None:
+    """What to kill and its holder (`processed_by`): one of the batch's last files running once
+    half of them ended (or its callback, if they all ended first), or the callback."""
+    if during == "last files":
+        rows = cluster.rows(
+            "SELECT processed_by FROM file_checkpoints WHERE batch_id = :b"
+            " AND status = 'processing'"
+            " AND (SELECT count(*) FROM file_checkpoints WHERE batch_id = :b"
+            "      AND status IN ('completed', 'dead')) >= 6 LIMIT 1",
+            b=batch,
+        )
+        if rows:
+            return "last files", rows[0].processed_by
+    row = cluster.checkpoint(callback)
+    if row is not None and row.status == "processing":
+        return "callback", row.processed_by
+    return None
