@@ -17,6 +17,12 @@ class StoreUnavailable(PipelineError):
     """The checkpoint database cannot be reached; nothing was changed, try again."""
 
 
+class StoreMisconfigured(PipelineError):
+    """The checkpoint database refuses this configuration (authentication, unknown database,
+    a startup parameter or protocol it does not accept): fix PIPELINE_DATABASE_URL; waiting
+    will not help."""
+
+
 class BrokerUnavailable(PipelineError):
     """The broker cannot be reached; the tasks not sent are handed out again by the sweep."""
 

@@ -38,7 +38,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from pipeline import errors, masking, tracing
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import ClaimPath, resume_tokens
-from pipeline.worker import runtime
+from pipeline.worker import runtime, trouble
 from pipeline.worker.checkpoint import CheckpointContext, Chunk
 from pipeline.worker.lease import Held, keeper
 from pipeline.worker.options import Spec
@@ -129,10 +129,14 @@ def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) ->
             if not patient:
                 raise
             pause = STORE_WAITS[min(n, len(STORE_WAITS) - 1)]
-            if n % 12 == 0:  # the first time, then about once a minute
-                logger.warning("%s: %s; waiting for the database", what, error)
+            # Once a minute per cause in this process, however many tasks wait.
+            trouble.log.seen(error, f"{what}; waiting for the database")
             n += 1
             time.sleep(pause)
+        except errors.StoreMisconfigured as error:
+            # Waiting would never end: the task fails now, said once a minute in the log.
+            trouble.log.seen(error, what, logging.ERROR)
+            raise
 
 
 def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
@@ -197,12 +201,10 @@ def _execute(
                     return _output_discarded(claim)
                 # The database went away mid-execution: wait for it here, holding the message
                 # and the pool process, then find out what became of the claim.
-                logger.warning(
-                    "database lost during %s (start %d of at most %d in this attempt): %s",
-                    claim.file_url,
-                    start,
-                    MAX_STARTS_PER_ATTEMPT,
+                trouble.log.seen(
                     error,
+                    f"database lost during {claim.file_url} (start {start} of at most "
+                    f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
                 )
                 where = wait_for_store(
                     lambda: _where_is(store, claim), f"resuming {claim.file_url}"
@@ -214,8 +216,12 @@ def _execute(
                     return _skipped(
                         claim.file_url, "claim lost while the database was away; output discarded"
                     )
-                # Still ours: the broken output transaction was rolled back; start again,
-                # same claim, same attempt, from the last chunk that committed.
+                # Still ours: the broken output transaction was rolled back. Before the
+                # function starts again, an output transaction must be possible too (a new
+                # connection: "too many clients" refuses it while the claim's own connection
+                # works), so that a connection limit does not use up the starts.
+                wait_for_store(lambda: _open_output(store), f"reopening {claim.file_url}")
+                # Start again, same claim, same attempt, from the last chunk that committed.
                 resume_from = where
                 last_error = error
         raise errors.TransactionBroken(
@@ -310,6 +316,12 @@ def _where_is(store: ClaimPath, claim: Claim) -> dict[str, Any] | Claim | None:
     if row.status is Status.COMPLETED:
         return _completed(claim, row.stats)
     return None
+
+
+def _open_output(store: ClaimPath) -> None:
+    """Open (and end) a transaction like a function's output transaction."""
+    with store.transaction():
+        pass
 
 
 def _progress_reporter(task: Task, claim: Claim) -> Callable[[Chunk], None]:

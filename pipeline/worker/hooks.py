@@ -16,7 +16,7 @@ from celery.worker.request import Request
 
 from pipeline import errors, settings
 from pipeline.store import Store
-from pipeline.worker import runtime, sweep
+from pipeline.worker import runtime, sweep, trouble
 
 logger = logging.getLogger("pipeline")
 
@@ -144,7 +144,9 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
                         sweep.reap_once(store, celery_app)
                     first = False
                     complained = False
-                except errors.PipelineError as error:  # unreachable, no schema, no URL set
+                except (errors.StoreUnavailable, errors.StoreMisconfigured) as error:
+                    trouble.log.seen(error, "sweep skipped")  # once a minute per cause
+                except errors.PipelineError as error:  # no schema, no URL set
                     if not complained:  # once per spell, not every few seconds
                         logger.warning("sweep skipped: %s", error)
                     complained = True
