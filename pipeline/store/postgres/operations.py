@@ -96,6 +96,9 @@ class OperationsReads(Connections):
     def worker_seen(self, worker: str, pid: int, interval_seconds: float) -> None:
         """`worker` (a worker's main process) is alive; it reports every `interval_seconds`."""
         self._fast("worker_seen", {"worker": worker, "pid": pid, "interval": interval_seconds})
+        # The fleet reached the database: a gap of more than two heartbeats is made good to
+        # the leases live when it began (the gap rule; the sweep applies it as well).
+        self._fast("contact", {"gap_seconds": 2.0 * interval_seconds})
 
     def worker_stopped(self, worker: str, pid: int) -> None:
         self._fast("worker_stopped", {"worker": worker, "pid": pid})

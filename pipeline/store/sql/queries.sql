@@ -128,8 +128,14 @@ UPDATE file_checkpoints
 RETURNING file_url, task_name, status
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long; see pipeline_reap_v4.
-SELECT * FROM pipeline_reap_v4(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: the fleet's contact (the gap rule), expired claims, overdue retries, rows waiting
+-- too long; see pipeline_reap_v5.
+SELECT * FROM pipeline_reap_v5(:waiting_seconds, :limit, :overdue_seconds, :gap_seconds)
+
+-- contact --
+-- The fleet reached the database (a worker's heartbeat): a gap longer than :gap_seconds since
+-- the last contact is made good to the leases live when it began; see pipeline_contact_v1.
+SELECT pipeline_contact_v1(:gap_seconds) AS gap
 
 -- summary --
 -- Counts by batch and status.
