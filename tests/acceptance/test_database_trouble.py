@@ -7,15 +7,20 @@ stopped, filled or out of connections.
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
+import pipeline
 from tests.support.cli_helpers import assert_no_traceback, cli_env, run_cli
 from tests.support.fakepg import RefusingServer
-from tests.support.workers import Cluster, wait_until
+from tests.support.pgcluster import PgCluster, private_cluster
+from tests.support.workers import Cluster, running_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +76,102 @@ def test_worker__a_configuration_the_database_refuses_fails_the_task_at_once(
     # Failed, not waiting: nothing of ours holds a message.
     assert cluster.queue_length() == 0
     assert worker.alive()
+
+
+# -- an outage of any length spends no attempt (the gap rule) ---------------------------------
+
+# The sweep inside every worker, every second: the gap rule at 2 s.
+FAST_SWEEP = {"PIPELINE_REAP_INTERVAL": "1"}
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PgCluster]:
+    with private_cluster() as pg:
+        yield pg
+
+
+def _cluster_on(
+    request: pytest.FixtureRequest,
+    tmp_path: pathlib.Path,
+    database_url: str,
+    broker_url: str,
+    lease: float,
+) -> contextlib.AbstractContextManager[Cluster]:
+    store = pipeline.open_store(database_url)
+    store.upgrade()
+    store.close()
+    return running_cluster(request, tmp_path, database_url, broker_url, lease)
+
+
+def _outcomes(cluster: Cluster) -> dict[str, int]:
+    rows = cluster.rows("SELECT outcome, count(*) AS n FROM file_attempts GROUP BY outcome")
+    return {r.outcome: int(r.n) for r in rows}
+
+
+@pytest.mark.timeout(240)
+def test_postgres_stopped_five_leases__no_attempt_spent_a_worker_killed_meanwhile_taken_over(
+    request: pytest.FixtureRequest,
+    tmp_path: pathlib.Path,
+    private_pg: PgCluster,
+    redis_url: str,
+) -> None:
+    lease = 3.0
+    database_url = private_pg.create_database(f"gap_{uuid.uuid4().hex[:8]}")
+    with _cluster_on(request, tmp_path, database_url, redis_url, lease=lease) as cluster:
+        survivors = [cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP) for _ in range(2)]
+        doomed = cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
+        urls = [f"file:///gap/{i:02d}?sleep=2" for i in range(30)]
+        for url in urls:
+            cluster.send(url)
+        cluster.wait_sql(
+            "SELECT count(*) >= 4 FROM file_checkpoints WHERE status = 'completed'",
+            timeout=60,
+            what="the batch to be under way",
+        )
+        # The files the doomed worker holds when the database goes.
+        node = doomed.name
+        cluster.wait_sql(
+            f"SELECT count(*) >= 1 FROM file_checkpoints WHERE status = 'processing'"
+            f" AND processed_by LIKE '{node}@%'",
+            timeout=30,
+            what="the doomed worker to hold a file",
+        )
+        private_pg.stop()
+        stopped_at = time.monotonic()
+        # The rows the doomed worker holds are read back once the database returns (nobody
+        # can change them while it is away).
+        time.sleep(lease)
+        doomed.kill()  # SIGKILL, main process and pool, while the database is away
+        time.sleep(5 * lease - (time.monotonic() - stopped_at))
+        private_pg.start()
+        outage = time.monotonic() - stopped_at
+        held = cluster.rows(
+            "SELECT file_url, token FROM file_checkpoints WHERE status = 'processing'"
+            " AND processed_by LIKE :node",
+            node=f"{node}@%",
+        )
+        print(f"\nOUTAGE {outage:.1f}s (lease {lease:g}s); the killed worker held {len(held)}")
+        assert held, "the killed worker held nothing when the database came back"
+        cluster.wait_all_terminal(len(urls), timeout=120)
+        counts = cluster.status_counts()
+        outcomes = _outcomes(cluster)
+        killed = {r.file_url for r in held}
+        spent = cluster.rows(
+            "SELECT file_url, attempt, attempts_spent FROM file_checkpoints WHERE attempt <> 1"
+        )
+        gap = cluster.rows("SELECT * FROM pipeline_fleet_contact")
+        print(f"STATUS {counts}; attempts by outcome {outcomes}; gap rows {gap}")
+        print(f"SPENT {[(r.file_url, r.attempt, r.attempts_spent) for r in spent]}")
+        assert counts == {"completed": len(urls)}
+        assert cluster.scalar("SELECT count(*) FROM sink") == len(urls)
+        assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == len(urls)
+        # No attempt spent by the outage: only the killed worker's files have a second one.
+        assert {r.file_url for r in spent} == killed
+        assert outcomes.get("lost", 0) == len(killed)
+        for url in killed:
+            assert sorted((a.attempt, a.outcome) for a in cluster.attempts(url)) == [
+                (1, "lost"),
+                (2, "completed"),
+            ]
+        assert all(p.alive() for p in survivors)
+        assert gap[0].leases_extended >= len(killed)

@@ -3,8 +3,9 @@
 -- database, no lease is renewed, and when it answers again every lease has run out. The
 -- fleet's contact (every worker's heartbeat and every sweep) records when the database last
 -- answered it; after a gap longer than `p_gap_seconds` the leases that were live when the gap
--- began get the gap back (at most a full lease from now) before anything is reaped. So only
--- a worker that stays silent after the database is back loses its files, one lease later.
+-- began (and not renewed since) get the gap back (at most a full lease from now) before
+-- anything is reaped. So only a worker that stays silent after the database is back loses its
+-- files, one lease later.
 
 -- One row: when the database last answered the fleet, and the last gap made good.
 CREATE TABLE pipeline_fleet_contact (
@@ -29,7 +30,8 @@ CREATE TABLE pipeline_database_trouble (
 );
 
 -- The fleet reached the database: after a gap longer than p_gap_seconds, the leases live when
--- it began and not renewed since are extended by it (never past a full lease from now). Returns the gap in seconds
+-- it began and not renewed in the last p_gap_seconds are extended by it (never past a full
+-- lease from now). Returns the gap in seconds
 -- when one was made good, else NULL. Contacts queue on the one row, so a gap is made good once.
 CREATE FUNCTION pipeline_contact_v1(p_gap_seconds double precision)
 RETURNS double precision
@@ -56,9 +58,13 @@ BEGIN
        SET lease_expires_at = least(c.lease_expires_at + v_gap,
                                     v_now + make_interval(secs => c.lease_seconds))
      WHERE c.status = 'processing'
-       -- live when the gap began, and not renewed since: its holder had no answer either
+       -- live when the gap began ...
        AND c.lease_expires_at > v_last
-       AND c.lease_expires_at - make_interval(secs => c.lease_seconds) <= v_last;
+       -- ... and not renewed in the last p_gap_seconds (its holder had no answer either; a
+       -- lease claimed in the gap, when the database answered only its holder, gets at most
+       -- a full lease from now)
+       AND c.lease_expires_at - make_interval(secs => c.lease_seconds)
+           < v_now - make_interval(secs => p_gap_seconds);
     GET DIAGNOSTICS v_n = ROW_COUNT;
     UPDATE pipeline_fleet_contact
        SET answered_at = v_now, gap_started_at = v_last, gap_ended_at = v_now,
