@@ -12,7 +12,9 @@ import pathlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -175,3 +177,53 @@ def test_postgres_stopped_five_leases__no_attempt_spent_a_worker_killed_meanwhil
             ]
         assert all(p.alive() for p in survivors)
         assert gap[0].leases_extended >= len(killed)
+
+
+@pytest.mark.timeout(240)
+def test_max_connections_exhausted_by_another_client_for_three_leases__no_attempt_spent(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, redis_url: str
+) -> None:
+    lease = 3.0
+    with private_cluster(max_connections=30) as pg:
+        database_url = pg.create_database(f"slots_{uuid.uuid4().hex[:8]}")
+        admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        with _cluster_on(request, tmp_path, database_url, redis_url, lease=lease) as cluster:
+            workers = [cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP) for _ in range(2)]
+            urls = [f"file:///slots/{i:02d}?sleep=1" for i in range(24)]
+            for url in urls:
+                cluster.send(url)
+            cluster.wait_sql(
+                "SELECT count(*) >= 4 FROM file_checkpoints WHERE status = 'completed'",
+                timeout=60,
+                what="the batch to be under way",
+            )
+            hogs: list[psycopg.Connection[Any]] = []
+            try:
+                # Every session of the workers ended, and every slot taken by another client
+                # before they come back: each of their connects is refused, "too many clients".
+                with psycopg.connect(admin, autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'pipeline'"
+                    )
+                with contextlib.suppress(psycopg.OperationalError):
+                    while True:
+                        hogs.append(psycopg.connect(admin, connect_timeout=5))
+                print(f"\nSLOTS all {len(hogs)} free ones taken for {3 * lease:g}s")
+                time.sleep(3 * lease)
+            finally:
+                for hog in hogs:
+                    hog.close()
+            cluster.wait_all_terminal(len(urls), timeout=120)
+            refused = sum(w.log().count("too many clients") for w in workers)
+            outcomes = _outcomes(cluster)
+            spent = cluster.rows(
+                "SELECT file_url, attempt FROM file_checkpoints WHERE attempt <> 1"
+            )
+            print(f"REFUSED {refused} connects; attempts by outcome {outcomes}; spent {spent}")
+            assert refused > 0, "no connect of the workers was refused"
+            assert cluster.status_counts() == {"completed": len(urls)}
+            assert spent == []
+            assert outcomes == {"completed": len(urls)}
+            assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == len(urls)
+            assert cluster.scalar("SELECT count(*) FROM sink") == len(urls)
