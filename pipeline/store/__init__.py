@@ -9,6 +9,7 @@ and errors, nothing else of pipeline.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -219,6 +220,18 @@ class Presence(Protocol):
 
     def worker_stopped(self, worker: str, pid: int) -> None:
         """A worker's main process stops cleanly: it is no longer counted."""
+        ...
+
+    def record_trouble(
+        self,
+        cause: str,
+        message: str,
+        seen_by: str | None,
+        first_at: dt.datetime,
+        last_at: dt.datetime,
+    ) -> None:
+        """A spell of database trouble a worker saw (`pipeline status` shows it), written once
+        the database answers again."""
         ...
 
 

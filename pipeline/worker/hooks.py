@@ -142,6 +142,8 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
                     self._heartbeat(store, name, pid, interval)
                     if sweeping and not first:
                         sweep.reap_once(store, celery_app)
+                    # The database answers again: say what the trouble was (`pipeline status`).
+                    trouble.report(store, name)
                     first = False
                     complained = False
                 except (errors.StoreUnavailable, errors.StoreMisconfigured) as error:
@@ -165,6 +167,8 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         # must not stop the sweep; said once per spell.
         try:
             store.worker_seen(name, pid, interval)
+        except (errors.StoreUnavailable, errors.StoreMisconfigured):
+            raise  # the database's trouble: said (once a minute) and remembered by the loop
         except errors.PipelineError as error:
             if not self._heartbeat_failing:
                 logger.warning("worker heartbeat not recorded: %s", error)

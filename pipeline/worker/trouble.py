@@ -10,12 +10,14 @@ written to the database once it answers again (`pipeline status`).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 import threading
 import time
 
 from pipeline import errors
+from pipeline.store import Presence
 
 logger = logging.getLogger("pipeline")
 
@@ -43,20 +45,22 @@ class TroubleLog:
         self._lock = threading.Lock()
         self._said: dict[str, float] = {}  # cause -> monotonic time it was last said
         self._unsaid: dict[str, int] = {}
-        self._last: Trouble | None = None
-        self._unreported: Trouble | None = None
+        self._spells: dict[str, Trouble] = {}  # cause -> its latest spell
+        self._unreported: set[str] = set()
 
     def seen(self, error: BaseException, what: str, level: int = logging.WARNING) -> None:
         """A failure of the database; logged if its cause was not said in the last minute."""
         cause = cause_of(error)
+        # What the server said, for `pipeline status` (the whole message goes to the log).
+        detail = str(getattr(error, "detail", None) or error)
         now, wall = time.monotonic(), time.time()
         with self._lock:
-            last = self._last
-            if last is not None and last.cause == cause and wall - last.last_at < self.every:
-                last.last_at, last.message = wall, str(error)
+            spell = self._spells.get(cause)
+            if spell is not None and wall - spell.last_at < self.every:
+                spell.last_at, spell.message = wall, detail
             else:
-                self._last = Trouble(cause, str(error), wall, wall)
-            self._unreported = self._last
+                self._spells[cause] = Trouble(cause, detail, wall, wall)
+            self._unreported.add(cause)
             said = self._said.get(cause)
             if said is not None and now - said < self.every:
                 self._unsaid[cause] = self._unsaid.get(cause, 0) + 1
@@ -67,19 +71,37 @@ class TroubleLog:
         logger.log(level, "database %s: %s: %s%s", cause, what, error, suffix)
 
     def last(self) -> Trouble | None:
+        """The latest trouble of any cause."""
         with self._lock:
-            return self._last
+            return max(self._spells.values(), key=lambda t: t.last_at, default=None)
 
-    def take_unreported(self) -> Trouble | None:
-        """The trouble not yet written to the database (once it answers), and forget it."""
+    def take_unreported(self) -> list[Trouble]:
+        """The spells not yet written to the database (once it answers), and forget them."""
         with self._lock:
-            trouble, self._unreported = self._unreported, None
-            return trouble
+            spells = [dataclasses.replace(self._spells[c]) for c in sorted(self._unreported)]
+            self._unreported.clear()
+            return spells
 
-    def put_back(self, trouble: Trouble) -> None:
+    def put_back(self, spells: list[Trouble]) -> None:
         with self._lock:
-            if self._unreported is None:
-                self._unreported = trouble
+            self._unreported.update(t.cause for t in spells)
+
+
+def report(store: Presence, seen_by: str) -> None:
+    """Write this process's trouble to the database, now that it answers (once per spell)."""
+    spells = log.take_unreported()
+    try:
+        for trouble in spells:
+            store.record_trouble(
+                trouble.cause,
+                trouble.message,
+                seen_by,
+                dt.datetime.fromtimestamp(trouble.first_at, dt.UTC),
+                dt.datetime.fromtimestamp(trouble.last_at, dt.UTC),
+            )
+    except errors.PipelineError:
+        log.put_back(spells)  # the next round tries again
+        raise
 
 
 def cause_of(error: BaseException) -> str:

@@ -177,6 +177,11 @@ def test_postgres_stopped_five_leases__no_attempt_spent_a_worker_killed_meanwhil
             ]
         assert all(p.alive() for p in survivors)
         assert gap[0].leases_extended >= len(killed)
+        status = run_cli("status", env=cli_env(cluster.env(task_modules=None)))
+        print(status.stdout)
+        assert status.returncode == 0, status.describe()
+        assert "database gap: it answered no worker for" in status.stdout
+        assert "database trouble: unreachable" in status.stdout
 
 
 @pytest.mark.timeout(240)
@@ -227,3 +232,15 @@ def test_max_connections_exhausted_by_another_client_for_three_leases__no_attemp
             assert outcomes == {"completed": len(urls)}
             assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == len(urls)
             assert cluster.scalar("SELECT count(*) FROM sink") == len(urls)
+            # The operator sees the cause: the workers wrote it once the database answered.
+            cluster.wait_sql(
+                "SELECT count(*) = 1 FROM pipeline_database_trouble"
+                " WHERE cause = 'too many connections'",
+                timeout=10,
+                what="the trouble to be recorded",
+            )
+            status = run_cli("status", env=cli_env(cluster.env(task_modules=None)))
+            print(status.stdout)
+            assert status.returncode == 0, status.describe()
+            assert "database trouble: too many connections" in status.stdout
+            assert "sorry, too many clients already" in status.stdout

@@ -98,11 +98,15 @@ def translate(url: str) -> Iterator[None]:
                 url=shown,
                 cause=MISCONFIGURED,
                 sqlstate=state or None,
+                detail=_server_said(message),
             ) from error
         cause = _unavailable_cause(error, orig, state)
         if cause is not None:
             raise errors.StoreUnavailable(
-                f"checkpoint database {shown} {_said(cause)}: {message}", url=shown, cause=cause
+                f"checkpoint database {shown} {_said(cause)}: {message}",
+                url=shown,
+                cause=cause,
+                detail=_server_said(message),
             ) from error
         if state.startswith(_DATA_SQLSTATES):
             raise errors.DataError(
@@ -113,6 +117,12 @@ def translate(url: str) -> Iterator[None]:
                 f"checkpoint schema missing in {shown}: run `pipeline db upgrade` ({message})"
             ) from error
         raise
+
+
+def _server_said(message: str) -> str:
+    """What the server (or the socket) said, without libpq's "connection to server at ...
+    failed:" preamble: what `pipeline status` shows."""
+    return message.rpartition(" failed: ")[2].strip() or message
 
 
 def _said(cause: str) -> str:

@@ -100,6 +100,26 @@ class OperationsReads(Connections):
         # the leases live when it began (the gap rule; the sweep applies it as well).
         self._fast("contact", {"gap_seconds": 2.0 * interval_seconds})
 
+    def record_trouble(
+        self,
+        cause: str,
+        message: str,
+        seen_by: str | None,
+        first_at: dt.datetime,
+        last_at: dt.datetime,
+    ) -> None:
+        """A spell of database trouble a worker saw, once the database answers it again."""
+        self._fast(
+            "record_trouble",
+            {
+                "cause": cause,
+                "message": message[:500],
+                "seen_by": seen_by,
+                "first_at": first_at,
+                "last_at": last_at,
+            },
+        )
+
     def worker_stopped(self, worker: str, pid: int) -> None:
         self._fast("worker_stopped", {"worker": worker, "pid": pid})
 

@@ -375,3 +375,26 @@ SELECT c.file_url, c.attempt, c.records_total, c.progress_bytes, c.size_bytes,
  WHERE c.status = 'processing' AND (CAST(:batch_id AS text) IS NULL OR c.batch_id = :batch_id)
  ORDER BY c.started_at
  LIMIT :limit
+
+-- database_trouble --
+-- Database trouble the workers saw in the last day, one row per cause, the latest first.
+SELECT cause, message, seen_by, first_at, last_at FROM pipeline_database_trouble
+ WHERE last_at > now() - interval '1 day'
+ ORDER BY last_at DESC
+
+-- database_gap --
+-- The last gap the database answered nobody of the fleet (the gap rule), if any.
+SELECT gap_started_at, gap_ended_at, leases_extended FROM pipeline_fleet_contact
+ WHERE gap_ended_at IS NOT NULL
+
+-- record_trouble --
+-- A spell of database trouble a worker saw, written once the database answers it again: the
+-- same cause's row keeps the latest spell (a continuing spell keeps its first_at).
+INSERT INTO pipeline_database_trouble AS t (cause, message, seen_by, first_at, last_at)
+VALUES (:cause, :message, :seen_by, :first_at, :last_at)
+ON CONFLICT (cause) DO UPDATE
+   SET message = excluded.message, seen_by = excluded.seen_by, reported_at = now(),
+       first_at = CASE WHEN t.last_at >= excluded.first_at - interval '1 minute'
+                       THEN least(t.first_at, excluded.first_at) ELSE excluded.first_at END,
+       last_at = greatest(t.last_at, excluded.last_at)
+RETURNING cause
