@@ -392,3 +392,5 @@ class Operations:
     workers_live: int
     #: seconds since the latest heartbeat of any worker (None: no worker ever seen)
     worker_heartbeat_age: float | None
+    #: when the workers last saw each cause of database trouble (Unix time), last day
+    database_trouble_at: Mapping[str, float] = dataclasses.field(default_factory=dict)

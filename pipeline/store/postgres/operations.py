@@ -76,6 +76,9 @@ class OperationsReads(Connections):
             window_dead=int(s.window_dead),
             window_records_committed=int(s.window_records),
             records_in_flight=int(s.records_in_flight),
+            database_trouble_at={
+                r.cause: r.last_at.timestamp() for r in self._fast("database_trouble", {})
+            },
             window_attempts=attempts,
             window_run_seconds={k: histogram(v) for k, v in run_rows.items()},
             window_pickup_seconds=histogram(self._fast("ops_pickup", params)),
