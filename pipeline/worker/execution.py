@@ -61,6 +61,10 @@ MAX_STARTS_PER_ATTEMPT = 5
 # Pauses while waiting for the database where the execution stands (seconds, then the last
 # one repeated): short, so a file carries on within a few seconds of the database's return.
 STORE_WAITS = (0.2, 0.5, 1.0, 1.0, 2.0)
+# Pauses before the function starts again after the database refused its output for want of
+# resources (disk full, out of memory, too many connections, a deadlock): seconds, then the
+# last one repeated. Such a start is not counted in MAX_STARTS_PER_ATTEMPT.
+RESOURCE_WAITS = (0.5, 1.0, 2.0, 3.0, 5.0)
 # A delivery that comes this close before its retry is due waits for it instead of being
 # dropped (clock steps between worker and database, an ETA fired a hair early).
 NOT_DUE_SLACK = 2.0
@@ -112,9 +116,23 @@ def run(
         carried = {**kwargs, "_pipeline_resume": [*resume, *proposed]}
         raise _retry_later(task, error, spec.backoff.delay(task.request.retries), carried) from None
 
-    if isinstance(result, Refusal):
-        return _refused(task, spec, result, kwargs)
-    return _execute(task, fn, spec, store, result, args, kwargs)
+    try:
+        if isinstance(result, Refusal):
+            return _refused(task, spec, result, kwargs)
+        return _execute(task, fn, spec, store, result, args, kwargs)
+    finally:
+        _report_trouble(task)
+
+
+def _report_trouble(task: Task) -> None:
+    """The database trouble this process saw, written for `pipeline status` once the
+    database answers again (nothing to do, the common case, costs nothing)."""
+    if not trouble.log.has_unreported():
+        return
+    try:
+        trouble.report(runtime.get_store(), _worker_id(task))
+    except Exception as error:  # still in trouble: the next delivery tries again
+        logger.debug("database trouble not recorded yet: %s", error)
 
 
 def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) -> T:
@@ -185,8 +203,11 @@ def _execute(
     # Where each start of the function begins: the claim's position, then, after an outage,
     # the last chunk the database has (a chunk whose reply was lost may have committed).
     resume_from = claim
+    start = 0
+    short = 0  # starts refused for the database's resources (disk full, ...): not counted
     try:
-        for start in range(1, MAX_STARTS_PER_ATTEMPT + 1):
+        while start < MAX_STARTS_PER_ATTEMPT:
+            start += 1
             try:
                 return _run_once(task, fn, spec, store, resume_from, heartbeat, args, kwargs)
             except errors.LostClaim:
@@ -201,11 +222,23 @@ def _execute(
                     return _output_discarded(claim)
                 # The database went away mid-execution: wait for it here, holding the message
                 # and the pool process, then find out what became of the claim.
-                trouble.log.seen(
-                    error,
-                    f"database lost during {claim.file_url} (start {start} of at most "
-                    f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
-                )
+                if getattr(error, "cause", None) in errors.RESOURCE_CAUSES:
+                    # Up but short of disk, memory or connections: not this attempt's fault,
+                    # so not one of its starts; the function starts again after a pause that
+                    # grows (bounded work however long the shortage lasts).
+                    start -= 1
+                    pause = RESOURCE_WAITS[min(short, len(RESOURCE_WAITS) - 1)]
+                    short += 1
+                    trouble.log.seen(
+                        error, f"{claim.file_url} starts again in {pause:g}s, same attempt"
+                    )
+                    time.sleep(pause)
+                else:
+                    trouble.log.seen(
+                        error,
+                        f"database lost during {claim.file_url} (start {start} of at most "
+                        f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
+                    )
                 where = wait_for_store(
                     lambda: _where_is(store, claim), f"resuming {claim.file_url}"
                 )
@@ -259,14 +292,17 @@ def _run_once(
 ) -> dict[str, Any]:
     """One start of the function under `claim`, completed in its output transaction."""
     started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        context = CheckpointContext(
-            store, claim, stack, lost=heartbeat.lost, on_chunk=_progress_reporter(task, claim)
-        )
-        call_kwargs = dict(kwargs)
-        if spec.wants_checkpoint:
-            call_kwargs["checkpoint"] = context
-        try:
+    try:
+        with contextlib.ExitStack() as stack:
+            context = CheckpointContext(
+                store, claim, stack, lost=heartbeat.lost, on_chunk=_progress_reporter(task, claim)
+            )
+            call_kwargs = dict(kwargs)
+            if spec.wants_checkpoint:
+                call_kwargs["checkpoint"] = context
+            # Whatever the function raises goes out through its output transaction, rolled
+            # back: a database error it met there is translated on the way (with its cause:
+            # disk full, too many connections, ...), as are LostClaim and StoreUnavailable.
             result = fn(claim.file_url, *args, **call_kwargs)
             stats = Stats.coerce(result)
             if heartbeat.lost.is_set():
@@ -279,15 +315,14 @@ def _run_once(
                 details=context.details or None,
                 transaction=context.output_transaction,
             )
-        except (errors.LostClaim, errors.StoreUnavailable):
-            raise  # rolls the output back on the way out of the stack
-        except Exception as error:
-            if store.unavailable(error):
-                # First line only (SQLAlchemy appends the statement and its parameters), and
-                # with any URL password masked: this text reaches the logs and Flower.
-                first = (str(error) or type(error).__name__).splitlines()[0]
-                raise errors.StoreUnavailable(masking.scrub(first)) from error
-            raise
+    except Exception as error:
+        if not isinstance(error, errors.PipelineError) and store.unavailable(error):
+            # A database error from the function's own connection: first line only
+            # (SQLAlchemy appends the statement and its parameters), with any URL password
+            # masked: this text reaches the logs and Flower.
+            first = (str(error) or type(error).__name__).splitlines()[0]
+            raise errors.StoreUnavailable(masking.scrub(first)) from error
+        raise
     return _completed(claim, stats)  # committed: output and 'completed' together
 
 

@@ -75,6 +75,9 @@ class TroubleLog:
         with self._lock:
             return max(self._spells.values(), key=lambda t: t.last_at, default=None)
 
+    def has_unreported(self) -> bool:
+        return bool(self._unreported)  # a glance without the lock: report() takes it
+
     def take_unreported(self) -> list[Trouble]:
         """The spells not yet written to the database (once it answers), and forget them."""
         with self._lock:

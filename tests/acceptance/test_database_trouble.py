@@ -8,7 +8,13 @@ stopped, filled or out of connections.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import pathlib
+import pwd
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -244,3 +250,119 @@ def test_max_connections_exhausted_by_another_client_for_three_leases__no_attemp
             assert status.returncode == 0, status.describe()
             assert "database trouble: too many connections" in status.stdout
             assert "sorry, too many clients already" in status.stdout
+
+
+@contextlib.contextmanager
+def _small_filesystem(folder: pathlib.Path, megabytes: int) -> Iterator[tuple[pathlib.Path, str]]:
+    """A loop-mounted ext4 image of `megabytes` (no blocks reserved for root), or a tmpfs of
+    that size where loop devices cannot be used; its mount point and kind."""
+    image, mount = folder / "small.img", folder / "mnt"
+    mount.mkdir()
+    kind = "ext4 on a loop device"
+    try:
+        with image.open("wb") as handle:
+            handle.truncate(megabytes * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        kind = "tmpfs"
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount)], check=True
+        )
+    try:
+        yield mount, kind
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path: pathlib.Path) -> int:
+    """Write to `path` until the filesystem is full; the bytes written."""
+    block, written = b"\0" * (1 << 20), 0
+    with path.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                written += handle.write(block)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+        with contextlib.suppress(OSError):  # the last pieces smaller than a block
+            while True:
+                written += handle.write(b"\0" * 4096)
+    return written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+@pytest.mark.timeout(300)
+def test_disk_full_for_three_leases__no_attempt_spent_every_output_once(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, redis_url: str
+) -> None:
+    lease, n_files = 3.0, 80
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-f25-disk-"))
+    folder.chmod(0o755)  # the server may run as another user
+    try:
+        with private_cluster() as pg, _small_filesystem(folder, 64) as (space, kind):
+            if pg.user is not None:
+                owner = pwd.getpwnam(pg.user)
+                os.chown(space, owner.pw_uid, owner.pw_gid)
+            # The database's every table on the small filesystem (WAL stays on the big one).
+            name = f"full_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(
+                f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True
+            ) as conn:
+                conn.execute(f"CREATE TABLESPACE small LOCATION '{space}'")
+                conn.execute(f'CREATE DATABASE "{name}" TABLESPACE small')
+            database_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/{name}"
+            with _cluster_on(request, tmp_path, database_url, redis_url, lease=lease) as cluster:
+                with cluster.engine.connect() as conn:
+                    conn.execute(sa.text("CREATE TABLE sink_fill (file_url text, b text)"))
+                workers = [
+                    cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP) for _ in range(2)
+                ]
+                urls = [f"file:///full/{i:03d}?fill=2000&sleep=0.2" for i in range(n_files)]
+                for url in urls:
+                    cluster.send(url)
+                cluster.wait_sql(
+                    "SELECT count(*) >= 10 FROM file_checkpoints WHERE status = 'completed'",
+                    timeout=60,
+                    what="the batch to be under way",
+                )
+                filler = space / "filler"
+                written = _fill(filler)
+                before = cluster.status_counts()
+                time.sleep(3 * lease)
+                filler.unlink()
+                freed_at = cluster.db_now()
+                print(
+                    f"\nDISK FULL ({kind}, {written >> 20} MB filler) for {3 * lease:g}s; {before}"
+                )
+                cluster.wait_all_terminal(n_files, timeout=120)
+                last = cluster.scalar(
+                    "SELECT extract(epoch FROM max(completed_at) - :t) FROM file_checkpoints",
+                    t=freed_at,
+                )
+                refused = sum(w.log().count("No space left on device") for w in workers)
+                outcomes = _outcomes(cluster)
+                spent = cluster.rows(
+                    "SELECT file_url, attempt FROM file_checkpoints WHERE attempt <> 1"
+                )
+                print(
+                    f"REFUSED {refused} writes (disk full); last file completed {float(last):.1f}s"
+                    f" after space came back; attempts by outcome {outcomes}; spent {spent}"
+                )
+                assert before.get("completed", 0) < n_files, "the disk filled too late"
+                assert refused > 0, "no write of the workers was refused"
+                assert cluster.status_counts() == {"completed": n_files}
+                assert spent == []
+                assert outcomes == {"completed": n_files}
+                assert cluster.scalar("SELECT count(*) FROM sink") == n_files
+                assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == n_files
+                assert cluster.scalar("SELECT count(*) FROM sink_fill") == n_files * 2000
+                cluster.wait_sql(
+                    "SELECT count(*) = 1 FROM pipeline_database_trouble WHERE cause = 'disk full'",
+                    timeout=10,
+                    what="the disk full to be recorded",
+                )
+                status = run_cli("status", env=cli_env(cluster.env(task_modules=None)))
+                assert "database trouble: disk full" in status.stdout, status.describe()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

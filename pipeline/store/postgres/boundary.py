@@ -27,14 +27,14 @@ from sqlalchemy import exc as sa_exc
 from pipeline import errors, masking
 
 # Causes of StoreUnavailable (its `cause`), as status, the metrics and the logs name them.
-UNREACHABLE = "unreachable"
-SHUTTING_DOWN = "shutting down or starting up"
-TOO_MANY_CONNECTIONS = "too many connections"
-DISK_FULL = "disk full"
-OUT_OF_MEMORY = "out of memory"
-OUT_OF_RESOURCES = "out of resources"
-CONFLICT = "serialization failure or deadlock"
-MISCONFIGURED = "configuration"
+UNREACHABLE = errors.UNREACHABLE
+SHUTTING_DOWN = errors.SHUTTING_DOWN
+TOO_MANY_CONNECTIONS = errors.TOO_MANY_CONNECTIONS
+DISK_FULL = errors.DISK_FULL
+OUT_OF_MEMORY = errors.OUT_OF_MEMORY
+OUT_OF_RESOURCES = errors.OUT_OF_RESOURCES
+CONFLICT = errors.CONFLICT
+MISCONFIGURED = errors.MISCONFIGURED
 
 # SQLSTATE (prefix) -> cause: the database is away or out of resources. Longest prefix first.
 _AWAY_SQLSTATES = (
