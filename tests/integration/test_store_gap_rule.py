@@ -30,9 +30,10 @@ def _gap(store: PostgresStore, seconds: float) -> None:
     store.execute_script(
         f"UPDATE pipeline_fleet_contact SET answered_at = clock_timestamp()"
         f" - interval '{seconds} seconds';"
-        " UPDATE file_checkpoints SET lease_expires_at = (SELECT answered_at"
-        " FROM pipeline_fleet_contact) + make_interval(secs => lease_seconds / 2)"
-        " WHERE status = 'processing'"
+        " UPDATE file_checkpoints c"
+        "    SET lease_expires_at = f.answered_at + make_interval(secs => c.lease_seconds / 2),"
+        "        updated_at = f.answered_at - make_interval(secs => c.lease_seconds / 2)"
+        "   FROM pipeline_fleet_contact f WHERE c.status = 'processing'"
     )
 
 
@@ -85,7 +86,8 @@ def test_gap__a_lease_renewed_within_the_threshold_is_not_extended(
     _claimed(pg_store, lease=1.0)
     pg_store.execute_script(
         "UPDATE pipeline_fleet_contact SET answered_at = clock_timestamp() - interval '60 s';"
-        " UPDATE file_checkpoints SET lease_expires_at = clock_timestamp() - interval '0.5 s'"
+        " UPDATE file_checkpoints SET lease_expires_at = clock_timestamp() - interval '0.5 s',"
+        "   updated_at = clock_timestamp() - interval '1.5 s'"
     )
     reaped = pg_store.reap(waiting_seconds=None, gap_seconds=2.0)
     assert [w.file_url for w in reaped] == [URL]

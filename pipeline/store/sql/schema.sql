@@ -344,11 +344,10 @@ BEGIN
      WHERE c.status = 'processing'
        -- live when the gap began ...
        AND c.lease_expires_at > v_last
-       -- ... and not renewed in the last p_gap_seconds (its holder had no answer either; a
-       -- lease claimed in the gap, when the database answered only its holder, gets at most
-       -- a full lease from now)
-       AND c.lease_expires_at - make_interval(secs => c.lease_seconds)
-           < v_now - make_interval(secs => p_gap_seconds);
+       -- ... and not written (claimed, renewed, a chunk) in the last p_gap_seconds: its
+       -- holder had no answer either (a lease claimed in the gap, when the database answered
+       -- only its holder, gets at most a full lease from now)
+       AND c.updated_at < v_now - make_interval(secs => p_gap_seconds);
     GET DIAGNOSTICS v_n = ROW_COUNT;
     UPDATE pipeline_fleet_contact
        SET answered_at = v_now, gap_started_at = v_last, gap_ended_at = v_now,
