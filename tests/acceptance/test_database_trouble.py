@@ -366,3 +366,51 @@ def test_disk_full_for_three_leases__no_attempt_spent_every_output_once(
                 assert "database trouble: disk full" in status.stdout, status.describe()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+def test_password_fixed__files_whose_tasks_failed_on_it_run_at_once_not_after_the_waiting_rule(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, redis_url: str
+) -> None:
+    # The workers' password is refused: every task fails at once (its message acked), every
+    # row stays pending, and nobody reaches the database. Once the password is right, the
+    # first sweep after the gap hands the rows back, not the 120 s waiting rule.
+    with private_cluster() as pg:
+        name = f"pw_{uuid.uuid4().hex[:8]}"
+        admin = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE ROLE pw_worker LOGIN SUPERUSER PASSWORD 'not-yet'")
+            conn.execute(f'CREATE DATABASE "{name}"')
+        hba = pg.data / "pg_hba.conf"
+        hba.write_text("host all pw_worker 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        database_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/{name}"
+        worker_url = f"postgresql+psycopg://pw_worker:{SECRET}@127.0.0.1:{pg.port}/{name}"
+        with _cluster_on(request, tmp_path, database_url, redis_url, lease=3.0) as cluster:
+            urls = [f"file:///pw/{i:02d}" for i in range(10)]
+            cluster.store.register(urls, task_name="tests.sink")
+            worker = cluster.start_worker(database_url=worker_url, extra_env=FAST_SWEEP)
+            for url in urls:
+                cluster.send(url)
+            wait_until(
+                lambda: worker.log().count("StoreMisconfigured") >= len(urls),
+                timeout=30,
+                what="every task to fail on the password",
+            )
+            time.sleep(3)  # a gap of more than two sweep intervals
+            assert cluster.status_counts() == {"pending": len(urls)}
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f"ALTER ROLE pw_worker PASSWORD '{SECRET}'")
+            fixed = time.monotonic()
+            cluster.wait_all_terminal(len(urls), timeout=60)
+            took = time.monotonic() - fixed
+            print(f"\nPASSWORD fixed: {len(urls)} pending files completed {took:.1f}s later")
+            assert cluster.status_counts() == {"completed": len(urls)}
+            assert cluster.scalar("SELECT count(*) FROM sink") == len(urls)
+            assert SECRET not in worker.log()
+            cluster.wait_sql(
+                "SELECT count(*) = 1 FROM pipeline_database_trouble WHERE cause = 'configuration'",
+                timeout=10,
+                what="the configuration trouble to be recorded",
+            )
