@@ -12,8 +12,10 @@ What each situation does, and what Flower shows (the README's outcome table):
   and claims when the database answers; not an attempt (STARTED until then);
 - the database lost mid-execution: waits where it stands, then carries on under the same
   claim: runs the function again if its output transaction was broken (at most
-  MAX_STARTS_PER_ATTEMPT starts), or reports the completion that had committed (STARTED,
-  then SUCCESS);
+  MAX_STARTS_PER_ATTEMPT starts; a start refused for disk, memory or connections is not
+  counted), or reports the completion that had committed (STARTED, then SUCCESS);
+- the database refuses the configuration (StoreMisconfigured): fails at once, said once a
+  minute in the log; the row stays pending (FAILURE);
 - the function raised, attempts left: records it with the time the next attempt is due and
   retries then (RETRY with the error);
 - the cap reached or the error permanent: the file is dead (FAILURE, FileDead);
