@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+# What a store error says about the database (StoreUnavailable's and StoreMisconfigured's
+# `cause`), as status, the metrics and the logs name it.
+UNREACHABLE = "unreachable"
+SHUTTING_DOWN = "shutting down or starting up"
+TOO_MANY_CONNECTIONS = "too many connections"
+DISK_FULL = "disk full"
+OUT_OF_MEMORY = "out of memory"
+OUT_OF_RESOURCES = "out of resources"
+CONFLICT = "serialization failure or deadlock"
+MISCONFIGURED = "configuration"
+# The database is up but short of something: a start of the function that it refused is not
+# counted against the attempt's starts (the wait before the next one grows instead).
+RESOURCE_CAUSES = frozenset(
+    {TOO_MANY_CONNECTIONS, DISK_FULL, OUT_OF_MEMORY, OUT_OF_RESOURCES, CONFLICT}
+)
+
 
 class PipelineError(Exception):
     """Something went wrong in pipeline."""
@@ -15,6 +31,12 @@ class PipelineError(Exception):
 
 class StoreUnavailable(PipelineError):
     """The checkpoint database cannot be reached; nothing was changed, try again."""
+
+
+class StoreMisconfigured(PipelineError):
+    """The checkpoint database refuses this configuration (authentication, unknown database,
+    a startup parameter or protocol it does not accept): fix PIPELINE_DATABASE_URL; waiting
+    will not help."""
 
 
 class BrokerUnavailable(PipelineError):

@@ -245,6 +245,32 @@ class DeadFile:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DatabaseTrouble:
+    """A spell of database trouble a worker saw (disk full, too many connections,
+    unreachable, configuration, ...), recorded once the database answered it again."""
+
+    cause: str
+    message: str
+    seen_by: str | None
+    first_at: dt.datetime
+    last_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatabaseGap:
+    """The last time the database answered nobody of the fleet for longer than the gap rule's
+    threshold, and how many leases were given the gap back."""
+
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    leases_extended: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RunningFile:
     """A file being processed, and how far it got (from its committed chunks)."""
 
@@ -296,6 +322,10 @@ class Overview:
     records_in_flight: int = 0
     #: the batch asked for (`status --batch`), when it has a row
     batch: Batch | None = None
+    #: database trouble the workers saw in the last day, the latest first (one per cause)
+    database_trouble: tuple[DatabaseTrouble, ...] = ()
+    #: the last gap the database answered nobody (the gap rule), if any
+    database_gap: DatabaseGap | None = None
 
     def totals(self) -> dict[Status, int]:
         result = dict.fromkeys(Status, 0)
@@ -374,6 +404,8 @@ class Operations:
     workers_live: int
     #: seconds since the latest heartbeat of any worker (None: no worker ever seen)
     worker_heartbeat_age: float | None
+    #: when the workers last saw each cause of database trouble (Unix time), last day
+    database_trouble_at: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class BatchState(enum.StrEnum):

@@ -208,6 +208,24 @@ def overview_json(overview: Overview) -> dict[str, Any]:
             }
             for d in overview.dead
         ],
+        "database_trouble": [
+            {
+                "cause": t.cause,
+                "message": masking.scrub(t.message),
+                "seen_by": t.seen_by,
+                "first_at": t.first_at.isoformat(),
+                "last_at": t.last_at.isoformat(),
+            }
+            for t in overview.database_trouble
+        ],
+        "database_gap": None
+        if overview.database_gap is None
+        else {
+            "started_at": overview.database_gap.started_at.isoformat(),
+            "ended_at": overview.database_gap.ended_at.isoformat(),
+            "seconds": round(overview.database_gap.seconds, 1),
+            "leases_extended": overview.database_gap.leases_extended,
+        },
         "records": overview.records.as_dict() if overview.records else None,
         "records_in_flight": overview.records_in_flight,
         "batch": None if overview.batch is None else batch_json(overview.batch),
@@ -279,6 +297,8 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
     if overview.records is not None:
         r = overview.records
         out.print(f"records: {r.total} read, {r.filtered} filtered, {r.persisted} persisted")
+    for line in database_lines(overview):
+        out.print(escape(line))
     if overview.running:
         out.print(running_table(overview))
     if overview.dead:
@@ -295,6 +315,25 @@ def print_overview(overview: Overview, batch_id: str | None = None) -> None:
                 escape(masking.scrub((d.error or "")[:200])),
             )
         out.print(dead)
+
+
+def database_lines(overview: Overview) -> list[str]:
+    """When the database last refused or failed the workers and why, and the last gap."""
+    lines = []
+    for t in overview.database_trouble:
+        spell = (t.last_at - t.first_at).total_seconds()
+        lines.append(
+            f"database trouble: {t.cause}, last at {t.last_at:%Y-%m-%d %H:%M:%S %Z}"
+            f" (for {spell:.0f}s, seen by {t.seen_by or '?'}): {masking.scrub(t.message)[:200]}"
+        )
+    gap = overview.database_gap
+    if gap is not None:
+        lines.append(
+            f"database gap: it answered no worker for {gap.seconds:.1f}s until "
+            f"{gap.ended_at:%Y-%m-%d %H:%M:%S %Z}; {gap.leases_extended} leases given the gap "
+            "back (no attempt spent)"
+        )
+    return lines
 
 
 def running_table(overview: Overview) -> Table:

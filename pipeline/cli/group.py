@@ -21,6 +21,8 @@ err = Console(stderr=True)
 out = Console()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# A configuration the database refuses exits like a usage error: fix it, do not retry.
+EXIT_CONFIG = EXIT_USAGE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,10 +48,15 @@ def services() -> Services:
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """The project's errors as a clear message and exit status 1, never a traceback; no
-    password in it."""
+    """The project's errors as a clear message and exit status 1 (2 for a configuration the
+    database refuses), never a traceback; no password in it."""
     try:
         yield
+    except errors.StoreMisconfigured as error:
+        # The configuration is wrong (PIPELINE_DATABASE_URL): exit at once, status 2.
+        message = masking.scrub(str(error), *services().secrets())
+        err.print(f"[red]error:[/red] {escape(message)}")
+        raise SystemExit(EXIT_CONFIG) from error
     except errors.PipelineError as error:
         # escape(): user text (URLs, batch names) may hold "[...]", which rich reads as markup.
         message = masking.scrub(str(error), *services().secrets())

@@ -63,6 +63,7 @@ class CheckpointCollector(Collector):
         self._refreshed_at = 0.0
         self._refresh_seconds = 0.0
         self._up = 0
+        self._refused: str | None = None  # the cause of the last failed refresh
 
     def refresh(self) -> None:
         started = time.monotonic()
@@ -83,8 +84,11 @@ class CheckpointCollector(Collector):
                 logger.debug("metrics refresh traceback", exc_info=True)
             with self._lock:
                 self._up = 0
+                cause = getattr(error, "cause", None)
+                self._refused = cause if isinstance(cause, str) else None
             return
         with self._lock:
+            self._refused = None
             self._snapshot = snapshot
             self._refreshed_at = time.time()
             self._refresh_seconds = time.monotonic() - started
@@ -92,9 +96,18 @@ class CheckpointCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            s, up = self._snapshot, self._up
+            s, up, refused = self._snapshot, self._up, self._refused
             refreshed_at, took = self._refreshed_at, self._refresh_seconds
         yield gauge("pipeline_up", "1 when the last refresh of the checkpoint table worked", up)
+        if refused is not None:
+            family = GaugeMetricFamily(
+                "pipeline_database_refused",
+                "1 with the cause (disk full, too many connections, unreachable, configuration,"
+                " ...) when the last refresh was refused by the database",
+                labels=["cause"],
+            )
+            family.add_metric([refused], 1)
+            yield family
         yield gauge(
             "pipeline_snapshot_timestamp_seconds",
             "When the served figures were read from the database (Unix time)",
@@ -112,6 +125,15 @@ class CheckpointCollector(Collector):
             "Worker main processes whose heartbeat is at most 3 intervals old",
             s.workers_live,
         )
+        if s.database_trouble_at:
+            family = GaugeMetricFamily(
+                "pipeline_database_trouble_timestamp_seconds",
+                "When the workers last saw each cause of database trouble (last day)",
+                labels=["cause"],
+            )
+            for cause, at in sorted(s.database_trouble_at.items()):
+                family.add_metric([cause], at)
+            yield family
         if s.worker_heartbeat_age is not None:
             yield gauge(
                 "pipeline_worker_heartbeat_age_seconds",

@@ -9,6 +9,7 @@ and errors, nothing else of pipeline.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -35,6 +36,10 @@ DEFAULT_WAITING_SECONDS = 120.0
 # How late a scheduled retry may be before the sweep takes its message for lost and sends
 # another (a duplicate costs one claim; a worker busy with other files may start an ETA late).
 DEFAULT_OVERDUE_SECONDS = 5.0
+# The gap rule: when the database answered nobody of the fleet (no sweep, no worker heartbeat)
+# for longer than this, the leases live when the gap began get it back before any is reaped.
+# Twice the default sweep interval; the sweep passes twice its own.
+DEFAULT_GAP_SECONDS = 10.0
 # Fencing tokens a store reserves from the sequence per query (see ClaimPath.reserve_token).
 TOKEN_BLOCK = 100
 
@@ -208,10 +213,13 @@ class Registry(Protocol):
         waiting_seconds: float | None = DEFAULT_WAITING_SECONDS,
         limit: int = 1000,
         overdue_seconds: float = DEFAULT_OVERDUE_SECONDS,
+        gap_seconds: float = DEFAULT_GAP_SECONDS,
     ) -> list[Work]:
         """The sweep: move expired claims on; hand back failed rows whose retry is overdue by
         `overdue_seconds` (their message lost); with `waiting_seconds`, also the pending rows
-        (and failed ones with no retry time) that waited longer than that (None: skip those).
+        (and failed ones with no retry time) that waited longer than that (None: skip those),
+        or that waited through the last gap. First the gap rule: if the database answered
+        nobody for longer than `gap_seconds`, the leases live when the gap began get it back.
         One sweep at a time: a concurrent call returns nothing."""
         ...
 
@@ -255,6 +263,18 @@ class Presence(Protocol):
 
     def worker_stopped(self, worker: str, pid: int) -> None:
         """A worker's main process stops cleanly: it is no longer counted."""
+        ...
+
+    def record_trouble(
+        self,
+        cause: str,
+        message: str,
+        seen_by: str | None,
+        first_at: dt.datetime,
+        last_at: dt.datetime,
+    ) -> None:
+        """A spell of database trouble a worker saw (`pipeline status` shows it), written once
+        the database answers again."""
         ...
 
 

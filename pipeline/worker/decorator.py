@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import tracing
+from pipeline import errors, tracing
 from pipeline.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS
 from pipeline.worker import execution
 from pipeline.worker.celery_app import app as default_app
@@ -61,6 +61,9 @@ def checkpointed(
             "serializer": "json",
             "max_retries": None,
             "Request": CheckpointRequest,
+            # A database refusing the configuration fails the task at once: an expected error
+            # (one line in the log, no traceback per task); trouble.log says it once a minute.
+            "throws": (errors.StoreMisconfigured,),
             "soft_time_limit": soft_time_limit,
             "time_limit": (
                 time_limit

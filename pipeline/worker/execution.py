@@ -12,8 +12,10 @@ What each situation does, and what Flower shows (the README's outcome table):
   and claims when the database answers; not an attempt (STARTED until then);
 - the database lost mid-execution: waits where it stands, then carries on under the same
   claim: runs the function again if its output transaction was broken (at most
-  MAX_STARTS_PER_ATTEMPT starts), or reports the completion that had committed (STARTED,
-  then SUCCESS);
+  MAX_STARTS_PER_ATTEMPT starts; a start refused for disk, memory or connections is not
+  counted), or reports the completion that had committed (STARTED, then SUCCESS);
+- the database refuses the configuration (StoreMisconfigured): fails at once, said once a
+  minute in the log; the row stays pending (FAILURE);
 - the function raised, attempts left: records it with the time the next attempt is due and
   retries then (RETRY with the error);
 - the cap reached or the error permanent: the file is dead (FAILURE, FileDead);
@@ -41,7 +43,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from pipeline import errors, masking, tracing
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import ClaimPath, resume_tokens
-from pipeline.worker import runtime
+from pipeline.worker import runtime, trouble
 from pipeline.worker.checkpoint import CheckpointContext, Chunk
 from pipeline.worker.lease import Held, keeper
 from pipeline.worker.options import Spec
@@ -64,6 +66,10 @@ MAX_STARTS_PER_ATTEMPT = 5
 # Pauses while waiting for the database where the execution stands (seconds, then the last
 # one repeated): short, so a file carries on within a few seconds of the database's return.
 STORE_WAITS = (0.2, 0.5, 1.0, 1.0, 2.0)
+# Pauses before the function starts again after the database refused its output for want of
+# resources (disk full, out of memory, too many connections, a deadlock): seconds, then the
+# last one repeated. Such a start is not counted in MAX_STARTS_PER_ATTEMPT.
+RESOURCE_WAITS = (0.5, 1.0, 2.0, 3.0, 5.0)
 # A delivery that comes this close before its retry is due waits for it instead of being
 # dropped (clock steps between worker and database, an ETA fired a hair early).
 NOT_DUE_SLACK = 2.0
@@ -115,9 +121,23 @@ def run(
         carried = {**kwargs, "_pipeline_resume": [*resume, *proposed]}
         raise _retry_later(task, error, spec.backoff.delay(task.request.retries), carried) from None
 
-    if isinstance(result, Refusal):
-        return _refused(task, spec, result, kwargs)
-    return _execute(task, fn, spec, store, result, args, kwargs)
+    try:
+        if isinstance(result, Refusal):
+            return _refused(task, spec, result, kwargs)
+        return _execute(task, fn, spec, store, result, args, kwargs)
+    finally:
+        _report_trouble(task)
+
+
+def _report_trouble(task: Task) -> None:
+    """The database trouble this process saw, written for `pipeline status` once the
+    database answers again (nothing to do, the common case, costs nothing)."""
+    if not trouble.log.has_unreported():
+        return
+    try:
+        trouble.report(runtime.get_store(), _worker_id(task))
+    except Exception as error:  # still in trouble: the next delivery tries again
+        logger.debug("database trouble not recorded yet: %s", error)
 
 
 def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) -> T:
@@ -132,10 +152,14 @@ def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) ->
             if not patient:
                 raise
             pause = STORE_WAITS[min(n, len(STORE_WAITS) - 1)]
-            if n % 12 == 0:  # the first time, then about once a minute
-                logger.warning("%s: %s; waiting for the database", what, error)
+            # Once a minute per cause in this process, however many tasks wait.
+            trouble.log.seen(error, f"{what}; waiting for the database")
             n += 1
             time.sleep(pause)
+        except errors.StoreMisconfigured as error:
+            # Waiting would never end: the task fails now, said once a minute in the log.
+            trouble.log.seen(error, what, logging.ERROR)
+            raise
 
 
 def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
@@ -203,8 +227,11 @@ def _execute(
     # Where each start of the function begins: the claim's position, then, after an outage,
     # the last chunk the database has (a chunk whose reply was lost may have committed).
     resume_from = claim
+    start = 0
+    short = 0  # starts refused for the database's resources (disk full, ...): not counted
     try:
-        for start in range(1, MAX_STARTS_PER_ATTEMPT + 1):
+        while start < MAX_STARTS_PER_ATTEMPT:
+            start += 1
             try:
                 return _run_once(task, fn, spec, store, resume_from, heartbeat, args, kwargs)
             except errors.BatchCancelled:
@@ -223,13 +250,23 @@ def _execute(
                     return _output_discarded(claim)
                 # The database went away mid-execution: wait for it here, holding the message
                 # and the pool process, then find out what became of the claim.
-                logger.warning(
-                    "database lost during %s (start %d of at most %d in this attempt): %s",
-                    claim.file_url,
-                    start,
-                    MAX_STARTS_PER_ATTEMPT,
-                    error,
-                )
+                if getattr(error, "cause", None) in errors.RESOURCE_CAUSES:
+                    # Up but short of disk, memory or connections: not this attempt's fault,
+                    # so not one of its starts; the function starts again after a pause that
+                    # grows (bounded work however long the shortage lasts).
+                    start -= 1
+                    pause = RESOURCE_WAITS[min(short, len(RESOURCE_WAITS) - 1)]
+                    short += 1
+                    trouble.log.seen(
+                        error, f"{claim.file_url} starts again in {pause:g}s, same attempt"
+                    )
+                    time.sleep(pause)
+                else:
+                    trouble.log.seen(
+                        error,
+                        f"database lost during {claim.file_url} (start {start} of at most "
+                        f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
+                    )
                 where = wait_for_store(
                     lambda: _where_is(store, claim), f"resuming {claim.file_url}"
                 )
@@ -240,8 +277,12 @@ def _execute(
                     return _skipped(
                         claim.file_url, "claim lost while the database was away; output discarded"
                     )
-                # Still ours: the broken output transaction was rolled back; start again,
-                # same claim, same attempt, from the last chunk that committed.
+                # Still ours: the broken output transaction was rolled back. Before the
+                # function starts again, an output transaction must be possible too (a new
+                # connection: "too many clients" refuses it while the claim's own connection
+                # works), so that a connection limit does not use up the starts.
+                wait_for_store(lambda: _open_output(store), f"reopening {claim.file_url}")
+                # Start again, same claim, same attempt, from the last chunk that committed.
                 resume_from = where
                 last_error = error
         raise errors.TransactionBroken(
@@ -279,14 +320,17 @@ def _run_once(
 ) -> dict[str, Any]:
     """One start of the function under `claim`, completed in its output transaction."""
     started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        context = CheckpointContext(
-            store, claim, stack, lost=heartbeat.lost, on_chunk=_progress_reporter(task, claim)
-        )
-        call_kwargs = dict(kwargs)
-        if spec.wants_checkpoint:
-            call_kwargs["checkpoint"] = context
-        try:
+    try:
+        with contextlib.ExitStack() as stack:
+            context = CheckpointContext(
+                store, claim, stack, lost=heartbeat.lost, on_chunk=_progress_reporter(task, claim)
+            )
+            call_kwargs = dict(kwargs)
+            if spec.wants_checkpoint:
+                call_kwargs["checkpoint"] = context
+            # Whatever the function raises goes out through its output transaction, rolled
+            # back: a database error it met there is translated on the way (with its cause:
+            # disk full, too many connections, ...), as are LostClaim and StoreUnavailable.
             result = fn(claim.file_url, *args, **call_kwargs)
             stats = Stats.coerce(result)
             if heartbeat.lost.is_set():
@@ -299,15 +343,14 @@ def _run_once(
                 details=context.details or None,
                 transaction=context.output_transaction,
             )
-        except (errors.LostClaim, errors.StoreUnavailable):
-            raise  # rolls the output back on the way out of the stack
-        except Exception as error:
-            if store.unavailable(error):
-                # First line only (SQLAlchemy appends the statement and its parameters), and
-                # with any URL password masked: this text reaches the logs and Flower.
-                first = (str(error) or type(error).__name__).splitlines()[0]
-                raise errors.StoreUnavailable(masking.scrub(first)) from error
-            raise
+    except Exception as error:
+        if not isinstance(error, errors.PipelineError) and store.unavailable(error):
+            # A database error from the function's own connection: first line only
+            # (SQLAlchemy appends the statement and its parameters), with any URL password
+            # masked: this text reaches the logs and Flower.
+            first = (str(error) or type(error).__name__).splitlines()[0]
+            raise errors.StoreUnavailable(masking.scrub(first)) from error
+        raise
     return _completed(claim, stats)  # committed: output and 'completed' together
 
 
@@ -336,6 +379,12 @@ def _where_is(store: ClaimPath, claim: Claim) -> dict[str, Any] | Claim | None:
     if row.status is Status.COMPLETED:
         return _completed(claim, row.stats)
     return None
+
+
+def _open_output(store: ClaimPath) -> None:
+    """Open (and end) a transaction like a function's output transaction."""
+    with store.transaction():
+        pass
 
 
 def _progress_reporter(task: Task, claim: Claim) -> Callable[[Chunk], None]:

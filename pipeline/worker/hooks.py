@@ -16,7 +16,7 @@ from celery.worker.request import Request
 
 from pipeline import errors, settings
 from pipeline.store import Store
-from pipeline.worker import runtime, sweep
+from pipeline.worker import runtime, sweep, trouble
 
 logger = logging.getLogger("pipeline")
 
@@ -142,9 +142,13 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
                     self._heartbeat(store, name, pid, interval)
                     if sweeping and not first:
                         sweep.reap_once(store, celery_app)
+                    # The database answers again: say what the trouble was (`pipeline status`).
+                    trouble.report(store, name)
                     first = False
                     complained = False
-                except errors.PipelineError as error:  # unreachable, no schema, no URL set
+                except (errors.StoreUnavailable, errors.StoreMisconfigured) as error:
+                    trouble.log.seen(error, "sweep skipped")  # once a minute per cause
+                except errors.PipelineError as error:  # no schema, no URL set
                     if not complained:  # once per spell, not every few seconds
                         logger.warning("sweep skipped: %s", error)
                     complained = True
@@ -163,6 +167,8 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         # must not stop the sweep; said once per spell.
         try:
             store.worker_seen(name, pid, interval)
+        except (errors.StoreUnavailable, errors.StoreMisconfigured):
+            raise  # the database's trouble: said (once a minute) and remembered by the loop
         except errors.PipelineError as error:
             if not self._heartbeat_failing:
                 logger.warning("worker heartbeat not recorded: %s", error)

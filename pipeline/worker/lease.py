@@ -10,6 +10,7 @@ import time
 from pipeline import errors
 from pipeline.models import Claim
 from pipeline.store import ClaimPath
+from pipeline.worker import trouble
 
 logger = logging.getLogger("pipeline")
 
@@ -90,12 +91,12 @@ class LeaseKeeper:
                 logger.warning("lost the claim on %s (token %s)", url, token)
                 held.lost.set()
                 self.release(held)
-        except errors.StoreUnavailable as error:
-            # Keep trying: the lease is long enough to survive a missed beat or two. Said the
-            # first time and then every tenth, not every lease/3 for the length of an outage.
+        except (errors.StoreUnavailable, errors.StoreMisconfigured) as error:
+            # Keep trying: the lease is long enough to survive a missed beat or two, and a
+            # longer outage is made good by the sweep's gap rule. Said once a minute per cause
+            # in this process, not every lease/3 for every claim.
             held.misses += 1
-            if held.misses % 10 == 1:
-                logger.warning("heartbeat for %s failed (%d in a row): %s", url, held.misses, error)
+            trouble.log.seen(error, f"heartbeat for {url} failed ({held.misses} in a row)")
         except Exception:  # never let the keeper die
             logger.exception("heartbeat for %s crashed", url)
 

@@ -28,7 +28,10 @@ def reap_once(store: Registry, app: Any, *, waiting_seconds: float | None = None
         # broker with duplicates. Rows whose message was lost are handed back once the queue
         # drains. Expired leases and overdue retries are handed back either way.
         logger.debug("sweep: %d messages queued; waiting rows left for later", depth)
-    work = store.reap(waiting_seconds=None if depth else waiting)
+    # The gap rule at two sweep intervals: a longer silence of the whole fleet is the
+    # database's (or everybody's) absence, and is given back to the live leases.
+    gap = 2.0 * settings.REAP_INTERVAL.get()
+    work = store.reap(waiting_seconds=None if depth else waiting, gap_seconds=gap)
     dead = sum(1 for w in work if w.status.terminal)
     sent = 0
     if len(work) > dead:

@@ -386,6 +386,25 @@ def test_metrics__unreachable_database_reads_down() -> None:
         nowhere.close()
     assert value(figures, "pipeline_up") == 0
     assert "pipeline_files" not in figures  # no figures rather than made-up zeros
+    assert value(figures, "pipeline_database_refused", cause="unreachable") == 1
+
+
+def test_metrics__database_trouble_the_workers_saw_by_cause(filled: PostgresStore) -> None:
+    import datetime as dt
+
+    at = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=1)
+    filled.record_trouble("disk full", "No space left on device", "w1@h", at, at)
+    port = free_port()
+    _, stop = metrics.serve(filled, port=port, addr="127.0.0.1", interval=3600)
+    try:
+        figures = scrape(port)
+    finally:
+        stop.set()
+        filled.execute_script("TRUNCATE pipeline_database_trouble")
+    assert value(figures, "pipeline_database_trouble_timestamp_seconds", cause="disk full") == (
+        at.timestamp()
+    )
+    assert "pipeline_database_refused" not in figures
 
 
 def test_metrics_cli__serves_the_table_and_stops_on_sigterm(

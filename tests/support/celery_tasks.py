@@ -7,10 +7,10 @@ chunk; `?kill_before=1` SIGKILLs its process before its first chunk.
 `?sleep=S` sleeps S seconds inside the output transaction (with `&sleep_until=N`, only on
 attempts before N), `?raise=1` raises a retryable error, `?permanent=1` a non-retryable one,
 `?kill=1` SIGKILLs its own process, `?dataerror=1` runs a statement the database
-refuses as data (division by zero) inside the output transaction, `?raise_until=N` raises on
-attempts before N. Every
-execution writes one row to `sink` through `checkpoint.transaction()`, so counting sink rows
-counts the effects that landed.
+refuses as data (division by zero) inside the output transaction, `?fill=N` inserts N rows
+into a table `sink_fill` the test creates (output that needs new pages: a full disk refuses
+it), `?raise_until=N` raises on attempts before N. Every execution writes one row to `sink`
+through `checkpoint.transaction()`, so counting sink rows counts the effects that landed.
 
 `tests.batch_done` is a batch's completion callback: it writes one row to `callback_runs` (no
 unique key) with the batch summary, through `checkpoint.transaction()`, sleeping
@@ -130,6 +130,14 @@ def _sink(file_url: str, checkpoint: Any) -> dict[str, int]:
         )
         if opts.get("dataerror"):
             conn.execute(sa.text("SELECT 1 / 0"))
+        if opts.get("fill"):  # N rows of 32 random characters into `sink_fill` (new pages)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO sink_fill (file_url, b)"
+                    " SELECT :u, md5(random()::text) FROM generate_series(1, :n)"
+                ),
+                {"u": file_url, "n": int(opts["fill"])},
+            )
         sleep_until = int(opts.get("sleep_until", 0))
         if opts.get("sleep") and (not sleep_until or checkpoint.attempt < sleep_until):
             time.sleep(float(opts["sleep"]))

@@ -38,6 +38,7 @@ class PgCluster:
         self.log = folder / "postgres.log"
         self.port = free_port()
         self.user: str | None = None
+        self.max_connections = 200  # set before start() for a cluster with fewer
         if os.geteuid() == 0:
             self.user = "embedded_postgres"
             ensure_user_exists(self.user)
@@ -68,12 +69,12 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), *args)
 
     def start(self) -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections=200"
+        options = f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections={self.max_connections}"
         self._ctl("-w", "-o", options, "start")
 
     def restart(self) -> None:
         """`pg_ctl restart -m fast`: every session is ended, the server is back in ~0.2 s."""
-        options = f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections=200"
+        options = f"-h 127.0.0.1 -p {self.port} -k '' -c max_connections={self.max_connections}"
         self._ctl("-w", "-m", "fast", "-o", options, "restart")
 
     def stop(self) -> None:
@@ -90,7 +91,7 @@ class PgCluster:
 
 
 @contextlib.contextmanager
-def private_cluster() -> Iterator[PgCluster]:
+def private_cluster(*, max_connections: int = 200) -> Iterator[PgCluster]:
     """A started cluster, stopped (immediate) and removed afterwards.
 
     Its folder is a new one under the system's temp folder, not pytest's tmp_path: that one
@@ -99,6 +100,7 @@ def private_cluster() -> Iterator[PgCluster]:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
     try:
         cluster = PgCluster(folder)
+        cluster.max_connections = max_connections
         cluster.start()
         try:
             yield cluster

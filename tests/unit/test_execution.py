@@ -151,6 +151,7 @@ SPEC = Spec(
 def quick_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     """No real pauses while a test's database is 'away'."""
     monkeypatch.setattr(execution, "STORE_WAITS", (0.0,))
+    monkeypatch.setattr(execution, "RESOURCE_WAITS", (0.0,))
 
 
 def deliver(store: ScriptedStore, fn: Any, task: FakeTask | None = None, **kwargs: Any) -> Any:
@@ -306,7 +307,8 @@ def test_database_lost_at_completion_with_the_claim_still_held__runs_again_same_
     result = deliver(store, fn)
     assert fn.calls == 2
     assert result["attempt"] == 1
-    assert [o.ended for o in store.outputs] == ["rolled back", "committed"]
+    # Between the two starts, an empty transaction showed that output can be written again.
+    assert [o.ended for o in store.outputs] == ["rolled back", "committed", "committed"]
     assert {c["token"] for c in store.named("complete")} == {7}
 
 
@@ -408,6 +410,26 @@ def test_chunks__an_attempt_resumes_at_the_position_of_its_claim() -> None:
     assert reader.written == [21, 22, 23, 24, 25]
 
 
+def test_disk_full_at_completion_more_times_than_the_starts__same_attempt_completes() -> None:
+    # The database short of disk refuses the output seven times running: not the attempt's
+    # fault, so none of those starts counts; the eighth commits, attempt 1.
+    full = errors.StoreUnavailable("checkpoint database unavailable (disk full)", cause="disk full")
+    store, fn = ScriptedStore(completes=(*([full] * 7), None)), Recorder()
+    result = deliver(store, fn)
+    assert fn.calls == 8
+    assert result["attempt"] == 1
+    assert store.named("fail") == []
+
+
+def test_unreachable_at_completion_every_start__the_attempt_fails_after_its_starts() -> None:
+    store, fn = ScriptedStore(completes=(DOWN,) * 6), Recorder()
+    with pytest.raises(Retry):
+        deliver(store, fn)
+    assert fn.calls == execution.MAX_STARTS_PER_ATTEMPT
+    (failed,) = store.named("fail")
+    assert "broke the output transaction" in str(failed["error"])
+
+
 def test_chunks__after_an_outage_mid_file_the_next_start_begins_at_the_last_commit() -> None:
     store, reader = ScriptedStore(), ChunkedReader(30, 10)
     store.chunks = [30.0, DOWN]  # the second chunk's commit breaks
@@ -420,6 +442,7 @@ def test_chunks__after_an_outage_mid_file_the_next_start_begins_at_the_last_comm
     assert [o.ended for o in store.outputs] == [
         "committed",
         "rolled back",
+        "committed",  # the empty transaction showing that output can be written again
         "committed",
         "committed",
     ]

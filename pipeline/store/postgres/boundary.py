@@ -1,8 +1,24 @@
-"""The one error boundary: driver errors become the project's own, by SQLSTATE."""
+"""The one error boundary: driver errors become the project's own, sorted by what they say
+about the database (the README's table of error classes).
+
+- away or out of resources (the server unreachable, shutting down or starting up, too many
+  connections, disk full, out of memory, a serialization or deadlock retry): StoreUnavailable,
+  with its `cause`; the execution waits in place, no attempt is spent;
+- the configuration is wrong (authentication, unknown database, a startup parameter or
+  protocol the server refuses at connect): StoreMisconfigured, naming PIPELINE_DATABASE_URL;
+  waiting would never end, so nobody waits;
+- the data is wrong (data exceptions, constraint violations, program limits): DataError, the
+  file's failure;
+- the schema is missing: SchemaMissing.
+
+A failed connect carries no SQLSTATE in psycopg (the server's FATAL is only in the message),
+so connect failures are sorted by the server's message.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import psycopg
@@ -10,14 +26,60 @@ from sqlalchemy import exc as sa_exc
 
 from pipeline import errors, masking
 
-# SQLSTATEs that mean "the server is not reachable or went away" (connection exception,
-# admin/crash shutdown, cannot connect now) and "too many connections" (wait for a slot).
-# Nothing else is an outage: a data error retried in a loop would never succeed.
-_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# Causes of StoreUnavailable (its `cause`), as status, the metrics and the logs name them.
+UNREACHABLE = errors.UNREACHABLE
+SHUTTING_DOWN = errors.SHUTTING_DOWN
+TOO_MANY_CONNECTIONS = errors.TOO_MANY_CONNECTIONS
+DISK_FULL = errors.DISK_FULL
+OUT_OF_MEMORY = errors.OUT_OF_MEMORY
+OUT_OF_RESOURCES = errors.OUT_OF_RESOURCES
+CONFLICT = errors.CONFLICT
+MISCONFIGURED = errors.MISCONFIGURED
+
+# SQLSTATE (prefix) -> cause: the database is away or out of resources. Longest prefix first.
+_AWAY_SQLSTATES = (
+    ("53100", DISK_FULL),
+    ("53200", OUT_OF_MEMORY),
+    ("53300", TOO_MANY_CONNECTIONS),
+    ("53", OUT_OF_RESOURCES),
+    ("57P01", SHUTTING_DOWN),  # admin shutdown
+    ("57P02", SHUTTING_DOWN),  # crash shutdown
+    ("57P03", SHUTTING_DOWN),  # cannot connect now
+    ("40001", CONFLICT),
+    ("40P01", CONFLICT),
+    ("08", UNREACHABLE),
+)
+# Wrong configuration whatever the moment: authentication, unknown database.
+_MISCONFIGURED_SQLSTATES = ("28", "3D000")
 # Data exception, integrity constraint violation, program limit exceeded (e.g. "index row
 # size exceeds maximum"): the data is at fault, not the database.
 _DATA_SQLSTATES = ("22", "23", "54")
 _MISSING_SQLSTATES = ("42P01", "42883")  # undefined table, undefined function
+
+# A connect refused by the server (or a pooler in front of it), by its message: what a retry
+# cannot fix, and what it can. Checked in this order; a connect failure matching neither is
+# an outage (connection refused, timeout, reset).
+_CONNECT_MISCONFIGURED = re.compile(
+    r"password authentication failed|authentication failed|no password supplied"
+    r"|role \"[^\"]*\" does not exist|no pg_hba\.conf entry|database \"[^\"]*\" does not exist"
+    r"|permission denied for database|unsupported startup parameter|unrecognized configuration"
+    r"|invalid value for parameter|protocol violation|invalid startup packet"
+    r"|unsupported frontend protocol|no such (?:database|user)|does not support SSL"
+    r"|SSL (?:is )?required|server certificate|invalid (?:connection option|sslmode|port)",
+    re.IGNORECASE,
+)
+_CONNECT_AWAY = (
+    (
+        re.compile(r"too many (?:clients|connections)|connection slots are reserved", re.I),
+        TOO_MANY_CONNECTIONS,
+    ),
+    (re.compile(r"No space left on device|disk full", re.I), DISK_FULL),
+    (re.compile(r"out of memory", re.I), OUT_OF_MEMORY),
+    (
+        re.compile(r"starting up|shutting down|in recovery mode|not yet accepting", re.I),
+        SHUTTING_DOWN,
+    ),
+)
 
 
 @contextlib.contextmanager
@@ -30,9 +92,21 @@ def translate(url: str) -> Iterator[None]:
         state = str(getattr(orig, "sqlstate", "") or "")
         shown = masking.mask_url(url)
         message = masking.scrub(_first_line(orig), url)
-        if _is_unavailable(error, orig, state):
+        if state.startswith(_MISCONFIGURED_SQLSTATES) or _refused_at_connect(orig, state):
+            raise errors.StoreMisconfigured(
+                f"PIPELINE_DATABASE_URL {shown} is refused by the database: {message}",
+                url=shown,
+                cause=MISCONFIGURED,
+                sqlstate=state or None,
+                detail=_server_said(message),
+            ) from error
+        cause = _unavailable_cause(error, orig, state)
+        if cause is not None:
             raise errors.StoreUnavailable(
-                f"checkpoint database {shown} unreachable: {message}", url=shown
+                f"checkpoint database {shown} {_said(cause)}: {message}",
+                url=shown,
+                cause=cause,
+                detail=_server_said(message),
             ) from error
         if state.startswith(_DATA_SQLSTATES):
             raise errors.DataError(
@@ -45,22 +119,52 @@ def translate(url: str) -> Iterator[None]:
         raise
 
 
-def _is_unavailable(error: BaseException, orig: BaseException | None, state: str) -> bool:
+def _server_said(message: str) -> str:
+    """What the server (or the socket) said, without libpq's "connection to server at ...
+    failed:" preamble: what `pipeline status` shows."""
+    return message.rpartition(" failed: ")[2].strip() or message
+
+
+def _said(cause: str) -> str:
+    return "unreachable" if cause == UNREACHABLE else f"unavailable ({cause})"
+
+
+def _refused_at_connect(orig: BaseException | None, state: str) -> bool:
+    """A connect the server (or a pooler) refused for a reason a retry cannot fix."""
     if state:
-        return state.startswith(_UNAVAILABLE_SQLSTATES)
-    # No SQLSTATE: the server never answered (connection refused, timeout, closed socket).
+        # A protocol violation on an open session is a broken connection (an outage).
+        return False
+    if isinstance(orig, psycopg.ProgrammingError):
+        return True  # libpq refused the connection string itself
+    return isinstance(orig, psycopg.OperationalError) and bool(
+        _CONNECT_MISCONFIGURED.search(str(orig))
+    )
+
+
+def _unavailable_cause(error: BaseException, orig: BaseException | None, state: str) -> str | None:
+    if state:
+        return next((cause for prefix, cause in _AWAY_SQLSTATES if state.startswith(prefix)), None)
+    # No SQLSTATE: the server never answered (connection refused, timeout, closed socket), or
+    # refused the connect with a FATAL whose SQLSTATE psycopg does not keep.
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-        return True
-    return isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
+        return UNREACHABLE
+    if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+        text = str(orig)
+        found = (cause for pattern, cause in _CONNECT_AWAY if pattern.search(text))
+        return next(found, UNREACHABLE)
+    return None
 
 
 def _first_line(error: BaseException | None) -> str:
-    return (str(error) or type(error).__name__).strip().splitlines()[0] if error else ""
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def unavailable(url: str, error: BaseException) -> bool:
     """Whether an exception (from a task's own use of a transaction) means the database
-    could not be reached."""
+    could not be reached or is out of resources (wait, not an attempt)."""
     try:
         with translate(url):
             raise error

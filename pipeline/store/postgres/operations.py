@@ -76,6 +76,9 @@ class OperationsReads(Connections):
             window_dead=int(s.window_dead),
             window_records_committed=int(s.window_records),
             records_in_flight=int(s.records_in_flight),
+            database_trouble_at={
+                r.cause: r.last_at.timestamp() for r in self._fast("database_trouble", {})
+            },
             window_attempts=attempts,
             window_run_seconds={k: histogram(v) for k, v in run_rows.items()},
             window_pickup_seconds=histogram(self._fast("ops_pickup", params)),
@@ -96,6 +99,29 @@ class OperationsReads(Connections):
     def worker_seen(self, worker: str, pid: int, interval_seconds: float) -> None:
         """`worker` (a worker's main process) is alive; it reports every `interval_seconds`."""
         self._fast("worker_seen", {"worker": worker, "pid": pid, "interval": interval_seconds})
+        # The fleet reached the database: a gap of more than two heartbeats is made good to
+        # the leases live when it began (the gap rule; the sweep applies it as well).
+        self._fast("contact", {"gap_seconds": 2.0 * interval_seconds})
+
+    def record_trouble(
+        self,
+        cause: str,
+        message: str,
+        seen_by: str | None,
+        first_at: dt.datetime,
+        last_at: dt.datetime,
+    ) -> None:
+        """A spell of database trouble a worker saw, once the database answers it again."""
+        self._fast(
+            "record_trouble",
+            {
+                "cause": cause,
+                "message": message[:500],
+                "seen_by": seen_by,
+                "first_at": first_at,
+                "last_at": last_at,
+            },
+        )
 
     def worker_stopped(self, worker: str, pid: int) -> None:
         self._fast("worker_stopped", {"worker": worker, "pid": pid})

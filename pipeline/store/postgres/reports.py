@@ -5,6 +5,8 @@ from __future__ import annotations
 from pipeline.models import (
     Attempt,
     Checkpoint,
+    DatabaseGap,
+    DatabaseTrouble,
     DeadFile,
     Outcome,
     Overview,
@@ -82,4 +84,21 @@ class Reports(Connections):
             records=records,
             batch_seconds=seconds,
             batch=batch,
+            database_trouble=self.database_trouble(),
+            database_gap=self.database_gap(),
         )
+
+    def database_trouble(self) -> tuple[DatabaseTrouble, ...]:
+        """The database trouble the workers saw in the last day, one per cause, latest first."""
+        return tuple(
+            DatabaseTrouble(r.cause, r.message, r.seen_by, r.first_at, r.last_at)
+            for r in self._fast("database_trouble", {})
+        )
+
+    def database_gap(self) -> DatabaseGap | None:
+        """The last gap the database answered nobody of the fleet (the gap rule)."""
+        rows = self._fast("database_gap", {})
+        if not rows:
+            return None
+        r = rows[0]
+        return DatabaseGap(r.gap_started_at, r.gap_ended_at, int(r.leases_extended))

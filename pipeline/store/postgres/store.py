@@ -22,6 +22,7 @@ from pipeline.models import (
     Work,
 )
 from pipeline.store import (
+    DEFAULT_GAP_SECONDS,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OVERDUE_SECONDS,
@@ -327,10 +328,16 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Schema):
         waiting_seconds: float | None = DEFAULT_WAITING_SECONDS,
         limit: int = 1000,
         overdue_seconds: float = DEFAULT_OVERDUE_SECONDS,
+        gap_seconds: float = DEFAULT_GAP_SECONDS,
     ) -> list[Work]:
         waiting = None if waiting_seconds is None else float(waiting_seconds)
         rows = self._fast(
             "reap",
-            {"waiting_seconds": waiting, "limit": limit, "overdue_seconds": overdue_seconds},
+            {
+                "waiting_seconds": waiting,
+                "limit": limit,
+                "overdue_seconds": overdue_seconds,
+                "gap_seconds": float(gap_seconds),
+            },
         )
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]

@@ -159,9 +159,14 @@ UNION ALL
 SELECT file_url, task_name, status FROM resumed
 
 -- reap --
--- The sweep: expired claims, overdue retries, rows waiting too long, none of a paused or
--- cancelled batch; see pipeline_reap_v5.
-SELECT * FROM pipeline_reap_v5(:waiting_seconds, :limit, :overdue_seconds)
+-- The sweep: the fleet's contact (the gap rule), expired claims, overdue retries, rows waiting
+-- too long, none of a paused or cancelled batch; see pipeline_reap_v6.
+SELECT * FROM pipeline_reap_v6(:waiting_seconds, :limit, :overdue_seconds, :gap_seconds)
+
+-- contact --
+-- The fleet reached the database (a worker's heartbeat): a gap longer than :gap_seconds since
+-- the last contact is made good to the leases live when it began; see pipeline_contact_v1.
+SELECT pipeline_contact_v1(:gap_seconds) AS gap
 
 -- summary --
 -- Counts by batch and status.
@@ -463,3 +468,26 @@ SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state,
 -- The batch summary a completion callback row carries (written when the batch settled); no row
 -- when the URL is not a callback's.
 SELECT summary AS details FROM pipeline_batch_callbacks WHERE file_url = :file_url
+
+-- database_trouble --
+-- Database trouble the workers saw in the last day, one row per cause, the latest first.
+SELECT cause, message, seen_by, first_at, last_at FROM pipeline_database_trouble
+ WHERE last_at > now() - interval '1 day'
+ ORDER BY last_at DESC
+
+-- database_gap --
+-- The last gap the database answered nobody of the fleet (the gap rule), if any.
+SELECT gap_started_at, gap_ended_at, leases_extended FROM pipeline_fleet_contact
+ WHERE gap_ended_at IS NOT NULL
+
+-- record_trouble --
+-- A spell of database trouble a worker saw, written once the database answers it again: the
+-- same cause's row keeps the latest spell (a continuing spell keeps its first_at).
+INSERT INTO pipeline_database_trouble AS t (cause, message, seen_by, first_at, last_at)
+VALUES (:cause, :message, :seen_by, :first_at, :last_at)
+ON CONFLICT (cause) DO UPDATE
+   SET message = excluded.message, seen_by = excluded.seen_by, reported_at = now(),
+       first_at = CASE WHEN t.last_at >= excluded.first_at - interval '1 minute'
+                       THEN least(t.first_at, excluded.first_at) ELSE excluded.first_at END,
+       last_at = greatest(t.last_at, excluded.last_at)
+RETURNING cause

@@ -470,6 +470,46 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_contact_v1(p_gap_seconds double precision) RETURNS double precision
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_now  timestamptz := clock_timestamp();
+    v_last timestamptz;
+    v_gap  interval;
+    v_n    integer;
+BEGIN
+    SELECT answered_at INTO v_last FROM pipeline_fleet_contact WHERE id FOR UPDATE;
+    IF v_last IS NULL THEN
+        INSERT INTO pipeline_fleet_contact (answered_at) VALUES (v_now)
+            ON CONFLICT (id) DO UPDATE SET answered_at = greatest(
+                pipeline_fleet_contact.answered_at, excluded.answered_at);
+        RETURN NULL;
+    END IF;
+    v_gap := v_now - v_last;
+    IF p_gap_seconds IS NULL OR v_gap <= make_interval(secs => p_gap_seconds) THEN
+        UPDATE pipeline_fleet_contact SET answered_at = greatest(answered_at, v_now) WHERE id;
+        RETURN NULL;
+    END IF;
+    UPDATE file_checkpoints c
+       SET lease_expires_at = least(c.lease_expires_at + v_gap,
+                                    v_now + make_interval(secs => c.lease_seconds))
+     WHERE c.status = 'processing'
+       -- live when the gap began ...
+       AND c.lease_expires_at > v_last
+       -- ... and not written (claimed, renewed, a chunk) in the last p_gap_seconds: its
+       -- holder had no answer either (a lease claimed in the gap, when the database answered
+       -- only its holder, gets at most a full lease from now)
+       AND c.updated_at < v_now - make_interval(secs => p_gap_seconds);
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    UPDATE pipeline_fleet_contact
+       SET answered_at = v_now, gap_started_at = v_last, gap_ended_at = v_now,
+           leases_extended = v_n
+     WHERE id;
+    RETURN extract(epoch FROM v_gap)::double precision;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_fail_v1(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean) RETURNS TABLE(status text, attempt integer, max_attempts integer)
     LANGUAGE sql
     AS $$
@@ -595,17 +635,26 @@ $$;
 CREATE FUNCTION public.pipeline_reap_v4(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE sql
     AS $$
-    SELECT * FROM pipeline_reap_v5(p_waiting_seconds, p_limit, p_overdue_seconds)
+    SELECT * FROM pipeline_reap_v6(p_waiting_seconds, p_limit, p_overdue_seconds, 10.0)
 $$;
 
-CREATE FUNCTION public.pipeline_reap_v5(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+CREATE FUNCTION public.pipeline_reap_v5(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision, p_gap_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_reap_v6(p_waiting_seconds, p_limit, p_overdue_seconds, p_gap_seconds)
+$$;
+
+CREATE FUNCTION public.pipeline_reap_v6(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision, p_gap_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    r       file_checkpoints%ROWTYPE;
-    v_state text;
-    v_now   timestamptz := clock_timestamp();
+    r         file_checkpoints%ROWTYPE;
+    v_state   text;
+    v_now     timestamptz;
+    v_gap_end timestamptz;
 BEGIN
+    PERFORM pipeline_contact_v1(p_gap_seconds);
+    v_now := clock_timestamp();
     IF NOT pg_try_advisory_xact_lock(1885958258) THEN  -- 'pipr', as pipeline_reap_v2
         RETURN;
     END IF;
@@ -655,13 +704,18 @@ BEGIN
      WHERE c.file_url = o.file_url
     RETURNING c.file_url, c.task_name, c.status;
 
+    -- Rows that waited through the last gap: handed back once, while the gap is recent.
+    SELECT f.gap_ended_at INTO v_gap_end FROM pipeline_fleet_contact f
+     WHERE f.id AND f.gap_ended_at > v_now - make_interval(secs => p_waiting_seconds);
+
     RETURN QUERY
     WITH waiting AS (
         SELECT c.file_url
           FROM file_checkpoints c
          WHERE p_waiting_seconds IS NOT NULL
            AND (c.status = 'pending' OR (c.status = 'failed' AND c.retry_at IS NULL))
-           AND c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+           AND (c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+                OR c.updated_at <= v_gap_end)
            AND NOT EXISTS (SELECT 1 FROM pipeline_batches b
                             WHERE b.name = c.batch_id AND b.state IN ('paused', 'cancelled'))
          ORDER BY c.updated_at
@@ -806,6 +860,24 @@ CREATE TABLE public.pipeline_batches (
     CONSTRAINT pipeline_batches_state_check CHECK ((state = ANY (ARRAY['open'::text, 'done'::text, 'cancelled'::text, 'paused'::text])))
 );
 
+CREATE TABLE public.pipeline_database_trouble (
+    cause text NOT NULL,
+    message text NOT NULL,
+    seen_by text,
+    first_at timestamp with time zone NOT NULL,
+    last_at timestamp with time zone NOT NULL,
+    reported_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE public.pipeline_fleet_contact (
+    id boolean DEFAULT true NOT NULL,
+    answered_at timestamp with time zone NOT NULL,
+    gap_started_at timestamp with time zone,
+    gap_ended_at timestamp with time zone,
+    leases_extended integer DEFAULT 0 NOT NULL,
+    CONSTRAINT pipeline_fleet_contact_id_check CHECK (id)
+);
+
 CREATE TABLE public.pipeline_workers (
     worker text NOT NULL,
     pid integer NOT NULL,
@@ -834,6 +906,12 @@ ALTER TABLE ONLY public.pipeline_batch_callbacks
 
 ALTER TABLE ONLY public.pipeline_batches
     ADD CONSTRAINT pipeline_batches_pkey PRIMARY KEY (name);
+
+ALTER TABLE ONLY public.pipeline_database_trouble
+    ADD CONSTRAINT pipeline_database_trouble_pkey PRIMARY KEY (cause);
+
+ALTER TABLE ONLY public.pipeline_fleet_contact
+    ADD CONSTRAINT pipeline_fleet_contact_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY public.pipeline_workers
     ADD CONSTRAINT pipeline_workers_pkey PRIMARY KEY (worker);

@@ -365,19 +365,23 @@ BEGIN
 END;
 $$;
 
--- The sweep: as v4, except that it hands out no file of a paused or cancelled batch (an
--- expired claim there still moves on, to `cancelled` in a cancelled batch; `resume` and
--- `requeue` enqueue them again); and it settles the open batches whose files are all
--- terminal (their callbacks come back with the rest, to be sent).
-CREATE FUNCTION pipeline_reap_v5(
-    p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision
+-- The sweep: as v5 (the gap rule of 0012 first), except that it hands out no file of a
+-- paused or cancelled batch (an expired claim there still moves on, to `cancelled` in a
+-- cancelled batch; `resume` and `requeue` enqueue them again); and it settles the open batches
+-- whose files are all terminal (their callbacks come back with the rest, to be sent).
+CREATE FUNCTION pipeline_reap_v6(
+    p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision,
+    p_gap_seconds double precision
 ) RETURNS TABLE (file_url text, task_name text, status text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r       file_checkpoints%ROWTYPE;
-    v_state text;
-    v_now   timestamptz := clock_timestamp();
+    r         file_checkpoints%ROWTYPE;
+    v_state   text;
+    v_now     timestamptz;
+    v_gap_end timestamptz;
 BEGIN
+    PERFORM pipeline_contact_v1(p_gap_seconds);
+    v_now := clock_timestamp();
     IF NOT pg_try_advisory_xact_lock(1885958258) THEN  -- 'pipr', as pipeline_reap_v2
         RETURN;
     END IF;
@@ -427,13 +431,18 @@ BEGIN
      WHERE c.file_url = o.file_url
     RETURNING c.file_url, c.task_name, c.status;
 
+    -- Rows that waited through the last gap: handed back once, while the gap is recent.
+    SELECT f.gap_ended_at INTO v_gap_end FROM pipeline_fleet_contact f
+     WHERE f.id AND f.gap_ended_at > v_now - make_interval(secs => p_waiting_seconds);
+
     RETURN QUERY
     WITH waiting AS (
         SELECT c.file_url
           FROM file_checkpoints c
          WHERE p_waiting_seconds IS NOT NULL
            AND (c.status = 'pending' OR (c.status = 'failed' AND c.retry_at IS NULL))
-           AND c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+           AND (c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
+                OR c.updated_at <= v_gap_end)
            AND NOT EXISTS (SELECT 1 FROM pipeline_batches b
                             WHERE b.name = c.batch_id AND b.state IN ('paused', 'cancelled'))
          ORDER BY c.updated_at
@@ -485,7 +494,15 @@ CREATE OR REPLACE FUNCTION pipeline_reap_v4(
     p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision
 ) RETURNS TABLE (file_url text, task_name text, status text)
 LANGUAGE sql AS $$
-    SELECT * FROM pipeline_reap_v5(p_waiting_seconds, p_limit, p_overdue_seconds)
+    SELECT * FROM pipeline_reap_v6(p_waiting_seconds, p_limit, p_overdue_seconds, 10.0)
+$$;
+
+CREATE OR REPLACE FUNCTION pipeline_reap_v5(
+    p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision,
+    p_gap_seconds double precision
+) RETURNS TABLE (file_url text, task_name text, status text)
+LANGUAGE sql AS $$
+    SELECT * FROM pipeline_reap_v6(p_waiting_seconds, p_limit, p_overdue_seconds, p_gap_seconds)
 $$;
 
 ALTER FUNCTION pipeline_claim_v5(text, text, double precision, integer, text, text, text,
