@@ -15,8 +15,9 @@ import sqlalchemy as sa
 from psycopg.rows import namedtuple_row
 from sqlalchemy import exc as sa_exc
 
-from pipeline import errors, masking
+from pipeline import errors, masking, settings
 from pipeline.store.postgres.boundary import translate, unavailable
+from pipeline.store.postgres.link import Deadlines, Link
 from pipeline.store.postgres.sqltext import driver_queries, engine_url, libpq_url, queries
 
 
@@ -66,13 +67,27 @@ class PgTransaction:
 class Connections:
     """The connections of one store object, shared by the threads of one process."""
 
-    def __init__(self, database_url: str, *, pool_size: int = 2, echo: bool = False) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        pool_size: int = 2,
+        echo: bool = False,
+        pooler: str | None = None,
+        direct_url: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.url = database_url
         self._pool_size = pool_size
         self._echo = echo
+        self.link = Link.from_settings(pooler, timeout)
+        # What needs a session of its own (migrations) goes around the pooler when it can.
+        self.direct_url = direct_url or settings.DATABASE_DIRECT_URL.get() or database_url
+        self._deadlines = Deadlines(self.link.deadline)
         # Created on first use: only output transactions and migrations need SQLAlchemy, and
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
+        self._sa_direct: sa.Engine | None = None
         self._q = queries()
         self._dq = driver_queries()
         try:
@@ -98,52 +113,83 @@ class Connections:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _make_engine(self, url: str, *, pool_size: int, direct: bool) -> sa.Engine:
+        link = dataclasses.replace(self.link, pooler="none") if direct else self.link
+        engine = sa.create_engine(
+            engine_url(url),
+            # Single calls run in autocommit: each transition is one statement, so a
+            # BEGIN/COMMIT pair would only add round trips.
+            isolation_level="AUTOCOMMIT",
+            pool_size=pool_size,
+            max_overflow=4,
+            # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
+            # invalidates the pool, the caller retries with a fresh one.
+            pool_pre_ping=False,
+            echo=self._echo,
+            connect_args=link.connect_args(),
+        )
+        first = link.session_sql(statement_timeout=False)
+        if first is not None:
+
+            @sa.event.listens_for(engine, "connect")
+            def _session(dbapi_connection: Any, _record: Any) -> None:
+                autocommit = dbapi_connection.autocommit
+                dbapi_connection.autocommit = True
+                dbapi_connection.execute(first)
+                dbapi_connection.autocommit = autocommit
+
+        return engine
+
     @property
     def _engine(self) -> sa.Engine:
         if self._sa_engine is None:
-            self._sa_engine = sa.create_engine(
-                engine_url(self.url),
-                # Single calls run in autocommit: each transition is one statement, so a
-                # BEGIN/COMMIT pair would only add round trips.
-                isolation_level="AUTOCOMMIT",
-                pool_size=self._pool_size,
-                max_overflow=4,
-                # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
-                # invalidates the pool, the caller retries with a fresh one.
-                pool_pre_ping=False,
-                echo=self._echo,
-                connect_args={
-                    # Generic plans cached while the table was small keep seq scans as it
-                    # grows (measured in BASELINE.md); custom plans keep primary-key lookups.
-                    "options": "-c plan_cache_mode=force_custom_plan",
-                    "connect_timeout": 5,
-                    "application_name": "pipeline",
-                },
-            )
+            self._sa_engine = self._make_engine(self.url, pool_size=self._pool_size, direct=False)
         return self._sa_engine
+
+    @property
+    def _session_engine(self) -> sa.Engine:
+        """For migrations: on the direct URL when one is given (around the pooler)."""
+        if self.direct_url == self.url:
+            return self._engine
+        if self._sa_direct is None:
+            self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
+        return self._sa_direct
 
     def _driver(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                row_factory=namedtuple_row,
-                connect_timeout=5,
-                options="-c plan_cache_mode=force_custom_plan",
-                application_name="pipeline",
+                self._dsn, autocommit=True, row_factory=namedtuple_row, **self.link.connect_args()
             )
+            first = self.link.session_sql(statement_timeout=True)
+            if first is not None:
+                try:
+                    with self._deadlines.bound(conn.fileno()):
+                        conn.execute(first)  # no parameters: several statements allowed
+                except BaseException:
+                    conn.close()
+                    raise
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
 
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
-        """Run a hot-path query on this thread's own connection (prepared after a few uses)."""
+        """Run a hot-path query on this thread's own connection (prepared after a few uses
+        unless behind a transaction pooler), within the link's deadline."""
         with translate(self.url):
             conn = self._driver()
             try:
-                return conn.execute(self._dq[name], params).fetchall()
+                with self._deadlines.bound(conn.fileno()):
+                    return conn.execute(self._dq[name], params).fetchall()
+            except psycopg.errors.QueryCanceled as error:
+                # The server's statement_timeout (set on this connection only): no answer
+                # within the bound counts as the database being away, as a lost link does.
+                raise errors.StoreUnavailable(
+                    f"checkpoint database {masking.mask_url(self.url)} unreachable: no answer "
+                    f"within {self.link.timeout:g} s ({name})",
+                    url=masking.mask_url(self.url),
+                ) from error
             except psycopg.Error:
                 if conn.broken or conn.closed:
                     # Reconnect on the next call; the caller retries (StoreUnavailable).
@@ -176,8 +222,10 @@ class Connections:
         self._lock = threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
-        if self._sa_engine is not None:
-            self._sa_engine.dispose(close=False)
+        for engine in (self._sa_engine, self._sa_direct):
+            if engine is not None:
+                engine.dispose(close=False)
+        self._deadlines = Deadlines(self.link.deadline)
         with self._lock:
             self._orphans.extend(self._conns)
             self._conns = []
@@ -186,8 +234,9 @@ class Connections:
         self._local = threading.local()
 
     def close(self) -> None:
-        if self._sa_engine is not None:
-            self._sa_engine.dispose()
+        for engine in (self._sa_engine, self._sa_direct):
+            if engine is not None:
+                engine.dispose()
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:

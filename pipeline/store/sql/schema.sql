@@ -376,6 +376,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_fence_v1(p_token bigint) RETURNS integer
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_pid   integer;
@@ -399,6 +400,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_lose_v1(r public.file_checkpoints, p_now timestamp with time zone, p_why text, p_failed text, p_dead text, p_retry_at timestamp with time zone) RETURNS public.file_checkpoints
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_spent integer := r.attempts_spent + CASE WHEN r.attempt_chunks > 0 THEN 0 ELSE 1 END;
@@ -441,6 +443,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_reap_v4(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     r     file_checkpoints%ROWTYPE;
