@@ -179,36 +179,74 @@ class Connections:
         unless behind a transaction pooler), within the link's deadline."""
         with translate(self.url):
             conn = self._driver()
+            call = None
             try:
-                with self._deadlines.bound(conn.fileno()):
+                with self._deadlines.bound(conn.fileno()) as call:
                     return conn.execute(self._dq[name], params).fetchall()
-            except psycopg.errors.QueryCanceled as error:
-                # The server's statement_timeout (set on this connection only): no answer
-                # within the bound counts as the database being away, as a lost link does.
-                raise errors.StoreUnavailable(
-                    f"checkpoint database {masking.mask_url(self.url)} unreachable: no answer "
-                    f"within {self.link.timeout:g} s ({name})",
-                    url=masking.mask_url(self.url),
-                ) from error
-            except psycopg.Error:
+            except psycopg.Error as error:
                 if conn.broken or conn.closed:
                     # Reconnect on the next call; the caller retries (StoreUnavailable).
                     self._local.conn = None
                     with self._lock, contextlib.suppress(ValueError):
                         self._conns.remove(conn)
                     conn.close()
+                # No answer within the bound, ended by the server's statement_timeout or by the
+                # deadline from this side: the database counts as away, as on a lost link.
+                if (call is not None and call.ended) or isinstance(
+                    error, psycopg.errors.QueryCanceled
+                ):
+                    shown = masking.mask_url(self.url)
+                    raise errors.StoreUnavailable(
+                        f"checkpoint database {shown} unreachable: no answer within "
+                        f"{self.link.timeout:g} s ({name})",
+                        url=shown,
+                    ) from error
                 raise
 
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
+        """A task's output transaction. The task's own statements take as long as they take
+        (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's statements
+        in it and the COMMIT or ROLLBACK are bounded like any store call."""
         with translate(self.url), self._engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
-            with conn.begin():
+            transaction = conn.begin()
+            try:
                 if token is not None:
                     # Named after the claim for this transaction only, so that a takeover can
                     # end it if this process turns zombie (pipeline_fence_v1).
-                    conn.execute(self._q["name_session"], {"name": f"pipeline-claim:{token}"})
+                    self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
                 yield PgTransaction(conn)
+            except BaseException:
+                # A link already gone fails the rollback too: the original error is the news.
+                if transaction.is_active:
+                    with self._bounded(conn, "rollback"), contextlib.suppress(sa_exc.DBAPIError):
+                        transaction.rollback()
+                raise
+            if transaction.is_active:
+                with self._bounded(conn, "commit"):
+                    transaction.commit()
+
+    def in_transaction(self, conn: sa.Connection, name: str, params: Mapping[str, Any]) -> Any:
+        """One of the store's statements inside a task's output transaction, bounded."""
+        with translate(self.url), self._bounded(conn, name):
+            return conn.execute(self._q[name], params)
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: sa.Connection, name: str) -> Iterator[None]:
+        driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+        with self._deadlines.bound(driver.fileno()) as call:
+            try:
+                yield
+            except (sa_exc.DBAPIError, psycopg.Error) as error:
+                if not call.ended:
+                    raise
+                shown = masking.mask_url(self.url)
+                raise errors.StoreUnavailable(
+                    f"checkpoint database {shown} unreachable: no answer within "
+                    f"{self.link.timeout:g} s ({name})",
+                    url=shown,
+                ) from error
 
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)

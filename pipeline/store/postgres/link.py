@@ -85,6 +85,15 @@ class Link:
         return self.timeout + min(2.0, self.timeout / 4)
 
 
+@dataclasses.dataclass
+class Call:
+    """One call under a deadline; `ended` once the deadline ended it."""
+
+    deadline: float
+    fileno: int
+    ended: bool = False
+
+
 class Deadlines:
     """Ends a call that outlives its deadline by shutting its socket down.
 
@@ -97,23 +106,23 @@ class Deadlines:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.ended = 0  # calls ended by a deadline (for tests and logs)
-        self._calls: dict[int, tuple[float, int]] = {}
+        self._calls: dict[int, Call] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._pid = 0
         self._next = 0
 
     @contextlib.contextmanager
-    def bound(self, fileno: int) -> Iterator[None]:
+    def bound(self, fileno: int) -> Iterator[Call]:
+        call = Call(time.monotonic() + self.seconds, fileno)
         with self._lock:
             self._next += 1
             key = self._next
-            self._calls[key] = (time.monotonic() + self.seconds, fileno)
+            self._calls[key] = call
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="pipeline-deadlines", daemon=True).start()
         try:
-            yield
+            yield call
         finally:
             # Under the lock: once the entry is gone the socket may be closed and its number
             # reused, so the watcher only ever shuts down a socket whose call is still running.
@@ -127,11 +136,12 @@ class Deadlines:
             time.sleep(tick)
             now = time.monotonic()
             with self._lock:
-                for key, (deadline, fileno) in list(self._calls.items()):
-                    if deadline <= now:
+                for key, call in list(self._calls.items()):
+                    if call.deadline <= now:
                         del self._calls[key]
+                        call.ended = True
                         self.ended += 1
-                        _shut(fileno)
+                        _shut(call.fileno)
 
 
 def _shut(fileno: int) -> None:

@@ -32,7 +32,6 @@ from pipeline.store import (
     resume_tokens,
     split_registrations,
 )
-from pipeline.store.postgres.boundary import translate
 from pipeline.store.postgres.operations import OperationsReads
 from pipeline.store.postgres.reports import Reports
 from pipeline.store.postgres.schema import Schema
@@ -163,8 +162,7 @@ class PostgresStore(Reports, OperationsReads, Schema):
             "details": json.dumps(details) if details is not None else None,
         }
         if transaction is not None:
-            with translate(self.url):
-                ok = transaction.connection.execute(self._q["complete"], params).scalar()
+            ok = self.in_transaction(transaction.connection, "complete", params).scalar()
         else:
             ok = self._fast("complete", params)[0].ok
         if not ok:
@@ -195,8 +193,7 @@ class PostgresStore(Reports, OperationsReads, Schema):
             "size_bytes": size_bytes,
         }
         if transaction is not None:
-            with translate(self.url):
-                left = transaction.connection.execute(self._q["commit_chunk"], params).scalar()
+            left = self.in_transaction(transaction.connection, "commit_chunk", params).scalar()
         else:
             rows = self._fast("commit_chunk", params)
             left = rows[0].lease_left if rows else None
