@@ -120,8 +120,9 @@ def test_row_lock_held_past_the_bound__claim_ends_unavailable_and_the_holder_is_
         store.close()
 
 
-def test_blackhole_before_commit__the_output_transaction_ends_unavailable_within_the_bound(
-    pg_store: PostgresStore, database_url: str
+@pytest.mark.parametrize("where", ["complete", "commit"])
+def test_blackhole_in_the_output_transaction__it_ends_unavailable_within_the_bound(
+    pg_store: PostgresStore, database_url: str, where: str
 ) -> None:
     """The store's statements in a task's output transaction and its COMMIT are bounded too;
     what the commit did is the database's to say once it answers (here: nothing)."""
@@ -138,12 +139,16 @@ def test_blackhole_before_commit__the_output_transaction_ends_unavailable_within
                 store.transaction(token=claim.token) as tx,
             ):
                 tx.execute(sa.text("INSERT INTO timeouts_sink VALUES (1)"))
+                if where == "complete":
+                    proxy.blackhole()
+                    started = time.monotonic()
                 store.complete(claim.file_url, claim.token, Stats(1, 0, 1), transaction=tx)
-                proxy.blackhole()
-                started = time.monotonic()
+                if where == "commit":
+                    proxy.blackhole()
+                    started = time.monotonic()
             took = time.monotonic() - started
             assert took < BOUND, took
-            print(f"\n[blackhole] commit: unavailable in {took:.2f} s")
+            print(f"\n[blackhole] {where} in an output transaction: unavailable in {took:.2f} s")
             # The path never comes back for that link: what the proxy held (the COMMIT) is
             # dropped with it. (Delivered late instead, it would commit: the execution asks
             # the database which it was once it answers.)

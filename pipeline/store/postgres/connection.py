@@ -218,9 +218,13 @@ class Connections:
                     self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
                 yield PgTransaction(conn)
             except BaseException:
-                # A link already gone fails the rollback too: the original error is the news.
+                # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
+                # on an invalidated connection): the original error is the news.
                 if transaction.is_active:
-                    with self._bounded(conn, "rollback"), contextlib.suppress(sa_exc.DBAPIError):
+                    with (
+                        self._bounded(conn, "rollback"),
+                        contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
+                    ):
                         transaction.rollback()
                 raise
             if transaction.is_active:
@@ -234,6 +238,10 @@ class Connections:
 
     @contextlib.contextmanager
     def _bounded(self, conn: sa.Connection, name: str) -> Iterator[None]:
+        if conn.invalidated:
+            # Its link already gone (a rollback then only ends the transaction locally).
+            yield
+            return
         driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
         with self._deadlines.bound(driver.fileno()) as call:
             try:
