@@ -115,6 +115,13 @@ DATABASE_TIMEOUT = Setting[float](
     "connect, TCP keepalives and user timeout, statement timeout; about a third of the "
     "shortest lease (default 10 s, for the default lease of 30 s)",
 )
+DATABASE_IDLE_SECONDS = Setting[float](
+    "PIPELINE_DATABASE_IDLE_SECONDS",
+    30.0,
+    _seconds,
+    "a store whose connections went unused this long closes them (reopened on the next call); "
+    "0 keeps them open",
+)
 BROKER_URL = Setting[str | None](
     "PIPELINE_BROKER_URL",
     None,
@@ -205,6 +212,7 @@ ALL: tuple[Setting[Any], ...] = (
     DATABASE_DIRECT_URL,
     DATABASE_POOLER,
     DATABASE_TIMEOUT,
+    DATABASE_IDLE_SECONDS,
     BROKER_URL,
     RESULT_BACKEND,
     STATE_DIR,

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -76,6 +77,7 @@ class Connections:
         pooler: str | None = None,
         direct_url: str | None = None,
         timeout: float | None = None,
+        idle_seconds: float | None = None,
     ) -> None:
         self.url = database_url
         self._pool_size = pool_size
@@ -83,7 +85,13 @@ class Connections:
         self.link = Link.from_settings(pooler, timeout)
         # What needs a session of its own (migrations) goes around the pooler when it can.
         self.direct_url = direct_url or settings.DATABASE_DIRECT_URL.get() or database_url
-        self._deadlines = Deadlines(self.link.deadline)
+        self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
+        # Connections unused this long are closed (the next call opens one again).
+        self.idle_seconds = (
+            idle_seconds if idle_seconds is not None else settings.DATABASE_IDLE_SECONDS.get()
+        )
+        self._busy = 0  # calls and output transactions under way, on every thread
+        self._last_used = time.monotonic()
         # Created on first use: only output transactions and migrations need SQLAlchemy, and
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
@@ -177,7 +185,7 @@ class Connections:
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
         """Run a hot-path query on this thread's own connection (prepared after a few uses
         unless behind a transaction pooler), within the link's deadline."""
-        with translate(self.url):
+        with translate(self.url), self._using():
             conn = self._driver()
             call = None
             try:
@@ -208,7 +216,7 @@ class Connections:
         """A task's output transaction. The task's own statements take as long as they take
         (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's statements
         in it and the COMMIT or ROLLBACK are bounded like any store call."""
-        with translate(self.url), self._engine.connect() as conn:
+        with translate(self.url), self._using(), self._engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             transaction = conn.begin()
             try:
@@ -256,6 +264,37 @@ class Connections:
                     url=shown,
                 ) from error
 
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Counts a call or transaction as under way: idle connections are closed only when
+        none is."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._last_used = time.monotonic()
+
+    def _close_if_idle(self) -> None:
+        """Close every connection if none was used for `idle_seconds` (the deadline watcher
+        calls this every tick): an idle worker holds none, or only its sweep's."""
+        if self.idle_seconds <= 0:
+            return
+        with self._lock:
+            if self._busy or time.monotonic() - self._last_used < self.idle_seconds:
+                return
+            conns, self._conns = self._conns, []
+            engine = self._sa_engine
+            # Under the lock, so no call starts meanwhile; each thread's next call finds its
+            # connection closed and opens another.
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
+                engine.dispose()
+
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)
 
@@ -271,7 +310,8 @@ class Connections:
         for engine in (self._sa_engine, self._sa_direct):
             if engine is not None:
                 engine.dispose(close=False)
-        self._deadlines = Deadlines(self.link.deadline)
+        self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
+        self._busy = 0
         with self._lock:
             self._orphans.extend(self._conns)
             self._conns = []

@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline import settings
@@ -100,11 +100,13 @@ class Deadlines:
     A read on a socket whose peer went silent (a route dropping packets) otherwise waits for
     the kernel, up to about 15 minutes. The shutdown makes the blocked read return at once:
     the driver reports the connection lost, the store raises StoreUnavailable and reconnects
-    on the next call. One thread per process, started on first use (and again after a fork).
+    on the next call. One thread per process, started on first use (and again after a fork);
+    it also calls `on_tick` every tick (the store closes its idle connections there).
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, on_tick: Callable[[], None] | None = None) -> None:
         self.seconds = seconds
+        self._on_tick = on_tick
         self.ended = 0  # calls ended by a deadline (for tests and logs)
         self._calls: dict[int, Call] = {}
         self._lock = threading.Lock()
@@ -142,6 +144,8 @@ class Deadlines:
                         call.ended = True
                         self.ended += 1
                         _shut(call.fileno)
+            if self._on_tick is not None:
+                self._on_tick()
 
 
 def _shut(fileno: int) -> None:
