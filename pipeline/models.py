@@ -362,3 +362,13 @@ class Operations:
     workers_live: int
     #: seconds since the latest heartbeat of any worker (None: no worker ever seen)
     worker_heartbeat_age: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """What `pipeline prune` deleted."""
+
+    #: ended attempts past the retention (each file's latest kept)
+    attempts: int
+    #: completed files forgotten (asked for only), their history with them
+    files: int

@@ -33,6 +33,7 @@ from pipeline.store import (
     split_registrations,
 )
 from pipeline.store.postgres.operations import OperationsReads
+from pipeline.store.postgres.prune import Pruning
 from pipeline.store.postgres.reports import Reports
 from pipeline.store.postgres.schema import Schema
 from pipeline.store.postgres.sqltext import libpq_url
@@ -83,7 +84,7 @@ _STATUSES: dict[str, Status] = {s.value: s for s in Status}
 _CHANGES: dict[str, Change] = {c.value: c for c in Change}
 
 
-class PostgresStore(Reports, OperationsReads, Schema):
+class PostgresStore(Reports, OperationsReads, Pruning, Schema):
     """The checkpoint store on PostgreSQL."""
 
     def libpq_url(self) -> tuple[str, str | None]:
