@@ -21,6 +21,26 @@ from pipeline.store.postgres.boundary import translate, unavailable
 from pipeline.store.postgres.link import Deadlines, Link
 from pipeline.store.postgres.sqltext import driver_queries, engine_url, libpq_url, queries
 
+# What operators and tools read and write in bulk (status, metrics, submit's registration,
+# requeue): its time grows with the table or the input, so it runs without the store calls'
+# bound, on a connection without a statement timeout (keepalives and tcp_user_timeout still
+# end a dead link). Everything else, the workers' calls, is bounded (link.py).
+_PATIENT = frozenset(
+    {
+        "summary",
+        "activity",
+        "dead",
+        "totals",
+        "running",
+        "ops_state",
+        "ops_batches",
+        "ops_attempts",
+        "ops_pickup",
+        "register",
+        "requeue",
+    }
+)
+
 
 def execute_many(connection: sa.Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
     """Run one statement for many parameter sets on a task's connection; rows affected."""
@@ -185,6 +205,9 @@ class Connections:
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
         """Run a hot-path query on this thread's own connection (prepared after a few uses
         unless behind a transaction pooler), within the link's deadline."""
+        if name in _PATIENT:
+            with translate(self.url), self._using(), self._engine.connect() as sa_conn:
+                return list(sa_conn.execute(self._q[name], params).fetchall())
         with translate(self.url), self._using():
             conn = self._driver()
             call = None
