@@ -10,15 +10,16 @@ database is directly (PIPELINE_DATABASE_DIRECT_URL, for what needs a session).
 from __future__ import annotations
 
 import pathlib
+import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from pipeline.reference import sample
 from tests.support import pgbouncer
 from tests.support.cli_helpers import assert_no_traceback, cli_env, run_cli
-from tests.support.workers import Cluster
+from tests.support.workers import Cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +95,80 @@ def test_submit_wait_through_pgbouncer__every_valid_record_lands_once(
         assert "unsupported startup parameter" not in proc.log(), proc.log()[-2000:]
         assert "sweep skipped" not in proc.log(), proc.log()[-2000:]
     assert len(paths) == FILES
+
+
+# -- crashes behind the transaction pooler --------------------------------------------------
+
+
+@pytest.fixture
+def pooled(
+    make_cluster: Callable[..., Cluster], database_url: str
+) -> Iterator[tuple[Cluster, dict[str, str], str]]:
+    """A cluster (lease 3 s) whose workers go through a PgBouncer in transaction mode: the
+    cluster, the workers' extra environment and their database URL."""
+    why = pgbouncer.available()
+    if why is not None:
+        pytest.skip(why)
+    with pgbouncer.PgBouncer(database_url, mode="transaction", pool_size=10) as bouncer:
+        extra = {
+            "PIPELINE_DATABASE_POOLER": "transaction",
+            "PIPELINE_DATABASE_DIRECT_URL": database_url,
+        }
+        yield make_cluster(), extra, bouncer.url(database_url)
+
+
+def test_pool_child_sigkilled_behind_pgbouncer__lost_attempt_then_completed_once(
+    pooled: tuple[Cluster, dict[str, str], str],
+) -> None:
+    cluster, extra, url_via = pooled
+    url = "file:///pooled/child?sleep=10&sleep_until=2"
+    worker = cluster.start_worker(database_url=url_via, extra_env=extra)
+    cluster.send(url)
+    row = cluster.wait_claimed(url)
+    cluster.wait_in_output_transaction(row.token)
+    _, pid = cluster.worker_of(row.processed_by)
+    worker.signal_child(pid, signal.SIGKILL)
+
+    row = cluster.wait_status(url, "completed", timeout=cluster.lease + 20)
+    history = [(a.attempt, a.outcome, a.error_class) for a in cluster.attempts(url)]
+    assert history == [(1, "lost", "WorkerLost"), (2, "completed", None)]
+    assert [(s.token, s.attempt) for s in cluster.sink_rows(url)] == [(row.token, 2)]
+    assert worker.alive()
+
+
+def test_frozen_child_behind_pgbouncer__the_takeover_fences_it_off(
+    pooled: tuple[Cluster, dict[str, str], str],
+) -> None:
+    """pipeline_fence_v1 ends the zombie's server session by the name its output transaction
+    set (transaction-local, so it travels with the transaction, not the client)."""
+    cluster, extra, url_via = pooled
+    url = "file:///pooled/frozen?sleep=10&sleep_until=2"
+    for _ in range(2):
+        cluster.start_worker(database_url=url_via, extra_env=extra)
+    cluster.send(url)
+    first = cluster.wait_claimed(url)
+    zombie_worker, zombie_pid = cluster.worker_of(first.processed_by)
+    cluster.wait_in_output_transaction(first.token)
+
+    zombie_worker.signal_child(zombie_pid, signal.SIGSTOP)
+    try:
+        done = cluster.wait_status(url, "completed", timeout=cluster.lease + 20)
+        cluster.wait_sql(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = :n",
+            timeout=5,
+            what="the zombie's session to be ended",
+            n=f"pipeline-claim:{first.token}",
+        )
+    finally:
+        zombie_worker.signal_child(zombie_pid, signal.SIGCONT)
+    zombie_task = cluster.attempts(url)[0].task_id
+    wait_until(
+        lambda: f"[{zombie_task}] succeeded" in zombie_worker.log(),
+        timeout=30,
+        what="the zombie's task to end",
+    )
+    assert [(a.attempt, a.outcome) for a in cluster.attempts(url)] == [
+        (1, "lost"),
+        (2, "completed"),
+    ]
+    assert [(s.token, s.attempt) for s in cluster.sink_rows(url)] == [(done.token, 2)]
