@@ -466,3 +466,13 @@ class Batch:
             return 0.0
         rate = self.rate
         return None if rate is None else self.remaining / rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """What `pipeline prune` deleted."""
+
+    #: ended attempts past the retention (each file's latest kept)
+    attempts: int
+    #: completed files forgotten (asked for only), their history with them
+    files: int

@@ -83,6 +83,45 @@ DATABASE_URL = Setting[str | None](
     _optional,
     "SQLAlchemy URL of the checkpoint database; unset, the CLI starts a private PostgreSQL",
 )
+DATABASE_DIRECT_URL = Setting[str | None](
+    "PIPELINE_DATABASE_DIRECT_URL",
+    None,
+    _optional,
+    "the same database without a pooler in between, for what needs a session (`db upgrade`); "
+    "unset, PIPELINE_DATABASE_URL",
+)
+
+
+def _pooler(raw: str) -> str:
+    value = raw.lower()
+    if value not in POOLER_MODES:
+        raise ValueError(f"not one of {', '.join(POOLER_MODES)}")
+    return value
+
+
+POOLER_MODES = ("none", "session", "transaction")
+DATABASE_POOLER = Setting[str](
+    "PIPELINE_DATABASE_POOLER",
+    "none",
+    _pooler,
+    "what is between the store and Postgres: none, or a pooler (PgBouncer) in session or "
+    "transaction mode; transaction turns the driver's prepared statements off",
+)
+DATABASE_TIMEOUT = Setting[float](
+    "PIPELINE_DATABASE_TIMEOUT",
+    10.0,
+    _positive_seconds,
+    "seconds a store call may take before the database counts as away (StoreUnavailable): "
+    "connect, TCP keepalives and user timeout, statement timeout; about a third of the "
+    "shortest lease (default 10 s, for the default lease of 30 s)",
+)
+DATABASE_IDLE_SECONDS = Setting[float](
+    "PIPELINE_DATABASE_IDLE_SECONDS",
+    30.0,
+    _seconds,
+    "a store whose connections went unused this long closes them (reopened on the next call); "
+    "0 keeps them open",
+)
 BROKER_URL = Setting[str | None](
     "PIPELINE_BROKER_URL",
     None,
@@ -170,6 +209,10 @@ CHUNK_BYTES = Setting[int](
 
 ALL: tuple[Setting[Any], ...] = (
     DATABASE_URL,
+    DATABASE_DIRECT_URL,
+    DATABASE_POOLER,
+    DATABASE_TIMEOUT,
+    DATABASE_IDLE_SECONDS,
     BROKER_URL,
     RESULT_BACKEND,
     STATE_DIR,

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import pipeline
 from pipeline.cli import local
 from pipeline.store.postgres import PostgresStore
+from tests.support import pgbouncer
 from tests.support.workers import redis_url_on_db
 
 # Redis database numbers the test suite owns (PIPELINE_TEST_REDIS_URL overrides the server).
@@ -87,6 +88,26 @@ def pg_store(database_url: str) -> Iterator[PostgresStore]:
         "TRUNCATE file_checkpoints, file_attempts, pipeline_workers, pipeline_batches,"
         " pipeline_batch_callbacks CASCADE"
     )
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def bouncer(database_url: str) -> Iterator[pgbouncer.PgBouncer]:
+    """A private PgBouncer in transaction mode in front of the test server (skips, saying
+    why, where pgbouncer cannot run)."""
+    why = pgbouncer.available()
+    if why is not None:
+        pytest.skip(why)
+    with pgbouncer.PgBouncer(database_url, mode="transaction") as running:
+        yield running
+
+
+@pytest.fixture
+def bouncer_store(bouncer: pgbouncer.PgBouncer, database_url: str) -> Iterator[PostgresStore]:
+    """A store through the transaction pooler, on an empty checkpoint table."""
+    store = PostgresStore(bouncer.url(database_url), pooler="transaction")
+    store.execute_script("TRUNCATE file_checkpoints, file_attempts, pipeline_workers CASCADE")
     yield store
     store.close()
 

@@ -23,6 +23,7 @@ from pipeline.models import (
     FailResult,
     Operations,
     Overview,
+    Pruned,
     Registration,
     Stats,
     Status,
@@ -306,6 +307,18 @@ class Admin(Protocol):
         ...
 
     def schema_version(self) -> int | None: ...
+
+    def prune(
+        self,
+        attempts_older_than: float,
+        *,
+        keep: int = 1,
+        forget_completed_older_than: float | None = None,
+        batch: int = ...,
+    ) -> Pruned:
+        """Delete ended attempts older than the age but each file's `keep` latest; and, asked
+        for, the completed files completed before the other age (see pipeline prune)."""
+        ...
 
     def libpq_url(self) -> tuple[str, str | None]:
         """The database as libpq tools (psql) take it, without its password; and the

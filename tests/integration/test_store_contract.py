@@ -24,17 +24,21 @@ OTHER = "file:///data/b.csv"
 LONG_LEASE = 600.0
 
 
-@pytest.fixture(params=["memory", "postgres"])
+@pytest.fixture(params=["memory", "postgres", "pgbouncer"])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
-    """Each store on an empty table."""
+    """Each store on an empty table; `pgbouncer` is PostgreSQL through a private PgBouncer in
+    transaction mode (no startup options, no prepared statements: issue 21)."""
     if request.param == "memory":
         yield MemoryStore()  # type: ignore[misc]  # its registration side only
+    elif request.param == "pgbouncer":
+        yield request.getfixturevalue("bouncer_store")
     else:
         yield request.getfixturevalue("pg_store")
 
 
-# The state machine's rows: PostgreSQL only (the SQL is the one copy of it).
-postgres_only = pytest.mark.parametrize("store", ["postgres"], indirect=True)
+# The state machine's rows: PostgreSQL only (the SQL is the one copy of it), directly and
+# through a transaction pooler.
+postgres_only = pytest.mark.parametrize("store", ["postgres", "pgbouncer"], indirect=True)
 
 
 def granted(result: Claim | Refusal) -> Claim:

@@ -77,9 +77,19 @@ def _claimer(database_url: str, worker: str, urls: list[str], barrier: Any, resu
         results.put(f"{worker}: {type(error).__name__}: {error}")
 
 
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
 def test_race__eight_processes_claiming_the_same_files_grant_each_exactly_once(
-    pg_store: PostgresStore, database_url: str
+    pg_store: PostgresStore,
+    database_url: str,
+    via: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if via == "pgbouncer":
+        # The racers connect through a private PgBouncer in transaction mode (its pool of 20
+        # server connections shared by the 8), told so as a deployment would tell them.
+        database_url = request.getfixturevalue("bouncer").url(database_url)
+        monkeypatch.setenv("PIPELINE_DATABASE_POOLER", "transaction")
     urls = [f"file:///race/{i:04d}.csv" for i in range(FILES)]
     jobs = []
     for i in range(RACERS):
@@ -100,7 +110,7 @@ def test_race__eight_processes_claiming_the_same_files_grant_each_exactly_once(
     claims = sum(r[4] for r in reports)
     per_process = sorted((len(granted) for _, granted, *_ in reports), reverse=True)
     print(
-        f"\n[race] {RACERS} processes x {FILES} files: {claims} claims, {len(grants)} grants "
+        f"\n[race {via}] {RACERS} processes x {FILES} files: {claims} claims, {len(grants)} grants "
         f"in {wall:.2f} s = {claims / wall:,.0f} claims/s, {len(grants) / wall:,.0f} grants/s; "
         f"grants per process {per_process}"
     )

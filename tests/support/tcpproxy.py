@@ -4,10 +4,18 @@
     url = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/db"
     proxy.cut()       # every open connection is reset, new ones are refused
     proxy.restore()   # new connections reach the upstream again
+    proxy.blackhole() # nothing moves any more, and nothing is closed: a silent network
+    proxy.unblock()   # the bytes held flow on, as TCP would deliver them once the path is back
 
 `cut` closes the listening socket, so a client trying to connect during the outage gets
 "connection refused" at once, as it would from a stopped server; both ends of every relayed
 connection are shut down, so the server side sees the client go away and rolls back.
+
+`blackhole` is the other outage, the one no reset announces (a NAT or a route dropping
+packets): the relays stop reading and writing but keep every socket open, and new
+connections are accepted and then left silent. A client waits until its own timeouts end
+the wait. (On loopback the proxy's kernel still acknowledges what the client sends, so
+keepalives and `tcp_user_timeout` cannot see this one: only a deadline above the socket can.)
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class TcpProxy:
         self._accept_thread: threading.Thread | None = None
         self.accepted = 0
         self.cuts = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def _connect_upstream(self) -> socket.socket:
         if self.upstream_unix is None:
@@ -88,7 +98,16 @@ class TcpProxy:
         """Accept and forward connections again (same port)."""
         self.start()
 
+    def blackhole(self) -> None:
+        """Stop moving bytes in both directions, every socket left open."""
+        self._flowing.clear()
+
+    def unblock(self) -> None:
+        """Move bytes again (those held included)."""
+        self._flowing.set()
+
     def close(self) -> None:
+        self.unblock()
         self.cut()
 
     @property
@@ -137,9 +156,11 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
+                self._flowing.wait()
                 data = src.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

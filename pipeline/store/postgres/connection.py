@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,9 +16,30 @@ import sqlalchemy as sa
 from psycopg.rows import namedtuple_row
 from sqlalchemy import exc as sa_exc
 
-from pipeline import errors, masking
+from pipeline import errors, masking, settings
 from pipeline.store.postgres.boundary import translate, unavailable
+from pipeline.store.postgres.link import Deadlines, Link
 from pipeline.store.postgres.sqltext import driver_queries, engine_url, libpq_url, queries
+
+# What operators and tools read and write in bulk (status, metrics, submit's registration,
+# requeue): its time grows with the table or the input, so it runs without the store calls'
+# bound, on a connection without a statement timeout (keepalives and tcp_user_timeout still
+# end a dead link). Everything else, the workers' calls, is bounded (link.py).
+_PATIENT = frozenset(
+    {
+        "summary",
+        "activity",
+        "dead",
+        "totals",
+        "running",
+        "ops_state",
+        "ops_batches",
+        "ops_attempts",
+        "ops_pickup",
+        "register",
+        "requeue",
+    }
+)
 
 
 def execute_many(connection: sa.Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
@@ -66,13 +88,34 @@ class PgTransaction:
 class Connections:
     """The connections of one store object, shared by the threads of one process."""
 
-    def __init__(self, database_url: str, *, pool_size: int = 2, echo: bool = False) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        pool_size: int = 2,
+        echo: bool = False,
+        pooler: str | None = None,
+        direct_url: str | None = None,
+        timeout: float | None = None,
+        idle_seconds: float | None = None,
+    ) -> None:
         self.url = database_url
         self._pool_size = pool_size
         self._echo = echo
+        self.link = Link.from_settings(pooler, timeout)
+        # What needs a session of its own (migrations) goes around the pooler when it can.
+        self.direct_url = direct_url or settings.DATABASE_DIRECT_URL.get() or database_url
+        self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
+        # Connections unused this long are closed (the next call opens one again).
+        self.idle_seconds = (
+            idle_seconds if idle_seconds is not None else settings.DATABASE_IDLE_SECONDS.get()
+        )
+        self._busy = 0  # calls and output transactions under way, on every thread
+        self._last_used = time.monotonic()
         # Created on first use: only output transactions and migrations need SQLAlchemy, and
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
+        self._sa_direct: sa.Engine | None = None
         self._q = queries()
         self._dq = driver_queries()
         try:
@@ -98,71 +141,182 @@ class Connections:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _make_engine(self, url: str, *, pool_size: int, direct: bool) -> sa.Engine:
+        link = dataclasses.replace(self.link, pooler="none") if direct else self.link
+        engine = sa.create_engine(
+            engine_url(url),
+            # Single calls run in autocommit: each transition is one statement, so a
+            # BEGIN/COMMIT pair would only add round trips.
+            isolation_level="AUTOCOMMIT",
+            pool_size=pool_size,
+            max_overflow=4,
+            # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
+            # invalidates the pool, the caller retries with a fresh one.
+            pool_pre_ping=False,
+            echo=self._echo,
+            connect_args=link.connect_args(),
+        )
+        first = link.session_sql(statement_timeout=False)
+        if first is not None:
+
+            @sa.event.listens_for(engine, "connect")
+            def _session(dbapi_connection: Any, _record: Any) -> None:
+                autocommit = dbapi_connection.autocommit
+                dbapi_connection.autocommit = True
+                dbapi_connection.execute(first)
+                dbapi_connection.autocommit = autocommit
+
+        return engine
+
     @property
     def _engine(self) -> sa.Engine:
         if self._sa_engine is None:
-            self._sa_engine = sa.create_engine(
-                engine_url(self.url),
-                # Single calls run in autocommit: each transition is one statement, so a
-                # BEGIN/COMMIT pair would only add round trips.
-                isolation_level="AUTOCOMMIT",
-                pool_size=self._pool_size,
-                max_overflow=4,
-                # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
-                # invalidates the pool, the caller retries with a fresh one.
-                pool_pre_ping=False,
-                echo=self._echo,
-                connect_args={
-                    # Generic plans cached while the table was small keep seq scans as it
-                    # grows (measured in BASELINE.md); custom plans keep primary-key lookups.
-                    "options": "-c plan_cache_mode=force_custom_plan",
-                    "connect_timeout": 5,
-                    "application_name": "pipeline",
-                },
-            )
+            self._sa_engine = self._make_engine(self.url, pool_size=self._pool_size, direct=False)
         return self._sa_engine
+
+    @property
+    def _session_engine(self) -> sa.Engine:
+        """For migrations: on the direct URL when one is given (around the pooler)."""
+        if self.direct_url == self.url:
+            return self._engine
+        if self._sa_direct is None:
+            self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
+        return self._sa_direct
 
     def _driver(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                row_factory=namedtuple_row,
-                connect_timeout=5,
-                options="-c plan_cache_mode=force_custom_plan",
-                application_name="pipeline",
+                self._dsn, autocommit=True, row_factory=namedtuple_row, **self.link.connect_args()
             )
+            first = self.link.session_sql(statement_timeout=True)
+            if first is not None:
+                try:
+                    with self._deadlines.bound(conn.fileno()):
+                        conn.execute(first)  # no parameters: several statements allowed
+                except BaseException:
+                    conn.close()
+                    raise
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
 
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
-        """Run a hot-path query on this thread's own connection (prepared after a few uses)."""
-        with translate(self.url):
+        """Run a hot-path query on this thread's own connection (prepared after a few uses
+        unless behind a transaction pooler), within the link's deadline."""
+        if name in _PATIENT:
+            with translate(self.url), self._using(), self._engine.connect() as sa_conn:
+                return list(sa_conn.execute(self._q[name], params).fetchall())
+        with translate(self.url), self._using():
             conn = self._driver()
+            call = None
             try:
-                return conn.execute(self._dq[name], params).fetchall()
-            except psycopg.Error:
+                with self._deadlines.bound(conn.fileno()) as call:
+                    return conn.execute(self._dq[name], params).fetchall()
+            except psycopg.Error as error:
                 if conn.broken or conn.closed:
                     # Reconnect on the next call; the caller retries (StoreUnavailable).
                     self._local.conn = None
                     with self._lock, contextlib.suppress(ValueError):
                         self._conns.remove(conn)
                     conn.close()
+                # No answer within the bound, ended by the server's statement_timeout or by the
+                # deadline from this side: the database counts as away, as on a lost link.
+                if (call is not None and call.ended) or isinstance(
+                    error, psycopg.errors.QueryCanceled
+                ):
+                    shown = masking.mask_url(self.url)
+                    raise errors.StoreUnavailable(
+                        f"checkpoint database {shown} unreachable: no answer within "
+                        f"{self.link.timeout:g} s ({name})",
+                        url=shown,
+                    ) from error
                 raise
 
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
-        with translate(self.url), self._engine.connect() as conn:
+        """A task's output transaction. The task's own statements take as long as they take
+        (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's statements
+        in it and the COMMIT or ROLLBACK are bounded like any store call."""
+        with translate(self.url), self._using(), self._engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
-            with conn.begin():
+            transaction = conn.begin()
+            try:
                 if token is not None:
                     # Named after the claim for this transaction only, so that a takeover can
                     # end it if this process turns zombie (pipeline_fence_v1).
-                    conn.execute(self._q["name_session"], {"name": f"pipeline-claim:{token}"})
+                    self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
                 yield PgTransaction(conn)
+            except BaseException:
+                # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
+                # on an invalidated connection): the original error is the news.
+                if transaction.is_active:
+                    with (
+                        self._bounded(conn, "rollback"),
+                        contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
+                    ):
+                        transaction.rollback()
+                raise
+            if transaction.is_active:
+                with self._bounded(conn, "commit"):
+                    transaction.commit()
+
+    def in_transaction(self, conn: sa.Connection, name: str, params: Mapping[str, Any]) -> Any:
+        """One of the store's statements inside a task's output transaction, bounded."""
+        with translate(self.url), self._bounded(conn, name):
+            return conn.execute(self._q[name], params)
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: sa.Connection, name: str) -> Iterator[None]:
+        if conn.invalidated:
+            # Its link already gone (a rollback then only ends the transaction locally).
+            yield
+            return
+        driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+        with self._deadlines.bound(driver.fileno()) as call:
+            try:
+                yield
+            except (sa_exc.DBAPIError, psycopg.Error) as error:
+                if not call.ended:
+                    raise
+                shown = masking.mask_url(self.url)
+                raise errors.StoreUnavailable(
+                    f"checkpoint database {shown} unreachable: no answer within "
+                    f"{self.link.timeout:g} s ({name})",
+                    url=shown,
+                ) from error
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Counts a call or transaction as under way: idle connections are closed only when
+        none is."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._last_used = time.monotonic()
+
+    def _close_if_idle(self) -> None:
+        """Close every connection if none was used for `idle_seconds` (the deadline watcher
+        calls this every tick): an idle worker holds none, or only its sweep's."""
+        if self.idle_seconds <= 0:
+            return
+        with self._lock:
+            if self._busy or time.monotonic() - self._last_used < self.idle_seconds:
+                return
+            conns, self._conns = self._conns, []
+            engine = self._sa_engine
+            # Under the lock, so no call starts meanwhile; each thread's next call finds its
+            # connection closed and opens another.
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
+                engine.dispose()
 
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)
@@ -176,8 +330,11 @@ class Connections:
         self._lock = threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
-        if self._sa_engine is not None:
-            self._sa_engine.dispose(close=False)
+        for engine in (self._sa_engine, self._sa_direct):
+            if engine is not None:
+                engine.dispose(close=False)
+        self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
+        self._busy = 0
         with self._lock:
             self._orphans.extend(self._conns)
             self._conns = []
@@ -186,8 +343,9 @@ class Connections:
         self._local = threading.local()
 
     def close(self) -> None:
-        if self._sa_engine is not None:
-            self._sa_engine.dispose()
+        for engine in (self._sa_engine, self._sa_direct):
+            if engine is not None:
+                engine.dispose()
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:

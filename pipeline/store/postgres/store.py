@@ -34,8 +34,8 @@ from pipeline.store import (
     split_registrations,
 )
 from pipeline.store.postgres.batches import BatchRows
-from pipeline.store.postgres.boundary import translate
 from pipeline.store.postgres.operations import OperationsReads
+from pipeline.store.postgres.prune import Pruning
 from pipeline.store.postgres.reports import Reports
 from pipeline.store.postgres.schema import Schema
 from pipeline.store.postgres.sqltext import libpq_url
@@ -101,7 +101,7 @@ _STATUSES: dict[str, Status] = {s.value: s for s in Status}
 _CHANGES: dict[str, Change] = {c.value: c for c in Change}
 
 
-class PostgresStore(Reports, OperationsReads, BatchRows, Schema):
+class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
     """The checkpoint store on PostgreSQL."""
 
     def libpq_url(self) -> tuple[str, str | None]:
@@ -180,8 +180,7 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Schema):
             "details": json.dumps(details) if details is not None else None,
         }
         if transaction is not None:
-            with translate(self.url):
-                ok = transaction.connection.execute(self._q["complete"], params).scalar()
+            ok = self.in_transaction(transaction.connection, "complete", params).scalar()
         else:
             ok = self._fast("complete", params)[0].ok
         if not ok:
@@ -212,8 +211,7 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Schema):
             "size_bytes": size_bytes,
         }
         if transaction is not None:
-            with translate(self.url):
-                left = transaction.connection.execute(self._q["commit_chunk"], params).scalar()
+            left = self.in_transaction(transaction.connection, "commit_chunk", params).scalar()
         else:
             rows = self._fast("commit_chunk", params)
             left = rows[0].lease_left if rows else None

@@ -491,3 +491,33 @@ ON CONFLICT (cause) DO UPDATE
                        THEN least(t.first_at, excluded.first_at) ELSE excluded.first_at END,
        last_at = greatest(t.last_at, excluded.last_at)
 RETURNING cause
+
+-- prune_attempts --
+-- Up to :batch ended attempts that ended more than :older_than seconds ago, except each
+-- file's :keep latest ones (by generation, attempt), deleted; the number deleted. The running
+-- attempt lives on the checkpoint row and is never touched. Candidates come from the ended_at
+-- index; the check of the newer attempts from the (file_url, token) one.
+WITH doomed AS (
+    SELECT a.token FROM file_attempts a
+     WHERE a.ended_at < clock_timestamp() - make_interval(secs => :older_than)
+       AND (SELECT count(*) FROM (SELECT 1 FROM file_attempts b
+                                   WHERE b.file_url = a.file_url
+                                     AND (b.generation, b.attempt, b.token)
+                                         > (a.generation, a.attempt, a.token)
+                                   LIMIT :keep) AS newer) >= :keep
+     LIMIT :batch
+)
+DELETE FROM file_attempts a USING doomed d WHERE a.token = d.token
+
+-- forget_completed --
+-- Up to :batch completed files completed more than :older_than seconds ago, deleted with
+-- their history (ON DELETE CASCADE); the number of files. A resubmission of such a file runs
+-- it again: its row was the memory that made one a no-op.
+DELETE FROM file_checkpoints c
+ WHERE c.file_url IN (
+    SELECT f.file_url FROM file_checkpoints f
+     WHERE f.status = 'completed'
+       AND f.completed_at < clock_timestamp() - make_interval(secs => :older_than)
+     LIMIT :batch
+     FOR UPDATE SKIP LOCKED)
+   AND c.status = 'completed'

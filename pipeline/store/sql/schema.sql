@@ -117,6 +117,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_batch_cancel_v1(p_name text) RETURNS TABLE(cancelled bigint)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 BEGIN
     UPDATE pipeline_batches b SET state = 'cancelled', updated_at = clock_timestamp()
@@ -137,6 +138,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_batch_settle_v1(p_name text) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     b       pipeline_batches%ROWTYPE;
@@ -472,6 +474,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_contact_v1(p_gap_seconds double precision) RETURNS double precision
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_now  timestamptz := clock_timestamp();
@@ -569,6 +572,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_fence_v1(p_token bigint) RETURNS integer
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_pid   integer;
@@ -592,6 +596,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_lose_v1(r public.file_checkpoints, p_now timestamp with time zone, p_why text, p_failed text, p_dead text, p_retry_at timestamp with time zone) RETURNS public.file_checkpoints
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_spent integer := r.attempts_spent + CASE WHEN r.attempt_chunks > 0 THEN 0 ELSE 1 END;
@@ -646,6 +651,7 @@ $$;
 
 CREATE FUNCTION public.pipeline_reap_v6(p_waiting_seconds double precision, p_limit integer, p_overdue_seconds double precision, p_gap_seconds double precision) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     r         file_checkpoints%ROWTYPE;

@@ -511,3 +511,9 @@ ALTER FUNCTION pipeline_claim_v5(text, text, double precision, integer, text, te
 ALTER FUNCTION pipeline_commit_chunk_v2(text, bigint, jsonb, text, integer, integer, integer,
                                         bigint, bigint)
     SET plan_cache_mode = auto SET enable_seqscan = off;
+-- Every other plpgsql function of this migration plans each statement with its parameters, as
+-- 0013 set for those before it (no session setting is relied on: a transaction pooler).
+ALTER FUNCTION pipeline_reap_v6(double precision, integer, double precision, double precision)
+    SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION pipeline_batch_cancel_v1(text) SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION pipeline_batch_settle_v1(text) SET plan_cache_mode = force_custom_plan;
