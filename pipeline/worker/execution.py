@@ -266,6 +266,7 @@ def _execute(
                         error,
                         f"database lost during {claim.file_url} (start {start} of at most "
                         f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
+                        always=True,
                     )
                 where = wait_for_store(
                     lambda: _where_is(store, claim), f"resuming {claim.file_url}"

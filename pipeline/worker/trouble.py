@@ -48,8 +48,17 @@ class TroubleLog:
         self._spells: dict[str, Trouble] = {}  # cause -> its latest spell
         self._unreported: set[str] = set()
 
-    def seen(self, error: BaseException, what: str, level: int = logging.WARNING) -> None:
-        """A failure of the database; logged if its cause was not said in the last minute."""
+    def seen(
+        self,
+        error: BaseException,
+        what: str,
+        level: int = logging.WARNING,
+        *,
+        always: bool = False,
+    ) -> None:
+        """A failure of the database; logged if its cause was not said in the last minute, or
+        `always`: an event of one file's execution (its function broken off, at most the starts
+        of an attempt), not a wait that repeats."""
         cause = cause_of(error)
         # What the server said, for `pipeline status` (the whole message goes to the log).
         detail = str(getattr(error, "detail", None) or error)
@@ -62,7 +71,7 @@ class TroubleLog:
                 self._spells[cause] = Trouble(cause, detail, wall, wall)
             self._unreported.add(cause)
             said = self._said.get(cause)
-            if said is not None and now - said < self.every:
+            if not always and said is not None and now - said < self.every:
                 self._unsaid[cause] = self._unsaid.get(cause, 0) + 1
                 return
             self._said[cause] = now
