@@ -86,8 +86,9 @@ CREATE TABLE public.file_checkpoints (
 );
 
 CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_outcome text, p_error_class text, p_error_message text, p_retry_at timestamp with time zone) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
+BEGIN
     INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
                                     started_at, ended_at, outcome, error_class, error_message,
                                     retry_at, start_position, end_position, chunks)
@@ -99,7 +100,8 @@ CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ende
            error_class = excluded.error_class, error_message = excluded.error_message,
            retry_at = excluded.retry_at, start_position = excluded.start_position,
            end_position = excluded.end_position, chunks = excluded.chunks
-     WHERE a.outcome = 'running'
+     WHERE a.outcome = 'running';
+END;
 $$;
 
 CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_error_message text) RETURNS void
