@@ -77,10 +77,15 @@ def _claimer(database_url: str, worker: str, urls: list[str], barrier: Any, resu
         results.put(f"{worker}: {type(error).__name__}: {error}")
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["new", "registered"])
 def test_race__eight_processes_claiming_the_same_files_grant_each_exactly_once(
-    pg_store: PostgresStore, database_url: str
+    pg_store: PostgresStore, database_url: str, registered: bool
 ) -> None:
+    """New files (the claim inserts the row) and registered ones (it updates a pending row:
+    the fast path of migration 0015, one UPDATE re-checking `pending` under the lock)."""
     urls = [f"file:///race/{i:04d}.csv" for i in range(FILES)]
+    if registered:
+        pg_store.register(urls, batch_id="race")
     jobs = []
     for i in range(RACERS):
         order = list(urls)

@@ -154,7 +154,55 @@ DECLARE
     v_old   bigint;
     v_error text;
     v_now   timestamptz := clock_timestamp();
+    v_status text;
 BEGIN
+    -- Fast paths, decided on a look at the row without a lock: a new file is inserted
+    -- already claimed, a pending one (registered, not claimed in this generation) is claimed
+    -- by one UPDATE; each re-checks on the row itself (ON CONFLICT; `pending` and the cap in
+    -- the WHERE, re-checked on the latest version if a concurrent claim changed it), and when
+    -- that fails the claim goes the long way below, as before. Neither can wait on a zombie's
+    -- row lock (what the fence below is for): no row has no holder, and a pending row is not
+    -- one a claim holds, so no output transaction has it locked. Nothing else of the long way
+    -- applies to them: no holder to take over, no resume token, no refusal.
+    SELECT c.status INTO v_status FROM file_checkpoints c WHERE c.file_url = p_file_url;
+    IF NOT FOUND THEN
+        INSERT INTO file_checkpoints AS c (
+            file_url, file_type, status, attempt, max_attempts, token, lease_seconds,
+            lease_expires_at, processed_by, task_name, task_id, started_at, updated_at)
+        VALUES (
+            p_file_url, coalesce(p_file_type, 'unknown'), 'processing', 1, coalesce(p_max_attempts, 3),
+            coalesce(p_token, nextval('file_checkpoints_token_seq')), p_lease_seconds,
+            v_now + make_interval(secs => p_lease_seconds), p_worker, p_task_name, p_task_id, v_now, v_now)
+        ON CONFLICT (file_url) DO NOTHING
+        RETURNING c.* INTO r;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+                NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
+            RETURN;
+        END IF;
+    ELSIF v_status = 'pending' THEN
+        -- as the grant at the end of the long way; error_message stays the row's (v_error)
+        UPDATE file_checkpoints c
+           SET status = 'processing', attempt = c.attempt + 1,
+               max_attempts = coalesce(p_max_attempts, c.max_attempts),
+               token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+               lease_seconds = p_lease_seconds,
+               lease_expires_at = v_now + make_interval(secs => p_lease_seconds), retry_at = NULL,
+               processed_by = p_worker, task_name = coalesce(p_task_name, c.task_name),
+               task_id = p_task_id, file_type = coalesce(p_file_type, c.file_type),
+               attempt_start_position = c.position, attempt_chunks = 0,
+               started_at = v_now, updated_at = v_now
+         WHERE c.file_url = p_file_url AND c.status = 'pending'
+           AND c.attempts_spent < coalesce(p_max_attempts, c.max_attempts)
+        RETURNING c.* INTO r;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts,
+                r.generation, NULL::double precision, r.records_total, r.records_filtered,
+                r.records_persisted, NULL::text, r.position, r.position_version;
+            RETURN;
+        END IF;
+    END IF;
+
     -- See pipeline_claim_v1: end a zombie's output session before waiting for its row lock.
     PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
       WHERE c.file_url = p_file_url AND c.status = 'processing' AND c.lease_expires_at <= v_now;
