@@ -230,6 +230,8 @@ def main() -> None:
     from pipeline import app
 
     app.conf.broker_url = common.REDIS_URL
+    # before bench.tasks_app is first imported (the race's table, below): celery-once reads it
+    os.environ["PIPELINE_BROKER_URL"] = common.REDIS_URL
     variants = args.variants.split(",")
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.race.split(",") if part]
     if "race" in variants:
