@@ -42,6 +42,14 @@ BEGIN
 END;
 $_$;
 
+CREATE FUNCTION public.pipeline_status_valid_v1(p_status text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+BEGIN
+    RETURN p_status IN ('pending', 'processing', 'completed', 'failed', 'dead');
+END;
+$$;
+
 CREATE TABLE public.file_checkpoints (
     file_url text NOT NULL,
     file_type text DEFAULT 'unknown'::text NOT NULL,
@@ -82,7 +90,7 @@ CREATE TABLE public.file_checkpoints (
     CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
     CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
-    CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text])))
+    CONSTRAINT file_checkpoints_status_check CHECK (public.pipeline_status_valid_v1(status))
 );
 
 CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_outcome text, p_error_class text, p_error_message text, p_retry_at timestamp with time zone) RETURNS void
@@ -471,6 +479,14 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_outcome_valid_v1(p_outcome text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+BEGIN
+    RETURN p_outcome IN ('running', 'completed', 'failed', 'lost');
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_reap_v1(p_waiting_seconds double precision, p_limit integer) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE sql
     AS $$
@@ -604,7 +620,7 @@ CREATE TABLE public.file_attempts (
     start_position jsonb,
     end_position jsonb,
     chunks integer DEFAULT 0 NOT NULL,
-    CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text])))
+    CONSTRAINT file_attempts_outcome_check CHECK (public.pipeline_outcome_valid_v1(outcome))
 );
 
 CREATE SEQUENCE public.file_checkpoints_token_seq

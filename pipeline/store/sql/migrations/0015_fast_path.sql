@@ -222,3 +222,32 @@ $$;
 ALTER FUNCTION pipeline_claim_v4(text, text, double precision, integer, text, text, text,
                                  bigint[], bigint)
     SET plan_cache_mode = auto SET enable_seqscan = off;
+
+-- (4) The CHECK on `status` as a call of an immutable function instead of `status = ANY
+-- (ARRAY[...])`. PostgreSQL reads a table's CHECK constraints back from their stored text at
+-- every INSERT or UPDATE statement; the array constant was most of that text. The function
+-- holds the same five values (a PL/pgSQL function is not inlined, so the stored expression
+-- stays one call). Same values allowed, same error class (check_violation) otherwise.
+CREATE FUNCTION pipeline_status_valid_v1(p_status text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    RETURN p_status IN ('pending', 'processing', 'completed', 'failed', 'dead');
+END;
+$$;
+
+ALTER TABLE file_checkpoints
+    DROP CONSTRAINT file_checkpoints_status_check,
+    ADD CONSTRAINT file_checkpoints_status_check CHECK (pipeline_status_valid_v1(status));
+
+-- The same for the outcome of an attempt (every completion, failure and lost attempt writes
+-- one row).
+CREATE FUNCTION pipeline_outcome_valid_v1(p_outcome text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    RETURN p_outcome IN ('running', 'completed', 'failed', 'lost');
+END;
+$$;
+
+ALTER TABLE file_attempts
+    DROP CONSTRAINT file_attempts_outcome_check,
+    ADD CONSTRAINT file_attempts_outcome_check CHECK (pipeline_outcome_valid_v1(outcome));
