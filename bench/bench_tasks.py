@@ -97,10 +97,16 @@ def drain_rate(
                 task.apply_async(args=[url], queue=queue, producer=producer)
         r = redis.Redis.from_url(common.REDIS_URL)
         assert r.llen(queue) == len(sent), (r.llen(queue), len(sent))
-        # The clock starts before the command: its reply can take ~0.5 s to come back, by
-        # when the worker may have drained a small queue (waiting for it measured nothing).
-        started = time.monotonic()
+        # The clock starts when the first message leaves the full queue: the command's reply
+        # can take ~0.5 s, by when the worker may have drained a small queue, and the delay
+        # before the worker acts on it varies as much (neither is the tasks' cost).
         app.control.add_consumer(queue, destination=[node], reply=False)
+        deadline = time.monotonic() + 60
+        while r.llen(queue) == len(sent):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker never consumed {queue}")
+            time.sleep(0.0005)
+        started = time.monotonic()
         while r.llen(queue) or r.hlen("unacked"):
             time.sleep(0.01)
         return len(sent) / (time.monotonic() - started)
