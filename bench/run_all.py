@@ -20,7 +20,7 @@ from bench import common
 BENCH_DIR = common.ROOT / "bench"
 # (results name, script, arguments for --quick)
 SCRIPTS: list[tuple[str, str, list[str]]] = [
-    ("tasks", "bench_tasks.py", ["--tasks", "300", "--rounds", "1"]),
+    ("tasks", "bench_tasks.py", ["--tasks", "300", "--rounds", "1", "--race", "100:20,10000:2"]),
     ("store", "bench_store.py", ["--seconds", "1", "--rounds", "1"]),
     ("submit", "bench_submit.py", ["--urls", "1000", "--rounds", "1"]),
     ("scale", "bench_scale.py", ["--rows", "20000", "--rounds", "2"]),

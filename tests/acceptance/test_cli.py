@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.cli import local
+from pipeline.models import Status
 from pipeline.reference import sample
 from tests.support.cli_helpers import (
     Result,
@@ -38,7 +39,7 @@ from tests.support.workers import Cluster, wait_until
 
 PASSWORD = "s3cretpw"
 WAIT = "90"  # seconds `submit --wait` may follow a batch before giving up
-STATUSES = ("pending", "processing", "completed", "failed", "dead")
+STATUSES = tuple(s.value for s in Status)
 
 
 # -- fixtures ---------------------------------------------------------------------------------

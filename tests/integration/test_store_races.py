@@ -77,20 +77,27 @@ def _claimer(database_url: str, worker: str, urls: list[str], barrier: Any, resu
         results.put(f"{worker}: {type(error).__name__}: {error}")
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["new", "registered"])
 @pytest.mark.parametrize("via", ["direct", "pgbouncer"])
 def test_race__eight_processes_claiming_the_same_files_grant_each_exactly_once(
     pg_store: PostgresStore,
     database_url: str,
     via: str,
+    registered: bool,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """New files (the claim inserts the row) and registered ones (it updates a pending row:
+    the fast path of migration 0015, one UPDATE re-checking `pending` under the lock), directly
+    and through a transaction pooler."""
     if via == "pgbouncer":
         # The racers connect through a private PgBouncer in transaction mode (its pool of 20
         # server connections shared by the 8), told so as a deployment would tell them.
         database_url = request.getfixturevalue("bouncer").url(database_url)
         monkeypatch.setenv("PIPELINE_DATABASE_POOLER", "transaction")
     urls = [f"file:///race/{i:04d}.csv" for i in range(FILES)]
+    if registered:
+        pg_store.register(urls, batch_id="race")
     jobs = []
     for i in range(RACERS):
         order = list(urls)

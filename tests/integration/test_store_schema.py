@@ -12,9 +12,21 @@ from pipeline.store.postgres import PostgresStore
 _CONSTRAINT = "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = :name"
 
 
+# A check that calls a function of ours (migration 0015: cheaper to re-read per statement).
+_FUNCTION = re.compile(r"CHECK \(\(?(pipeline_\w+)\(")
+_SOURCE = "SELECT prosrc FROM pg_proc WHERE proname = :name"
+
+
 def _allowed(store: PostgresStore, constraint: str) -> set[str]:
+    """The values the constraint lets through: the quoted ones of its definition, or of the
+    body of the function it calls."""
     definition = store.scalar(_CONSTRAINT, {"name": constraint})
     assert definition, f"constraint {constraint} not found"
+    called = _FUNCTION.search(definition)
+    if called:
+        source = store.scalar(_SOURCE, {"name": called.group(1)})
+        assert source, f"function {called.group(1)} not found"
+        return set(re.findall(r"'([^']*)'", source))
     return set(re.findall(r"'([^']*)'::text", definition))
 
 

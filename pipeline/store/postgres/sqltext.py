@@ -35,6 +35,18 @@ def driver_queries() -> dict[str, str]:
     return {name: _PARAM.sub(r"%(\1)s", clause.text) for name, clause in queries().items()}
 
 
+@functools.cache
+def positional_queries() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The named queries for psycopg with positional `%s` parameters, and the names in the
+    order they take: a tuple is passed as it is, where a dict of names is matched and
+    reordered by psycopg on every call (the hot path's claim and complete, issue 24)."""
+    result = {}
+    for name, clause in queries().items():
+        names = tuple(_PARAM.findall(clause.text))
+        result[name] = (_PARAM.sub("%s", clause.text.replace("%", "%%")), names)
+    return result
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration, in order."""
     result = []

@@ -42,6 +42,14 @@ BEGIN
 END;
 $_$;
 
+CREATE FUNCTION public.pipeline_status_valid_v1(p_status text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+BEGIN
+    RETURN p_status IN ('pending', 'processing', 'completed', 'failed', 'dead', 'cancelled');
+END;
+$$;
+
 CREATE TABLE public.file_checkpoints (
     file_url text NOT NULL,
     file_type text DEFAULT 'unknown'::text NOT NULL,
@@ -82,12 +90,14 @@ CREATE TABLE public.file_checkpoints (
     CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
     CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
-    CONSTRAINT file_checkpoints_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
+    CONSTRAINT file_checkpoints_status_check CHECK (public.pipeline_status_valid_v1(status))
 );
 
 CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_outcome text, p_error_class text, p_error_message text, p_retry_at timestamp with time zone) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
     AS $$
+BEGIN
     INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
                                     started_at, ended_at, outcome, error_class, error_message,
                                     retry_at, start_position, end_position, chunks)
@@ -99,7 +109,8 @@ CREATE FUNCTION public.pipeline_attempt_end_v1(r public.file_checkpoints, p_ende
            error_class = excluded.error_class, error_message = excluded.error_message,
            retry_at = excluded.retry_at, start_position = excluded.start_position,
            end_position = excluded.end_position, chunks = excluded.chunks
-     WHERE a.outcome = 'running'
+     WHERE a.outcome = 'running';
+END;
 $$;
 
 CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_ended_at timestamp with time zone, p_error_message text) RETURNS void
@@ -237,7 +248,69 @@ DECLARE
     v_now   timestamptz := clock_timestamp();
     b       pipeline_batches%ROWTYPE;
     v_busy  bigint;
+    v_status text;
+    v_batch  text;
 BEGIN
+    -- Fast paths, decided on a look at the row without a lock: a new file is inserted
+    -- already claimed, a pending one (registered, not claimed in this generation) is claimed
+    -- by one UPDATE; each re-checks on the row itself (ON CONFLICT; `pending` and the cap in
+    -- the WHERE, re-checked on the latest version if a concurrent claim changed it), and when
+    -- that fails the claim goes the long way below, as before. Neither can wait on a zombie's
+    -- row lock (what the fence below is for): no row has no holder, and a pending row is not
+    -- one a claim holds, so no output transaction has it locked. Nothing else of the long way
+    -- applies to them: no holder to take over, no resume token, no refusal.
+    SELECT c.status, c.batch_id INTO v_status, v_batch
+      FROM file_checkpoints c WHERE c.file_url = p_file_url;
+    IF v_batch IS NOT NULL THEN
+        -- A pending file of a batch takes the fast path only while its batch is open and has
+        -- no limit: a cancelled, paused or limited batch decides on the long way (its end).
+        -- The same plain read of the batch row the long way makes, and the same race with a
+        -- cancel: one that commits first moved the file off `pending` (the UPDATE's re-check
+        -- sends the claim the long way), one that commits later finds this claim started.
+        SELECT pb.* INTO b FROM pipeline_batches pb WHERE pb.name = v_batch;
+        IF b.state IS DISTINCT FROM 'open' OR b.concurrency IS NOT NULL THEN
+            v_status := NULL;  -- the long way
+        END IF;
+        b := NULL;
+    END IF;
+    IF NOT FOUND THEN
+        INSERT INTO file_checkpoints AS c (
+            file_url, file_type, status, attempt, max_attempts, token, lease_seconds,
+            lease_expires_at, processed_by, task_name, task_id, started_at, updated_at)
+        VALUES (
+            p_file_url, coalesce(p_file_type, 'unknown'), 'processing', 1, coalesce(p_max_attempts, 3),
+            coalesce(p_token, nextval('file_checkpoints_token_seq')), p_lease_seconds,
+            v_now + make_interval(secs => p_lease_seconds), p_worker, p_task_name, p_task_id, v_now, v_now)
+        ON CONFLICT (file_url) DO NOTHING
+        RETURNING c.* INTO r;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
+                NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
+            RETURN;
+        END IF;
+    ELSIF v_status = 'pending' THEN
+        -- as the grant at the end of the long way; error_message stays the row's (v_error)
+        UPDATE file_checkpoints c
+           SET status = 'processing', attempt = c.attempt + 1,
+               max_attempts = coalesce(p_max_attempts, c.max_attempts),
+               token = coalesce(p_token, nextval('file_checkpoints_token_seq')),
+               lease_seconds = p_lease_seconds,
+               lease_expires_at = v_now + make_interval(secs => p_lease_seconds), retry_at = NULL,
+               processed_by = p_worker, task_name = coalesce(p_task_name, c.task_name),
+               task_id = p_task_id, file_type = coalesce(p_file_type, c.file_type),
+               attempt_start_position = c.position, attempt_chunks = 0,
+               started_at = v_now, updated_at = v_now
+         WHERE c.file_url = p_file_url AND c.status = 'pending'
+           AND c.attempts_spent < coalesce(p_max_attempts, c.max_attempts)
+        RETURNING c.* INTO r;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts,
+                r.generation, NULL::double precision, r.records_total, r.records_filtered,
+                r.records_persisted, NULL::text, r.position, r.position_version;
+            RETURN;
+        END IF;
+    END IF;
+
     -- See pipeline_claim_v1: end a zombie's output session before waiting for its row lock.
     PERFORM pipeline_fence_v1(c.token) FROM file_checkpoints c
       WHERE c.file_url = p_file_url AND c.status = 'processing' AND c.lease_expires_at <= v_now;
@@ -619,6 +692,14 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_outcome_valid_v1(p_outcome text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+BEGIN
+    RETURN p_outcome IN ('running', 'completed', 'failed', 'lost', 'cancelled');
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_reap_v1(p_waiting_seconds double precision, p_limit integer) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE sql
     AS $$
@@ -794,7 +875,7 @@ CREATE TABLE public.file_attempts (
     start_position jsonb,
     end_position jsonb,
     chunks integer DEFAULT 0 NOT NULL,
-    CONSTRAINT file_attempts_outcome_check CHECK ((outcome = ANY (ARRAY['running'::text, 'completed'::text, 'failed'::text, 'lost'::text, 'cancelled'::text])))
+    CONSTRAINT file_attempts_outcome_check CHECK (public.pipeline_outcome_valid_v1(outcome))
 );
 
 CREATE SEQUENCE public.file_checkpoints_token_seq
