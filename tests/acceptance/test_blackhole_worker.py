@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, wait_until
 
 LEASE = 6.0
@@ -28,8 +28,7 @@ FILES = 8
 
 
 def _proxied(database_url: str, port: int) -> str:
-    url = sa.make_url(database_url).set(host="127.0.0.1", port=port)
-    return url.render_as_string(hide_password=False)
+    return url_via(database_url, port)
 
 
 def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself(
@@ -37,8 +36,8 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
 ) -> None:
     cluster = make_cluster(lease=LEASE)
     env = {"PIPELINE_DATABASE_TIMEOUT": str(TIMEOUT), "PIPELINE_REAP_INTERVAL": "1"}
-    upstream = sa.make_url(cluster.database_url).port or 5432
-    with TcpProxy(upstream_port=upstream) as proxy:
+    host, port = upstream_of(cluster.database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
         a = cluster.start_worker(
             concurrency=2, database_url=_proxied(cluster.database_url, proxy.port), extra_env=env
         )

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from pipeline import errors
 from pipeline.models import Claim, Stats
 from pipeline.store.postgres import PostgresStore
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 
 TIMEOUT = 2.0
 # What "within the bound" means here: the deadline (timeout + a quarter) plus the watcher's
@@ -28,11 +28,7 @@ LOCKED = "file:///lock/a"
 
 
 def _url_via(database_url: str, port: int) -> str:
-    return (
-        sa.make_url(database_url)
-        .set(host="127.0.0.1", port=port)
-        .render_as_string(hide_password=False)
-    )
+    return url_via(database_url, port)
 
 
 @pytest.fixture(params=["direct", "pgbouncer"])
@@ -58,8 +54,8 @@ def test_blackhole__calls_and_connects_end_unavailable_within_the_bound_then_rec
     pg_store: PostgresStore, via: tuple[str, str]
 ) -> None:
     url, pooler = via
-    upstream = sa.make_url(url)
-    with TcpProxy(upstream_port=upstream.port or 5432) as proxy:
+    host, port = upstream_of(url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
         store = PostgresStore(_url_via(url, proxy.port), pooler=pooler, timeout=TIMEOUT)
         try:
             assert isinstance(store.claim("file:///bh/a", "w", 60), Claim)
@@ -130,7 +126,8 @@ def test_blackhole_in_the_output_transaction__it_ends_unavailable_within_the_bou
     pg_store.execute_script("TRUNCATE timeouts_sink")
     claim = pg_store.claim("file:///bh/commit", "w", 60)
     assert isinstance(claim, Claim)
-    with TcpProxy(upstream_port=sa.make_url(database_url).port or 5432) as proxy:
+    host, port = upstream_of(database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
         store = PostgresStore(_url_via(database_url, proxy.port), timeout=TIMEOUT)
         started = 0.0
         try:

@@ -25,7 +25,7 @@ from types import TracebackType
 
 import sqlalchemy as sa
 
-from tests.support.tcpproxy import free_port
+from tests.support.tcpproxy import TcpProxy, free_port, upstream_of, url_via
 
 EXE = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 RUN_AS = "postgres"
@@ -49,8 +49,8 @@ class PgBouncer:
 
     def __init__(self, upstream: str, *, mode: str = "transaction", pool_size: int = 20) -> None:
         parsed = sa.make_url(upstream)
-        self.upstream_host = parsed.host or "127.0.0.1"
-        self.upstream_port = parsed.port or 5432
+        # a folder (the embedded server's unix socket) or a host: pgbouncer takes either
+        self.upstream_host, self.upstream_port = upstream_of(upstream)
         self.user = parsed.username or "postgres"
         self.mode = mode
         self.pool_size = pool_size
@@ -58,19 +58,26 @@ class PgBouncer:
         self.folder = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-pgbouncer-"))
         self.log = self.folder / "pgbouncer.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # The embedded server (the offline pass) listens on a unix socket in a folder of its
+        # own user's, which pgbouncer's user may not enter: a TCP proxy of this process's
+        # stands between them then.
+        self._bridge: TcpProxy | None = None
 
     def url(self, database_url: str) -> str:
         """`database_url` with its host and port replaced by this PgBouncer's."""
-        parsed = sa.make_url(database_url).set(host="127.0.0.1", port=self.port)
-        return parsed.render_as_string(hide_password=False)
+        return url_via(database_url, self.port)
 
     def start(self) -> PgBouncer:
+        host, port = self.upstream_host, self.upstream_port
+        if host.startswith("/"):
+            self._bridge = TcpProxy(upstream_port=port, upstream_host=host).start()
+            host, port = "127.0.0.1", self._bridge.port
         ini = self.folder / "pgbouncer.ini"
         users = self.folder / "userlist.txt"
         users.write_text(f'"{self.user}" ""\n')
         ini.write_text(
             "[databases]\n"
-            f"* = host={self.upstream_host} port={self.upstream_port}\n"
+            f"* = host={host} port={port}\n"
             "[pgbouncer]\n"
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {self.port}\n"
@@ -120,6 +127,9 @@ class PgBouncer:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:

@@ -25,6 +25,8 @@ import socket
 import threading
 from types import TracebackType
 
+import sqlalchemy as sa
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to upstream_host:upstream_port, one thread pair per link.
@@ -184,3 +186,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def upstream_of(database_url: str) -> tuple[str, int]:
+    """(host, port) a proxy or a pooler in front of `database_url` forwards to: the unix socket
+    folder in the query's `host` (the embedded server of the offline pass listens on no TCP
+    port), else the URL's host; and its port."""
+    url = sa.make_url(database_url)
+    return str(url.query.get("host") or url.host or "127.0.0.1"), url.port or 5432
+
+
+def url_via(database_url: str, port: int) -> str:
+    """`database_url` through 127.0.0.1:`port` (a proxy or a pooler), its socket folder dropped."""
+    url = sa.make_url(database_url).difference_update_query(["host"])
+    return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
