@@ -17,14 +17,13 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-import sqlalchemy as sa
 
 import pipeline
 from pipeline.worker import celery_app
 from tests.support import celery_tasks
 from tests.support.brokers import unacked_on_rabbitmq
 from tests.support.pgcluster import PgCluster, private_cluster
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, drop_queue_keys, running_cluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -304,11 +303,10 @@ def test_postgres_unreachable_for_minutes__deliveries_stay_bounded_and_all_compl
     outage = float(
         os.environ.get("PIPELINE_TEST_OUTAGE_SECONDS") or (45 if cluster.broker == "redis" else 20)
     )
-    direct = sa.make_url(cluster.database_url)
-    with TcpProxy(upstream_port=direct.port or 5432, upstream_host=direct.host) as proxy:
-        proxied = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(
-            hide_password=False
-        )
+    # the embedded server (offline) is a unix socket folder in the URL's query, not a host
+    host, port = upstream_of(cluster.database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
+        proxied = url_via(cluster.database_url, proxy.port)
         cluster.start_worker(concurrency=2, database_url=proxied, extra_env=FAST_SWEEP)
         cluster.start_worker(concurrency=2, database_url=proxied, extra_env=FAST_SWEEP)
         running = [f"file:///away/run-{i}?sleep=4" for i in range(4)]
