@@ -110,10 +110,20 @@ def _redis_password(data: pathlib.Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
+    # Commands started together (a `pipeline worker &` and a `pipeline submit`) race here: the
+    # password is written whole to a file of this process's own, then linked into place, which
+    # only one of them can do; the others read the winner's (never a half-written file).
     password = secrets.token_hex(16)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    mine = data / f".password-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(password)
+    try:
+        os.link(mine, path)
+    except FileExistsError:
+        password = path.read_text().strip()
+    finally:
+        mine.unlink(missing_ok=True)
     return password
 
 
