@@ -7,9 +7,8 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-import sqlalchemy as sa
 
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.slow
@@ -70,12 +69,9 @@ def test_postgres_unreachable_mid_batch__all_complete_without_spending_an_attemp
     lease = 10.0
     broker_url = request.getfixturevalue("redis_url" if broker == "redis" else "rabbitmq_url")
     cluster = make_cluster(lease=lease, broker_url=broker_url)
-    direct = sa.make_url(cluster.database_url)
-    # The embedded server (offline) is a unix socket folder in the query's `host`.
-    upstream_host = str(direct.query.get("host") or direct.host or "127.0.0.1")
-    with TcpProxy(upstream_port=direct.port or 5432, upstream_host=upstream_host) as proxy:
-        via_proxy = direct.set(host="127.0.0.1", port=proxy.port).difference_update_query(["host"])
-        proxied_url = via_proxy.render_as_string(hide_password=False)
+    host, port = upstream_of(cluster.database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
+        proxied_url = url_via(cluster.database_url, proxy.port)
         urls = [f"file:///outage/{i:02d}?sleep=0.2" for i in range(60)]
         cluster.start_worker(database_url=proxied_url)
         cluster.start_worker(database_url=proxied_url)
