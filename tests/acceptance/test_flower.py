@@ -15,20 +15,20 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support.flower_helpers import FLOWER_REDIS_DB, FlowerStack, process_tree
-from tests.support.tcpproxy import free_port
-from tests.support.workers import redis_url_on_db, wait_until
+from tests.support.flower_helpers import FlowerStack, process_tree
+from tests.support.processes import free_port
+from tests.support.workers import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(
-    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str, private_redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FlowerStack]:
     s = FlowerStack(
         database_url=database_url,
-        broker_url=redis_url_on_db(redis_url, FLOWER_REDIS_DB),
+        broker_url=private_redis_url,
         log_dir=tmp_path_factory.mktemp("flower"),
     )
     try:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ops import metrics
 from tests.support import promql
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.slow

@@ -28,6 +28,7 @@ import requests
 
 from pipeline.cli import local
 from tests.support.cli_helpers import PIPELINE, assert_no_traceback, cli_env, processes_of, run_cli
+from tests.support.processes import spawn
 from tests.support.workers import drop_queue_keys, wait_until
 
 pytestmark = pytest.mark.slow
@@ -41,18 +42,15 @@ class Running:
     ) -> None:
         self.out_path = cwd / f"out-{uuid.uuid4().hex[:6]}.log"
         self.err_path = self.out_path.with_suffix(".err")
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                # bash runs a lone simple command in its own process (exec), so the signals
-                # below reach the command itself.
-                ["bash", "-c", argv[0]] if shell else argv,
-                env=env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # a group of its own: nothing here reaches pytest
-            )
+        self.popen = spawn(
+            # bash runs a lone simple command in its own process (exec), so the signals below
+            # reach the command itself; a group of its own: nothing here reaches pytest.
+            ["bash", "-c", argv[0]] if shell else argv,
+            log_path=self.out_path,
+            stderr_path=self.err_path,
+            env=env,
+            cwd=cwd,
+        )
         self.seen: set[int] = set()
 
     @property

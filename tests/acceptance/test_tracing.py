@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.flower_helpers import REPO, pipeline_executable
+from tests.support.flower_helpers import pipeline_executable
+from tests.support.processes import REPO
 from tests.support.workers import Cluster, wait_until
 
 pytestmark = pytest.mark.slow

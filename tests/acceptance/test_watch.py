@@ -23,8 +23,9 @@ import pytest
 
 from pipeline.sources import urls
 from tests.support import s3server
-from tests.support.cli_helpers import PIPELINE, REPO, assert_no_traceback, cli_env, run_cli
-from tests.support.tcpproxy import TcpProxy, free_port
+from tests.support.cli_helpers import PIPELINE, assert_no_traceback, cli_env, run_cli
+from tests.support.processes import REPO, free_port, spawn
+from tests.support.tcpproxy import TcpProxy
 from tests.support.workers import Cluster, wait_until
 
 LINE = '{"id": "%s", "ts": "2024-01-01T00:00:00Z", "type": "click"}\n'
@@ -62,16 +63,7 @@ class Watch:
 
     def __init__(self, args: list[str], env: dict[str, str], log: pathlib.Path) -> None:
         self.log_path = log
-        with log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                [*PIPELINE, "watch", *args],
-                env=env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.popen = spawn([*PIPELINE, "watch", *args], log_path=log, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -21,7 +21,7 @@ from pipeline import errors
 from pipeline.store.postgres import PostgresStore
 from pipeline.worker import runtime
 from tests.support.celery_tasks import SINK_DDL, plain, sink
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 from tests.support.workers import app_on, drop_queue_keys, wait_until
 
 

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.models import Claim
 from pipeline.ops import metrics
 from pipeline.store.postgres import PostgresStore
-from tests.support.flower_helpers import REPO, pipeline_executable
-from tests.support.tcpproxy import free_port
+from tests.support.flower_helpers import pipeline_executable
+from tests.support.processes import REPO, free_port
 from tests.support.workers import wait_until
 
 LEASE = 600.0

@@ -20,8 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.store import postgres
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO
 
 
 def _run(*args: str | pathlib.Path, cwd: pathlib.Path, env: dict[str, str] | None = None) -> str:
@@ -46,7 +45,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         "-q",
         "-w",
         out,
-        ROOT,
+        REPO,
         cwd=out,
     )
     # The distribution's name (`pipeline` on PyPI is another project), as a wheel spells it.
@@ -110,7 +109,7 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
     assert where[0].startswith(site), f"pipeline imported from {where[0]}, not the wheel"
     assert where[1].startswith(site), f"SQL read from {where[1]}, not the wheel"
     # `pipeline --version` finds the installed distribution under its own name.
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     shown = _run(python, "-m", "pipeline.cli", "--version", cwd=elsewhere, env=env)
     assert shown.split()[-1] == version, shown
 
@@ -137,7 +136,7 @@ def test_wheel__installed_alone_upgrades_a_database_from_another_folder(
     assert row == (True, True, latest)
 
 
-OFFLINE = ROOT.parent / "shared" / "tools" / "offline"
+OFFLINE = REPO.parent / "shared" / "tools" / "offline"
 
 
 def _offline_prefix() -> list[str]:

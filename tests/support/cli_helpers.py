@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import psutil
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO
+
 _SCRIPT = pathlib.Path(sys.executable).parent / "pipeline"
 # The installed console script when there is one, else the same entry point through -m.
 PIPELINE: list[str] = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]

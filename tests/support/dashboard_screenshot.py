@@ -33,8 +33,8 @@ if str(REPO) not in sys.path:  # run as a script: make `tests` and `pipeline` im
 
 from pipeline.ops import metrics  # noqa: E402
 from tests.support import promql  # noqa: E402
+from tests.support.processes import free_port  # noqa: E402
 from tests.support.screenshot import chromium, scratch_database  # noqa: E402
-from tests.support.tcpproxy import free_port  # noqa: E402
 from tests.support.workers import Cluster, app_on, redis_url_on_db  # noqa: E402
 
 WIDTH = 1500

@@ -7,7 +7,7 @@ import socket
 import struct
 import threading
 
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 
 # The request codes a client may send before its startup packet (SSL, GSS encryption).
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104

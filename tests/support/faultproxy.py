@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 
 _S3_ERROR = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'

@@ -14,7 +14,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -29,10 +28,10 @@ import sqlalchemy as sa
 import pipeline
 from pipeline.store.postgres import engine_url
 from tests.support.celery_tasks import SINK_DDL
+from tests.support.processes import REPO, spawn
 from tests.support.workers import Proc, wait_until
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-# Redis database for these processes: the rest of the suite uses 14 (tests/conftest.py).
+# Redis database of the screenshot scripts (the tests use their session's private one instead).
 FLOWER_REDIS_DB = 12
 READY_TIMEOUT = 45.0
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED"})
@@ -136,16 +135,7 @@ class FlowerStack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as log:
-            popen = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        popen = spawn(argv, log_path=log_path, env=env, append=True)
         proc = Proc(name, name.split("-")[0], popen, log_path)
         self.procs.append(proc)
         return proc

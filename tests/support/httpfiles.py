@@ -24,7 +24,7 @@ import re
 import threading
 from typing import Any
 
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 

@@ -25,7 +25,8 @@ from types import TracebackType
 
 import sqlalchemy as sa
 
-from tests.support.tcpproxy import TcpProxy, free_port, upstream_of, url_via
+from tests.support.processes import free_port
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 
 EXE = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 RUN_AS = "postgres"

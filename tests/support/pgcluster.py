@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import psycopg
 
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port
 
 
 class PgCluster:

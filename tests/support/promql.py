@@ -22,7 +22,8 @@ from typing import Any
 import requests
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO, spawn
+
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "pipeline.json"
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yml"
@@ -115,19 +116,16 @@ class Prometheus:
         )
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / "prometheus.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            log_path=self.log_path,
+            cwd=None,
+        )
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query; raises on a PromQL error."""

@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tests.support.tcpproxy import free_port
+from tests.support.processes import free_port, spawn
 
 ACCESS_KEY = "pipeline-test-key"
 SECRET_KEY = "pipeline-test-secret-do-not-print"
@@ -92,10 +92,7 @@ class S3Server:
             # with "InternalError" (weed.log: "no free volumes left"). Volumes are sparse files.
             "-volume.max=200",
         ]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.process = spawn(args, log_path=self.log, cwd=None, append=True)
 
     def env(self) -> dict[str, str]:
         """What a worker or the CLI needs in its environment to reach this server."""

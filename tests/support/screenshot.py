@@ -31,7 +31,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from pipeline.store.postgres import PostgresStore  # noqa: E402
 from tests.support.flower_helpers import FLOWER_REDIS_DB, FlowerStack  # noqa: E402
-from tests.support.tcpproxy import free_port  # noqa: E402
+from tests.support.processes import free_port  # noqa: E402
 
 # Outcome columns first; `received` last, so the newest task is on top (Flower sorts by it)
 # without its timestamp taking the room the results need.

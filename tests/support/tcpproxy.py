@@ -27,6 +27,8 @@ from types import TracebackType
 
 import sqlalchemy as sa
 
+from tests.support.processes import free_port
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to upstream_host:upstream_port, one thread pair per link.
@@ -179,13 +181,6 @@ def _close(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def upstream_of(database_url: str) -> tuple[str, int]:

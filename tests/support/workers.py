@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import pathlib
@@ -35,8 +34,8 @@ import sqlalchemy as sa
 import pipeline
 from pipeline.store.postgres import engine_url
 from tests.support.celery_tasks import SINK_DDL
+from tests.support.processes import REPO, spawn
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_LEASE = 3.0
 READY_TIMEOUT = 45.0
 
@@ -313,16 +312,9 @@ class Cluster:
 
     def _spawn(self, name: str, kind: str, argv: Sequence[str], env: dict[str, str]) -> Proc:
         log_path = self.tmp_path / f"{name}.log"
-        with log_path.open("ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "celery", *argv],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        popen = spawn(
+            [sys.executable, "-m", "celery", *argv], log_path=log_path, env=env, append=True
+        )
         proc = Proc(name=name, kind=kind, popen=popen, log_path=log_path)
         self.procs.append(proc)
         return proc
@@ -474,18 +466,6 @@ def app_on(broker_url: str, queue: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def exclusive(name: str) -> Iterator[None]:
-    """A lock across test sessions on this machine (e.g. for a Redis db a test flushes)."""
-    path = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"pipeline-tests-{name}.lock"
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def running_cluster(
     request: pytest.FixtureRequest,
     tmp_path: pathlib.Path,
@@ -512,27 +492,20 @@ def running_cluster(
 def make_cluster(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, database_url: str, redis_url: str
 ) -> Iterator[Callable[..., Cluster]]:
-    """Factory: `make_cluster(lease=3, redis_db=None, broker_url=None)`; one cluster per test.
+    """Factory: `make_cluster(lease=3, broker_url=None)`; one cluster per test.
 
-    `broker_url`: another broker than the session's Redis (e.g. the RabbitMQ vhost of
-    tests/support/brokers.py).
-
-    `redis_db` gives the cluster a Redis database number of its own (10-13), held under a lock
-    across test sessions, for a test that flushes its broker.
+    `broker_url`: another broker than the session's Redis database (the RabbitMQ vhost of
+    tests/support/brokers.py, or the session's private Redis database for a test that flushes
+    its broker).
     """
     with contextlib.ExitStack() as stack:
 
         def make(
             *,
             lease: float = DEFAULT_LEASE,
-            redis_db: int | None = None,
             broker_url: str | None = None,
         ) -> Cluster:
             broker = broker_url or redis_url
-            if redis_db is not None:
-                # A Redis db of its own (a test that flushes it): one test session at a time.
-                broker = redis_url_on_db(redis_url, redis_db)
-                stack.enter_context(exclusive(f"redis-db-{redis_db}"))
             return stack.enter_context(
                 running_cluster(request, tmp_path, database_url, broker, lease)
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO
 
 
 def test_code_map__names_every_module() -> None:

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO
+
 COMPOSE = REPO / "docker-compose.yml"
 LOCAL_DEFAULT = "local-only-password"
 SERVICES = (

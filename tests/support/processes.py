@@ -1,0 +1,74 @@
+"""Processes the tests start: the repository root, a free port, and one way to spawn a server.
+
+Every helper that starts a subprocess (workers, Flower, SeaweedFS, Prometheus, a CLI command in
+the background) goes through `spawn`: its own session (a signal sent to its group reaches
+nothing of pytest's), no stdin, its output in a log file.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# free_port draws from a range of its own per pytest-xdist process (gw0, gw1, ...), below the
+# kernel's ephemeral range (32768-60999 by default): a port one process has just seen free is
+# not handed to another test process, nor to an outgoing connection, before it is bound.
+_PORTS_FROM, _PORTS_PER_PROCESS = 20_000, 2_000
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    low = _PORTS_FROM + index * _PORTS_PER_PROCESS
+    for port in random.sample(range(low, low + _PORTS_PER_PROCESS), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + _PORTS_PER_PROCESS - 1} after 200 tries")
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: pathlib.Path,
+    env: Mapping[str, str] | None = None,
+    cwd: pathlib.Path | None = REPO,
+    stderr_path: pathlib.Path | None = None,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` as the leader of a process group of its own, with no stdin, its standard
+    output (and error, unless `stderr_path` is given) in `log_path`."""
+    mode = "ab" if append else "wb"
+    with log_path.open(mode) as out:
+        if stderr_path is None:
+            return _popen(argv, env, cwd, out, subprocess.STDOUT)
+        with stderr_path.open(mode) as err:
+            return _popen(argv, env, cwd, out, err)
+
+
+def _popen(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: pathlib.Path | None,
+    out: IO[bytes],
+    err: IO[bytes] | int,
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+    )
