@@ -23,10 +23,11 @@ from rich.text import Text
 
 from pipeline import masking
 from pipeline.interrupts import Interrupts
-from pipeline.models import Batch, Overview, Status
+from pipeline.models import Status
 from pipeline.sender import Sender
 from pipeline.sources import producer
 from pipeline.store import Registry, Reports
+from pipeline.views import Batch, Overview
 
 err = Console(stderr=True)
 out = Console()

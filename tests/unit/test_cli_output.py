@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pipeline.cli import display
-from pipeline.models import DeadFile, Overview, Stats, Status
+from pipeline.models import Stats, Status
+from pipeline.views import DeadFile, Overview
 
 POISON = "file:///home/someone/projects/pipeline/.pipeline/demo-data/part-0663-poison.jsonl"
 
@@ -94,7 +95,7 @@ def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
 
 
 def test_running__a_big_file_shows_its_records_bytes_percent_rate_and_eta() -> None:
-    from pipeline.models import RunningFile
+    from pipeline.views import RunningFile
 
     big = RunningFile("file:///data/big.jsonl", 3, 1_500_000, 75 * 2**20, 100 * 2**20, seconds=30.0)
     live = dataclasses.replace(
