@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pipeline.cli import display
+from pipeline.cli.live import RateColumn
 from pipeline.models import Stats, Status
 from pipeline.views import DeadFile, Overview
 
@@ -82,7 +83,7 @@ def test_dead_files_table__narrow_terminal_shows_the_name_cut_from_the_left(
 
 
 def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
-    column = display.RateColumn()
+    column = RateColumn()
     progress = Progress(console=Console(file=io.StringIO()), auto_refresh=False)
     tid = progress.add_task("b", total=300, rate=None)
     (task,) = progress.tasks
