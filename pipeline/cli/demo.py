@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import masking, settings
-from pipeline.cli import display, local, workers
+from pipeline.cli import display, live, local, workers
 from pipeline.cli.services import Services
 from pipeline.models import Status
 from pipeline.reference import sample
@@ -156,7 +156,7 @@ def run(services: Services, options: Options, *, out: Console, err: Console) -> 
             )
         request = producer.Request(batch_id=BATCH, pattern=str(folder / "*"))
         with services.sender() as sender:
-            report = display.submit(store, request, sender)
+            report = live.submit(store, request, sender)
         if report.enqueued == 0 and report.in_flight_before == 0:
             out.print(
                 f"[green]nothing to do:[/green] all {report.seen} files of batch "
@@ -179,7 +179,7 @@ def run(services: Services, options: Options, *, out: Console, err: Console) -> 
                 f"{report.in_flight_before} files left in flight by an earlier run: "
                 f"{counts['enqueued']} re-enqueued"
             )
-        overview = display.follow(store, BATCH, timeout=options.timeout)
+        overview = live.follow(store, BATCH, timeout=options.timeout)
         display.print_overview(overview, BATCH)
         totals = store.overview(BATCH).totals()
         unfinished = totals[Status.PENDING] + totals[Status.PROCESSING] + totals[Status.FAILED]

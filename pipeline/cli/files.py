@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 
 from pipeline import errors, masking
-from pipeline.cli import display, fileview
+from pipeline.cli import display, fileview, live
 from pipeline.cli.group import (
     EXIT_FAILED,
     EXIT_OK,
@@ -99,7 +99,7 @@ def submit(
     with handled(), interrupts.installed():
         store = services().store()
         with services().sender() as sender:
-            report = display.submit(store, request, sender, interrupts)
+            report = live.submit(store, request, sender, interrupts)
         if report.interrupted:
             raise SystemExit(128 + signal.Signals[report.interrupted].value)
         # Non-zero when any input was refused or any file is known to have ended dead (a
@@ -109,7 +109,7 @@ def submit(
             _warn_if_no_worker_has(task_name)
         if wait:
             try:
-                overview = display.follow(
+                overview = live.follow(
                     store, request.batch_id, timeout=timeout, interrupts=interrupts
                 )
             except KeyboardInterrupt:

@@ -29,8 +29,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pipeline import errors, masking
-from pipeline.models import Histogram, Operations, Status
+from pipeline.models import Status
 from pipeline.store import Reports
+from pipeline.views import Histogram, Operations
 
 if TYPE_CHECKING:
     from pipeline.sources.watch import ScanReport as WatchReport

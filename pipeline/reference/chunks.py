@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline import settings
-from pipeline.reference.ingest import Boundary, Record
+from pipeline.reference.formats import Boundary
+from pipeline.reference.ingest import Record
 from pipeline.sources.resumable import BEGINNING, Start
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.models import Stats
-from pipeline.reference import chunks, ingest
+from pipeline.reference import chunks, formats, ingest
 from pipeline.sources import resumable, textfile
 from pipeline.worker.decorator import checkpointed
 
@@ -15,7 +15,7 @@ from pipeline.worker.decorator import checkpointed
 def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
     """Read a file's records from where the last committed chunk ended, and write the valid
     ones to `events`, each chunk with its position."""
-    kind, compression = ingest.file_format(file_url)
+    kind, compression = formats.file_format(file_url)
     committed = chunks.Position.load(checkpoint.position)
     with resumable.open_at(
         file_url, compression, chunks.start_of(committed), checkpoint.version
@@ -28,7 +28,7 @@ def ingest_file(file_url: str, *, checkpoint: Any) -> Stats:
         tally = ingest.Tally.resumed(checkpoint.stats)
         persisted = checkpoint.stats.persisted
         blocks = textfile.line_blocks(file_url, opened.stream, line=start.line, offset=start.offset)
-        items = ingest.records(
+        items = formats.records(
             kind, blocks, line=start.line, header=committed.header if committed else None
         )
         for piece in chunks.pieces(items, start):

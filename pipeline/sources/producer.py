@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pipeline import errors, masking
 from pipeline.interrupts import Interrupts
-from pipeline.models import BatchSpec, Status
+from pipeline.models import BatchSpec, Registration, Status
 from pipeline.sources import lines, urls
 from pipeline.store import DEFAULT_MAX_ATTEMPTS, Registry
 
@@ -92,8 +92,32 @@ _COUNTS = (
 # URLs fingerprinted one by one at submit (see from_lines).
 _STAT_SCHEMES = ("file:", "http://", "https://")
 
-Source = Iterator[tuple[int, str, str | None, str | None, str | None]]
-"""(line, raw text, url, fingerprint, refusal reason) per input item."""
+Item = tuple[int, str, str | None, str | None, str | None]
+"""(line, raw text, url, fingerprint, refusal reason): one input item."""
+Source = Iterator[Item]
+
+
+@dataclasses.dataclass(frozen=True)
+class Registering:
+    """How submit and watch register the files they find: task, batch, file type, cap."""
+
+    task_name: str
+    batch_id: str | None
+    file_type: str
+    max_attempts: int
+
+    def register(
+        self, store: Registry, pairs: list[tuple[str, str | None]], *, changes_only: bool = False
+    ) -> list[Registration]:
+        """Register `pairs` (url, fingerprint) in one statement."""
+        return store.register(
+            pairs,
+            batch_id=self.batch_id,
+            file_type=self.file_type,
+            task_name=self.task_name,
+            max_attempts=self.max_attempts,
+            changes_only=changes_only,
+        )
 
 
 def from_lines(items: Iterable[str | lines.Refused], *, fingerprints: bool = True) -> Source:
@@ -194,11 +218,12 @@ def submit(
         if name is not None:
             check_name(kind, name)
     report = SubmitReport()
+    how = Registering(task_name, batch_id, file_type, max_attempts)
     source = iter(source)
     if interrupts and interrupts.received:  # a signal before the first line: nothing is read
         report.interrupted = interrupts.received
     while report.interrupted is None:
-        chunk: list[tuple[int, str, str | None, str | None, str | None]] = []
+        chunk: list[Item] = []
         exhausted = True
         try:
             with interrupts.reading() if interrupts else contextlib.nullcontext():
@@ -210,9 +235,7 @@ def submit(
         except KeyboardInterrupt:
             # Stopped while reading: the lines read so far are submitted, nothing after.
             report.interrupted = (interrupts.received if interrupts else None) or "SIGINT"
-        _submit_chunk(
-            store, chunk, send, report, task_name, batch_id, file_type, max_attempts, force
-        )
+        _submit_chunk(store, chunk, send, report, how, force)
         if progress:
             progress(report)
         if interrupts and interrupts.received:
@@ -224,13 +247,10 @@ def submit(
 
 def _submit_chunk(
     store: Registry,
-    chunk: list[tuple[int, str, str | None, str | None, str | None]],
+    chunk: list[Item],
     send: Callable[[str, str], None],
     report: SubmitReport,
-    task_name: str,
-    batch_id: str | None,
-    file_type: str,
-    max_attempts: int,
+    how: Registering,
     force: bool,
 ) -> None:
     """Register one chunk and send a task for each row that needs one."""
@@ -244,14 +264,8 @@ def _submit_chunk(
     if not pairs:
         return
     report.seen += len(pairs)
-    registrations = store.register(
-        pairs,
-        batch_id=batch_id,
-        file_type=file_type,
-        task_name=task_name,
-        max_attempts=max_attempts,
-    )
-    for reg in registrations:
+    task_name = how.task_name
+    for reg in how.register(store, pairs):
         if reg.needs_task:
             send(reg.task_name or task_name, reg.file_url)
             report.enqueued += 1

@@ -88,6 +88,7 @@ def scan(
     A pattern that can never be listed (unknown scheme, credentials in it) raises InvalidURL.
     """
     report = ScanReport(pattern)
+    how = producer.Registering(task_name, batch_id, file_type, max_attempts)
     started = time.monotonic()
     try:
         # A signal during the listing (which may take seconds on a big prefix) ends it at
@@ -96,16 +97,7 @@ def scan(
             listed = list(producer.from_glob(pattern, refresh=True))
         report.list_seconds = time.monotonic() - started
         for start in range(0, len(listed), chunk_size):
-            _scan_chunk(
-                store,
-                listed[start : start + chunk_size],
-                send,
-                report,
-                task_name,
-                batch_id,
-                file_type,
-                max_attempts,
-            )
+            _scan_chunk(store, listed[start : start + chunk_size], send, report, how)
             if interrupts is not None and interrupts.received:
                 report.interrupted = interrupts.received
                 break
@@ -122,28 +114,17 @@ def scan(
 
 def _scan_chunk(
     store: Registry,
-    chunk: list[tuple[int, str, str | None, str | None, str | None]],
+    chunk: list[producer.Item],
     send: Callable[[str, str], None],
     report: ScanReport,
-    task_name: str,
-    batch_id: str | None,
-    file_type: str,
-    max_attempts: int,
+    how: producer.Registering,
 ) -> None:
     pairs = [(url, fp) for _, _, url, fp, _ in chunk if url is not None]
     report.refused += len(chunk) - len(pairs)
     if not pairs:
         return
     report.seen += len(pairs)
-    registrations = store.register(
-        pairs,
-        batch_id=batch_id,
-        file_type=file_type,
-        task_name=task_name,
-        max_attempts=max_attempts,
-        changes_only=True,
-    )
-    for reg in registrations:
+    for reg in how.register(store, pairs, changes_only=True):
         # Only what this statement created or regenerated: a row still pending from an
         # earlier scan (or from another watch of the same prefix) has its message already.
         if reg.change is Change.UNCHANGED:
@@ -152,7 +133,7 @@ def _scan_chunk(
             report.new += 1
         else:
             report.changed += 1
-        send(reg.task_name or task_name, reg.file_url)
+        send(reg.task_name or how.task_name, reg.file_url)
         report.enqueued += 1
 
 

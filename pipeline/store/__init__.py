@@ -15,20 +15,18 @@ from typing import Any, Protocol
 
 from pipeline import errors, masking, settings
 from pipeline.models import (
-    Batch,
     BatchSpec,
     BatchState,
     Checkpoint,
     ClaimResult,
     FailResult,
-    Operations,
-    Overview,
     Pruned,
     Registration,
     Stats,
     Status,
     Work,
 )
+from pipeline.views import Batch, Operations, Overview
 
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_MAX_ATTEMPTS = 3

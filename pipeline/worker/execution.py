@@ -30,12 +30,11 @@ What each situation does, and what Flower shows (the README's outcome table):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
@@ -47,6 +46,7 @@ from pipeline.worker import runtime, trouble
 from pipeline.worker.checkpoint import CheckpointContext, Chunk
 from pipeline.worker.lease import Held, keeper
 from pipeline.worker.options import Spec
+from pipeline.worker.outage import Restarts, wait_for_store
 
 logger = logging.getLogger("pipeline")
 
@@ -59,22 +59,9 @@ def _skipped(file_url: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {"file_url": file_url, "skipped": True, "reason": reason, **extra}
 
 
-# How often the function may start within one attempt: a start whose output transaction the
-# database broke (a restart, a cut connection) runs again under the same claim once the
-# database answers, at most this many starts in all; past that the attempt is failed.
-MAX_STARTS_PER_ATTEMPT = 5
-# Pauses while waiting for the database where the execution stands (seconds, then the last
-# one repeated): short, so a file carries on within a few seconds of the database's return.
-STORE_WAITS = (0.2, 0.5, 1.0, 1.0, 2.0)
-# Pauses before the function starts again after the database refused its output for want of
-# resources (disk full, out of memory, too many connections, a deadlock): seconds, then the
-# last one repeated. Such a start is not counted in MAX_STARTS_PER_ATTEMPT.
-RESOURCE_WAITS = (0.5, 1.0, 2.0, 3.0, 5.0)
 # A delivery that comes this close before its retry is due waits for it instead of being
 # dropped (clock steps between worker and database, an ETA fired a hair early).
 NOT_DUE_SLACK = 2.0
-
-T = TypeVar("T")
 
 
 def run(
@@ -140,28 +127,6 @@ def _report_trouble(task: Task) -> None:
         logger.debug("database trouble not recorded yet: %s", error)
 
 
-def wait_for_store(call: Callable[[], T], what: str, *, patient: bool = True) -> T:
-    """`call()`, again and again while the store is unavailable, pausing a little longer each
-    time (STORE_WAITS): the execution waits where it stands for the database. Not `patient`:
-    the first StoreUnavailable is raised."""
-    n = 0
-    while True:
-        try:
-            return call()
-        except errors.StoreUnavailable as error:
-            if not patient:
-                raise
-            pause = STORE_WAITS[min(n, len(STORE_WAITS) - 1)]
-            # Once a minute per cause in this process, however many tasks wait.
-            trouble.log.seen(error, f"{what}; waiting for the database")
-            n += 1
-            time.sleep(pause)
-        except errors.StoreMisconfigured as error:
-            # Waiting would never end: the task fails now, said once a minute in the log.
-            trouble.log.seen(error, what, logging.ERROR)
-            raise
-
-
 def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
     if refusal.reason is Reason.DONE:
         stats = refusal.stats.as_dict() if refusal.stats else {}
@@ -223,17 +188,13 @@ def _execute(
     kwargs: Any,
 ) -> Any:
     heartbeat = keeper.hold(store, claim)
-    last_error: BaseException | None = None
-    # Where each start of the function begins: the claim's position, then, after an outage,
-    # the last chunk the database has (a chunk whose reply was lost may have committed).
-    resume_from = claim
-    start = 0
-    short = 0  # starts refused for the database's resources (disk full, ...): not counted
+    restarts = Restarts(store, claim)
     try:
-        while start < MAX_STARTS_PER_ATTEMPT:
-            start += 1
+        while restarts.another():
             try:
-                return _run_once(task, fn, spec, store, resume_from, heartbeat, args, kwargs)
+                return _run_once(
+                    task, fn, spec, store, restarts.resume_from, heartbeat, args, kwargs
+                )
             except errors.BatchCancelled:
                 # Its batch was cancelled: the last chunk committed and the store moved the
                 # file to `cancelled` with it (no attempt spent); requeue resumes it there.
@@ -248,49 +209,16 @@ def _execute(
                     # ended our output transaction's session (pipeline_fence_v1): still a lost
                     # claim, not an outage, and nothing of ours was committed.
                     return _output_discarded(claim)
-                # The database went away mid-execution: wait for it here, holding the message
-                # and the pool process, then find out what became of the claim.
-                if getattr(error, "cause", None) in errors.RESOURCE_CAUSES:
-                    # Up but short of disk, memory or connections: not this attempt's fault,
-                    # so not one of its starts; the function starts again after a pause that
-                    # grows (bounded work however long the shortage lasts).
-                    start -= 1
-                    pause = RESOURCE_WAITS[min(short, len(RESOURCE_WAITS) - 1)]
-                    short += 1
-                    trouble.log.seen(
-                        error, f"{claim.file_url} starts again in {pause:g}s, same attempt"
-                    )
-                    time.sleep(pause)
-                else:
-                    trouble.log.seen(
-                        error,
-                        f"database lost during {claim.file_url} (start {start} of at most "
-                        f"{MAX_STARTS_PER_ATTEMPT} in this attempt)",
-                        always=True,
-                    )
-                where = wait_for_store(
-                    lambda: _where_is(store, claim), f"resuming {claim.file_url}"
-                )
-                if isinstance(where, dict):
-                    return where  # our completion had committed; only its reply was lost
+                where = restarts.after(error)
+                if isinstance(where, Stats):
+                    # our completion had committed; only its reply was lost
+                    return _completed(claim, where)
                 if where is None:
                     logger.warning("claim on %s lost while the database was away", claim.file_url)
                     return _skipped(
                         claim.file_url, "claim lost while the database was away; output discarded"
                     )
-                # Still ours: the broken output transaction was rolled back. Before the
-                # function starts again, an output transaction must be possible too (a new
-                # connection: "too many clients" refuses it while the claim's own connection
-                # works), so that a connection limit does not use up the starts.
-                wait_for_store(lambda: _open_output(store), f"reopening {claim.file_url}")
-                # Start again, same claim, same attempt, from the last chunk that committed.
-                resume_from = where
-                last_error = error
-        raise errors.TransactionBroken(
-            f"the database broke the output transaction of {claim.file_url} "
-            f"{MAX_STARTS_PER_ATTEMPT} times in one attempt; last: {last_error}",
-            url=claim.file_url,
-        )
+        raise restarts.used_up()
     except SoftTimeLimitExceeded as error:
         return _failed(
             task,
@@ -363,29 +291,6 @@ def _completed(claim: Claim, stats: Stats) -> dict[str, Any]:
 def _output_discarded(claim: Claim) -> dict[str, Any]:
     logger.warning("claim on %s lost; output discarded", claim.file_url)
     return _skipped(claim.file_url, "claim lost to a newer execution; output discarded")
-
-
-def _where_is(store: ClaimPath, claim: Claim) -> dict[str, Any] | Claim | None:
-    """After an outage: the claim, with the position of its last committed chunk, if it is
-    still held (its lease renewed now); the result if its completion had committed; None if
-    the claim was lost meanwhile."""
-    held = store.heartbeat(claim.file_url, claim.token) is not None
-    row = store.get(claim.file_url)
-    if row is None or row.token != claim.token:
-        return None
-    if held:
-        return dataclasses.replace(
-            claim, position=row.position, version=row.position_version, stats=row.stats
-        )
-    if row.status is Status.COMPLETED:
-        return _completed(claim, row.stats)
-    return None
-
-
-def _open_output(store: ClaimPath) -> None:
-    """Open (and end) a transaction like a function's output transaction."""
-    with store.transaction():
-        pass
 
 
 def _progress_reporter(task: Task, claim: Claim) -> Callable[[Chunk], None]:

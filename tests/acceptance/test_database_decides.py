@@ -283,7 +283,7 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
         assert spent == []
         assert cluster.scalar("SELECT count(*) FROM file_attempts WHERE attempt > 1") == 0
         # The bound stated in the README: at most MAX_STARTS_PER_ATTEMPT starts per attempt.
-        from pipeline.worker.execution import MAX_STARTS_PER_ATTEMPT
+        from pipeline.worker.outage import MAX_STARTS_PER_ATTEMPT
 
         assert starts == 4 <= MAX_STARTS_PER_ATTEMPT
         assert cluster.scalar("SELECT count(*) FROM sink") == 1001

@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pipeline.cli import display
-from pipeline.models import DeadFile, Overview, Stats, Status
+from pipeline.cli.live import RateColumn
+from pipeline.models import Stats, Status
+from pipeline.views import DeadFile, Overview
 
 POISON = "file:///home/someone/projects/pipeline/.pipeline/demo-data/part-0663-poison.jsonl"
 
@@ -81,7 +83,7 @@ def test_dead_files_table__narrow_terminal_shows_the_name_cut_from_the_left(
 
 
 def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
-    column = display.RateColumn()
+    column = RateColumn()
     progress = Progress(console=Console(file=io.StringIO()), auto_refresh=False)
     tid = progress.add_task("b", total=300, rate=None)
     (task,) = progress.tasks
@@ -94,7 +96,7 @@ def test_live_bar__shows_files_per_second_and_the_time_left() -> None:
 
 
 def test_running__a_big_file_shows_its_records_bytes_percent_rate_and_eta() -> None:
-    from pipeline.models import RunningFile
+    from pipeline.views import RunningFile
 
     big = RunningFile("file:///data/big.jsonl", 3, 1_500_000, 75 * 2**20, 100 * 2**20, seconds=30.0)
     live = dataclasses.replace(

@@ -3,7 +3,8 @@
 Each test scripts what the store answers (a grant, a refusal, an outage, a lost claim) and
 checks what the execution does with it: whether the function runs, how often, what it
 records, and what the task returns or raises. The store's own rules are tested on
-PostgreSQL (tests/integration/test_store_contract.py); here the store only answers.
+PostgreSQL (tests/integration/test_store_contract.py); here the store only answers. An outage
+mid-delivery is waited out in pipeline/worker/outage.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from pipeline import errors
 from pipeline.models import Checkpoint, Claim, FailResult, Reason, Refusal, Stats, Status
-from pipeline.worker import execution, runtime
+from pipeline.worker import execution, outage, runtime
 from pipeline.worker.options import Backoff, Spec
 
 URL = "file:///data/a.jsonl"
@@ -150,8 +151,8 @@ SPEC = Spec(
 @pytest.fixture(autouse=True)
 def quick_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     """No real pauses while a test's database is 'away'."""
-    monkeypatch.setattr(execution, "STORE_WAITS", (0.0,))
-    monkeypatch.setattr(execution, "RESOURCE_WAITS", (0.0,))
+    monkeypatch.setattr(outage, "STORE_WAITS", (0.0,))
+    monkeypatch.setattr(outage, "RESOURCE_WAITS", (0.0,))
 
 
 def deliver(store: ScriptedStore, fn: Any, task: FakeTask | None = None, **kwargs: Any) -> Any:
@@ -331,7 +332,7 @@ def test_database_lost_and_the_claim_taken_over_meanwhile__output_discarded() ->
 
 
 def test_output_transaction_broken_every_start__the_attempt_fails_after_the_bound() -> None:
-    bound = execution.MAX_STARTS_PER_ATTEMPT
+    bound = outage.MAX_STARTS_PER_ATTEMPT
     store, fn = ScriptedStore(completes=(DOWN,) * bound), Recorder()
     with pytest.raises(Retry):
         deliver(store, fn)
@@ -425,7 +426,7 @@ def test_unreachable_at_completion_every_start__the_attempt_fails_after_its_star
     store, fn = ScriptedStore(completes=(DOWN,) * 6), Recorder()
     with pytest.raises(Retry):
         deliver(store, fn)
-    assert fn.calls == execution.MAX_STARTS_PER_ATTEMPT
+    assert fn.calls == outage.MAX_STARTS_PER_ATTEMPT
     (failed,) = store.named("fail")
     assert "broke the output transaction" in str(failed["error"])
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import errors
-from pipeline.reference import ingest
+from pipeline.reference import formats, ingest
 from pipeline.sources import lines, producer, urls
 
 FAST = settings(max_examples=150, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
@@ -79,7 +79,7 @@ EVENTS = st.fixed_dictionaries(
 
 def _check_file(path: pathlib.Path, physical_lines: int) -> None:
     try:
-        records = list(ingest.read_records(path.as_uri()))
+        records = list(formats.read_records(path.as_uri()))
     except ingest.BadInput:
         return  # the file as a whole refused (not UTF-8, binary): a permanent failure
     for record in records:
@@ -146,7 +146,7 @@ def test_ingest__memory_bounded_on_a_file_with_one_endless_line(
     tracemalloc.start()
     try:
         with pytest.raises(ingest.BadContent, match="longer than"):
-            list(ingest.read_records(path.as_uri()))
+            list(formats.read_records(path.as_uri()))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

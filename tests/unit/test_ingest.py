@@ -14,8 +14,9 @@ import fsspec
 import pytest
 
 from pipeline.models import Stats
-from pipeline.reference import ingest, sample
-from pipeline.reference.ingest import BadContent, Record, Tally, UnsupportedFormat
+from pipeline.reference import formats, ingest, sample
+from pipeline.reference.formats import UnsupportedFormat
+from pipeline.reference.ingest import BadContent, Record, Tally
 from pipeline.sources import textfile, urls
 
 GOOD = {"id": "e1", "ts": "2024-05-01T12:00:00Z", "type": "click", "user": "u1", "n": 3}
@@ -33,7 +34,7 @@ def write(path: pathlib.Path, text: str | bytes) -> str:
 
 
 def read(url: str) -> list[Record]:
-    return list(ingest.read_records(url))
+    return list(formats.read_records(url))
 
 
 def problems(records: list[Record]) -> list[tuple[int, str | None]]:
@@ -274,12 +275,12 @@ def test_read_records__missing_file_raises_file_not_found(tmp_path: pathlib.Path
 def test_read_records__unknown_extension_is_refused_before_reading(name: str) -> None:
     # The file does not exist: the format is refused first, when read_records is called.
     with pytest.raises(UnsupportedFormat, match="unsupported file extension"):
-        ingest.read_records(f"file:///nowhere/{name}")
+        formats.read_records(f"file:///nowhere/{name}")
 
 
 def test_read_records__extension_ignores_query_string() -> None:
-    assert ingest.file_format("https://h/a.csv?sig=x.y") == ("csv", None)
-    assert ingest.file_format("file:///srv/a%20b.JSONL.GZ") == ("jsonl", "gzip")
+    assert formats.file_format("https://h/a.csv?sig=x.y") == ("csv", None)
+    assert formats.file_format("file:///srv/a%20b.JSONL.GZ") == ("jsonl", "gzip")
 
 
 # -- tally and insert parameters ---------------------------------------------------------------
@@ -301,7 +302,7 @@ def test_copy_rows__match_the_copy_columns_and_count_every_record(
 ) -> None:
     url = write(tmp_path / "a.jsonl", jsonl({**GOOD, "city": "Zürich"}, "{bad", GOOD))
     tally = Tally()
-    rows = list(ingest.copy_rows(url, ingest.read_records(url), tally))
+    rows = list(ingest.copy_rows(url, formats.read_records(url), tally))
     columns = ingest.COPY_EVENTS_SQL.split("(", 1)[1].split(")", 1)[0].split(", ")
     assert columns == ["file_url", "line", "event_id", "ts", "type", "payload"]
     assert [len(row) for row in rows] == [6, 6]

@@ -7,11 +7,11 @@ import pathlib
 
 import pytest
 
-from pipeline.reference import ingest
+from pipeline.reference import formats, ingest
 
 
 def tally(path: pathlib.Path) -> ingest.Tally:
-    return ingest.Tally().add_all(ingest.read_records(path.as_uri()))
+    return ingest.Tally().add_all(formats.read_records(path.as_uri()))
 
 
 def test_type_longer_than_the_index_allows__that_line_filtered_others_kept(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.models import Batch, BatchSpec, BatchState, Status, Work
+from pipeline.models import BatchSpec, BatchState, Status, Work
 from pipeline.store.postgres.connection import Connections
+from pipeline.views import Batch
 
 
 class BatchRows(Connections):

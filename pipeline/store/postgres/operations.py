@@ -7,8 +7,9 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pipeline.models import BatchProgress, Histogram, Operations, Status
+from pipeline.models import Status
 from pipeline.store.postgres.connection import Connections
+from pipeline.views import BatchProgress, Histogram, Operations
 
 # Durations (seconds) a file's wait and run are bucketed by: from a no-op task to an hour.
 DURATION_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.models import (
-    Attempt,
-    Checkpoint,
-    DatabaseGap,
-    DatabaseTrouble,
-    DeadFile,
-    Outcome,
-    Overview,
-    RunningFile,
-    Stats,
-    Status,
-)
+from pipeline.models import Attempt, Checkpoint, Outcome, Stats, Status
 from pipeline.store.postgres import batches
 from pipeline.store.postgres.connection import Connections
+from pipeline.views import DatabaseGap, DatabaseTrouble, DeadFile, Overview, RunningFile
 
 
 class Reports(Connections):
