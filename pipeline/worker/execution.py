@@ -308,7 +308,10 @@ def _progress_reporter(task: Task, claim: Claim) -> Callable[[Chunk], None]:
         }
         try:
             task.update_state(state="PROGRESS", meta=meta)
-            task.send_event("task-progress", **meta)
+            # Run in-process (apply, eager) there is no worker whose events anyone watches,
+            # and a broker that does not answer held each chunk for a minute of retries.
+            if not task.request.is_eager:
+                task.send_event("task-progress", retry=False, **meta)
         except Exception:  # progress is for people watching: never the file's failure
             logger.debug("progress of %s not reported", claim.file_url, exc_info=True)
 

@@ -89,6 +89,21 @@ def run_limits(monkeypatch: pytest.MonkeyPatch, records: int) -> None:
 
 
 @pytest.mark.usefixtures("small_blocks")
+def test_chunks_run_in_process__send_no_progress_event(
+    store: PostgresStore, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under apply() no worker's events are watched: a progress event would only wait on the
+    broker (a minute of connection retries per chunk where none answers)."""
+    sent: list[str] = []
+    monkeypatch.setattr(ingest_file, "send_event", lambda kind, **_: sent.append(kind))
+    run_limits(monkeypatch, 100)
+    file_url = write_jsonl(tmp_path / "quiet.jsonl", 300)
+    assert ingest_file.apply(args=[file_url]).successful()
+    assert attempts(store, file_url)[0].chunks >= 3
+    assert sent == []
+
+
+@pytest.mark.usefixtures("small_blocks")
 def test_chunks__each_commits_its_lines_and_the_history_shows_the_positions(
     store: PostgresStore, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
