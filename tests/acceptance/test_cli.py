@@ -45,40 +45,6 @@ STATUSES = tuple(s.value for s in Status)
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(
-    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str
-) -> Iterator[Cluster]:
-    """One worker on a queue of this module, the session's database with empty tables."""
-    cluster = Cluster(
-        tmp_path=tmp_path_factory.mktemp("cli"), database_url=database_url, broker_url=redis_url
-    )
-    cluster.reset_tables()
-    try:
-        cluster.start_worker(concurrency=2, task_modules=None)
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def env(request: pytest.FixtureRequest, world: Cluster) -> Iterator[dict[str, str]]:
-    """The CLI's environment: the module's database, broker and (consumed) queue."""
-    yield cli_env(world.env(task_modules=None))
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        world.print_logs(tail=80)
-
-
-@pytest.fixture
-def idle_queue(world: Cluster) -> str:
-    """A queue nobody consumes, so its length tells what a command enqueued.
-
-    Named after the module's queue, so the cluster's teardown deletes it with the rest.
-    """
-    return f"{world.queue}-idle-{uuid.uuid4().hex[:6]}"
-
-
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """A sample batch submitted with `--wait`: its folder, glob, name and the submit run."""

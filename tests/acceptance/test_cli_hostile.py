@@ -21,11 +21,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.acceptance.test_cli import env, idle_queue, world
 from tests.support.cli_helpers import PIPELINE, Result, assert_no_traceback, cli_env, run_cli
 from tests.support.workers import Cluster, wait_until
-
-__all__ = ["env", "idle_queue", "world"]
 
 pytestmark = pytest.mark.slow
 
