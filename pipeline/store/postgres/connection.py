@@ -1,5 +1,6 @@
-"""Connections to PostgreSQL: one driver connection per thread for the hot path, a small
-SQLAlchemy pool for output transactions and migrations, and what a fork must let go of."""
+"""Connections to PostgreSQL: one driver connection per thread, for the hot path and for the
+output transactions of the tasks that thread runs; a small SQLAlchemy pool for what operators
+and tools read in bulk and for migrations; and what a fork must let go of."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg.rows import namedtuple_row, tuple_row
+from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
 from pipeline import errors, masking, settings
@@ -92,6 +93,51 @@ class PgTransaction:
         return copy_rows(self.connection, sql, rows)
 
 
+class _ThreadsOwn(sa.pool.Pool):
+    """A SQLAlchemy pool that hands each thread the store's own connection of that thread
+    (`Connections._driver`), so that a task's output transaction runs on the connection its
+    claim and completion use: one connection per busy pool process for both, not two.
+
+    The store owns the connections: a record whose connection the store closed or replaced
+    (idle close, a broken link) is dropped, never closed here, and a new one wraps the thread's
+    connection of the moment."""
+
+    def __init__(self, creator: Any, current: Any, **kw: Any) -> None:
+        super().__init__(creator, **kw)
+        self._current = current  # the calling thread's open connection, or None
+        self._local = threading.local()
+
+    def _do_get(self) -> Any:
+        record = getattr(self._local, "record", None)
+        conn = self._current()
+        if record is None or conn is None or record.dbapi_connection is not conn:
+            record = self._create_connection()  # the creator opens one if the thread has none
+            self._local.record = record
+        return record
+
+    def _do_return_conn(self, record: Any) -> None:
+        pass  # stays the thread's, open, for its next call
+
+    def dispose(self) -> None:
+        self._local = threading.local()
+
+    def recreate(self) -> _ThreadsOwn:
+        return _ThreadsOwn(
+            self._creator,
+            self._current,
+            recycle=self._recycle,
+            echo=self.echo,
+            pre_ping=self._pre_ping,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+        )
+
+    def status(self) -> str:
+        return "each thread's own connection"
+
+
 class Connections:
     """The connections of one store object, shared by the threads of one process."""
 
@@ -123,6 +169,7 @@ class Connections:
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
         self._sa_direct: sa.Engine | None = None
+        self._sa_own: sa.Engine | None = None  # output transactions, on each thread's own
         self._q = queries()
         self._pq = positional_queries()
         self._row_types: dict[str, Any] = {}
@@ -183,6 +230,23 @@ class Connections:
         return self._sa_engine
 
     @property
+    def _own_engine(self) -> sa.Engine:
+        """For output transactions: on the calling thread's own connection (`_ThreadsOwn`)."""
+        if self._sa_own is None:
+            pool = _ThreadsOwn(
+                lambda: self._driver(own=True), self._current, reset_on_return="rollback"
+            )
+            self._sa_own = sa.create_engine(
+                engine_url(self.url), pool=pool, isolation_level="AUTOCOMMIT", echo=self._echo
+            )
+        return self._sa_own
+
+    def _current(self) -> psycopg.Connection[Any] | None:
+        """This thread's own connection, if it has one open."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        return None if conn is None or conn.closed else conn
+
+    @property
     def _session_engine(self) -> sa.Engine:
         """For migrations: on the direct URL when one is given (around the pooler)."""
         if self.direct_url == self.url:
@@ -191,11 +255,19 @@ class Connections:
             self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
         return self._sa_direct
 
-    def _driver(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+    def _driver(self, *, own: bool = False) -> psycopg.Connection[Any]:
+        """This thread's connection for a call: its own, or, while its own is in an output
+        transaction (a call from inside the task's block), a spare one, so that the call is
+        never part of the task's transaction. `own`: the thread's own, always."""
+        slot = "conn" if own or not getattr(self._local, "lent", False) else "spare"
+        conn: psycopg.Connection[Any] | None = getattr(self._local, slot, None)
         if conn is None or conn.closed:
+            if conn is not None:  # closed by the idle close, or by SQLAlchemy on a lost link
+                with self._lock, contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
+            # Plain tuples: the hot path names them itself (`_fast`), SQLAlchemy wants tuples.
             conn = psycopg.connect(
-                self._dsn, autocommit=True, row_factory=namedtuple_row, **self.link.connect_args()
+                self._dsn, autocommit=True, row_factory=tuple_row, **self.link.connect_args()
             )
             first = self.link.session_sql(statement_timeout=True)
             if first is not None:
@@ -205,10 +277,19 @@ class Connections:
                 except BaseException:
                     conn.close()
                     raise
-            self._local.conn = conn
+            setattr(self._local, slot, conn)
             with self._lock:
                 self._conns.append(conn)
         return conn
+
+    def _forget(self, conn: psycopg.Connection[Any]) -> None:
+        """Let go of a connection found broken: the thread's next call opens another."""
+        for slot in ("conn", "spare"):
+            if getattr(self._local, slot, None) is conn:
+                setattr(self._local, slot, None)
+        with self._lock, contextlib.suppress(ValueError):
+            self._conns.remove(conn)
+        conn.close()
 
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
         """Run a hot-path query on this thread's own connection (prepared after a few uses
@@ -238,10 +319,7 @@ class Connections:
             except psycopg.Error as error:
                 if conn.broken or conn.closed:
                     # Reconnect on the next call; the caller retries (StoreUnavailable).
-                    self._local.conn = None
-                    with self._lock, contextlib.suppress(ValueError):
-                        self._conns.remove(conn)
-                    conn.close()
+                    self._forget(conn)
                 # No answer within the bound, ended by the server's statement_timeout or by the
                 # deadline from this side: the database counts as away, as on a lost link.
                 if (call is not None and call.ended) or isinstance(
@@ -257,31 +335,52 @@ class Connections:
 
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
-        """A task's output transaction. The task's own statements take as long as they take
-        (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's statements
-        in it and the COMMIT or ROLLBACK are bounded like any store call."""
-        with translate(self.url), self._using(), self._engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="READ COMMITTED")
-            transaction = conn.begin()
+        """A task's output transaction, on the thread's own connection (the one its claim and
+        completion use: one connection per busy thread). The task's own statements take as
+        long as they take (TCP keepalives and `tcp_user_timeout` still end a dead link); the
+        store's statements in it and the COMMIT or ROLLBACK are bounded like any store call.
+
+        While it is open the thread's calls go to a spare connection: they must commit
+        whatever becomes of the task's transaction. A transaction opened inside another (not
+        done by the worker) gets a connection of the pool."""
+        nested = getattr(self._local, "lent", False)
+        engine = self._engine if nested else self._own_engine
+        with translate(self.url), self._using(), engine.connect() as conn:
+            self._local.lent = True
             try:
-                if token is not None:
-                    # Named after the claim for this transaction only, so that a takeover can
-                    # end it if this process turns zombie (pipeline_fence_v1).
-                    self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
-                yield PgTransaction(conn)
-            except BaseException:
-                # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
-                # on an invalidated connection): the original error is the news.
-                if transaction.is_active:
-                    with (
-                        self._bounded(conn, "rollback"),
-                        contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
-                    ):
-                        transaction.rollback()
-                raise
+                conn = conn.execution_options(isolation_level="READ COMMITTED")
+                transaction = conn.begin()
+                if not nested and self.link.session_sql(statement_timeout=True) is not None:
+                    # The session's statement timeout is for the store's calls; the task's
+                    # statements run under the database's own setting, as on a session
+                    # without it (the pool's).
+                    self.in_transaction(conn, "task_statement_timeout", {})
+                yield from self._output(conn, transaction, token)
+            finally:
+                self._local.lent = nested
+
+    def _output(
+        self, conn: sa.Connection, transaction: sa.RootTransaction, token: int | None
+    ) -> Iterator[PgTransaction]:
+        try:
+            if token is not None:
+                # Named after the claim for this transaction only, so that a takeover can
+                # end it if this process turns zombie (pipeline_fence_v1).
+                self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
+            yield PgTransaction(conn)
+        except BaseException:
+            # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
+            # on an invalidated connection): the original error is the news.
             if transaction.is_active:
-                with self._bounded(conn, "commit"):
-                    transaction.commit()
+                with (
+                    self._bounded(conn, "rollback"),
+                    contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
+                ):
+                    transaction.rollback()
+            raise
+        if transaction.is_active:
+            with self._bounded(conn, "commit"):
+                transaction.commit()
 
     def in_transaction(self, conn: sa.Connection, name: str, params: Mapping[str, Any]) -> Any:
         """One of the store's statements inside a task's output transaction, bounded."""
@@ -351,7 +450,7 @@ class Connections:
         self._lock = threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
-        for engine in (self._sa_engine, self._sa_direct):
+        for engine in (self._sa_engine, self._sa_direct, self._sa_own):
             if engine is not None:
                 engine.dispose(close=False)
         self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
@@ -364,7 +463,7 @@ class Connections:
         self._local = threading.local()
 
     def close(self) -> None:
-        for engine in (self._sa_engine, self._sa_direct):
+        for engine in (self._sa_engine, self._sa_direct, self._sa_own):
             if engine is not None:
                 engine.dispose()
         with self._lock:

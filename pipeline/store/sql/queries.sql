@@ -347,6 +347,12 @@ RETURNING a.token
 -- Release the claim of a process known to be dead; see pipeline_abandon_v3.
 SELECT * FROM pipeline_abandon_v3(:file_url, :worker, :task_id)
 
+-- task_statement_timeout --
+-- The first statement of a task's output transaction on the store's own session (no pooler, or
+-- one in session mode): the statement timeout set for the store's calls gives way, for this
+-- transaction only, to the database's own (a task's statements take as long as they need).
+SET LOCAL statement_timeout TO DEFAULT
+
 -- name_session --
 -- Name this session after a claim for the rest of the transaction only, so that a takeover
 -- can end it if the holder turns zombie (pipeline_fence_v1).
