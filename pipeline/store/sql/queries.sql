@@ -515,6 +515,15 @@ WITH doomed AS (
 )
 DELETE FROM file_attempts a USING doomed d WHERE a.token = d.token
 
+-- chore_turn --
+-- The turn of the periodic chore :name, taken if its last turn started :interval seconds ago
+-- or more (or never): a row back means the caller does it now. One statement: of the sweeps
+-- asking at once, the row lock lets one move the time on, and the others find it not due.
+INSERT INTO pipeline_chores AS c (name, started_at) VALUES (:name, clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at
+ WHERE c.started_at <= excluded.started_at - make_interval(secs => :interval)
+RETURNING c.started_at
+
 -- forget_completed --
 -- Up to :batch completed files completed more than :older_than seconds ago, deleted with
 -- their history (ON DELETE CASCADE); the number of files. A resubmission of such a file runs
