@@ -4,10 +4,12 @@ Measured with pg_stat_activity: the backends whose client port is a socket of th
 process tree (its main process and its pool processes), sampled while a batch runs and after.
 The figures are printed for the README's "Running a fleet"; the assertions hold the README's
 formula: busy, at most 2 per pool process (one for its calls and the task's output
-transaction, one for its lease keeper, whose renewals must commit while that transaction is
-open) plus 2 in the main process (the sweep and the worker heartbeat; the release of a killed
-child's claim); idle past PIPELINE_DATABASE_IDLE_SECONDS, at most the main process's one (its
-sweep runs every few seconds), the pool processes none.
+transaction, one for its lease keeper's renewals while that transaction is open: they must
+commit while it is) and 1 per pool process whose task has no output transaction (the keeper's
+renewals take the connection between the task's calls), plus 2 in the main process (the sweep
+and the worker heartbeat; the release of a killed child's claim); idle past
+PIPELINE_DATABASE_IDLE_SECONDS, at most the main process's one (its sweep runs every few
+seconds), the pool processes none.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+from tests.support.celery_tasks import outside
 from tests.support.workers import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.slow
@@ -96,3 +99,34 @@ def test_connections_of_a_worker__two_per_busy_pool_process_idle_down_to_the_swe
     assert busy["main"] <= 2, busy
     assert idle["pool"] == 0, idle
     assert idle["main"] <= 1, idle
+
+
+def test_connections_of_a_worker__one_per_busy_pool_process_without_an_output_transaction(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(lease=6.0)
+    worker = cluster.start_worker(
+        concurrency=CONCURRENCY,
+        extra_env={"PIPELINE_DATABASE_IDLE_SECONDS": str(IDLE), "PIPELINE_REAP_INTERVAL": "1"},
+    )
+    # 3 s each: the lease keeper renews once (at 2 s), between the claim and the completion.
+    for i in range(FILES):
+        cluster.send(f"file:///budget-outside/{i}?sleep=3", task=outside)
+    busy = {"main": 0, "pool": 0, "per_pool_process": 0}
+    deadline = time.monotonic() + 60
+    while cluster.status_counts().get("completed", 0) < FILES:
+        assert time.monotonic() < deadline, cluster.summary()
+        now = _held(cluster, worker)
+        busy = {k: max(busy[k], now[k]) for k in busy}
+        time.sleep(0.1)
+    renewed = cluster.scalar(
+        "SELECT count(*) FROM file_checkpoints WHERE status = 'completed'"
+        " AND completed_at - started_at > interval '2.5 seconds'"
+    )
+    print(
+        f"\n[budget] worker -c {CONCURRENCY}, tasks without an output transaction: busy at most"
+        f" {busy} connections"
+    )
+    assert renewed == FILES  # they ran long enough for a renewal
+    assert busy["per_pool_process"] == 1, busy
+    assert busy["main"] <= 2, busy

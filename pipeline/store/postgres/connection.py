@@ -1,6 +1,7 @@
-"""Connections to PostgreSQL: one driver connection per thread, for the hot path and for the
-output transactions of the tasks that thread runs; a small SQLAlchemy pool for what operators
-and tools read in bulk and for migrations; and what a fork must let go of."""
+"""Connections to PostgreSQL: the store's own driver connections, each taken by one call or
+one task's output transaction at a time (so a pool process whose task has no transaction open
+needs one); a small SQLAlchemy pool for what operators and tools read in bulk and for
+migrations; and what a fork must let go of."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
@@ -93,38 +95,58 @@ class PgTransaction:
         return copy_rows(self.connection, sql, rows)
 
 
-class _ThreadsOwn(sa.pool.Pool):
-    """A SQLAlchemy pool that hands each thread the store's own connection of that thread
-    (`Connections._driver`), so that a task's output transaction runs on the connection its
-    claim and completion use: one connection per busy pool process for both, not two.
+class _Taken(sa.pool.Pool):
+    """A SQLAlchemy pool over the store's own connections (`Connections._take`): a task's
+    output transaction takes one of them for its duration, as a call takes one for its own,
+    so the connection a claim used is the one the transaction gets when it is free.
 
-    The store owns the connections: a record whose connection the store closed or replaced
-    (idle close, a broken link) is dropped, never closed here, and a new one wraps the thread's
-    connection of the moment."""
+    The store owns the connections and closes them; one SQLAlchemy record per connection,
+    made the first time it is taken (the dialect's connect hooks run once per connection)."""
 
-    def __init__(self, creator: Any, current: Any, **kw: Any) -> None:
-        super().__init__(creator, **kw)
-        self._current = current  # the calling thread's open connection, or None
-        self._local = threading.local()
+    def __init__(self, owner: Connections, **kw: Any) -> None:
+        # The "creator" only hands over the connection `_do_get` took for a new record.
+        super().__init__(self._make, **kw)  # type: ignore[arg-type]
+        self._owner = owner
+        self._records: dict[int, tuple[Any, psycopg.Connection[Any]]] = {}
+        self._making = threading.local()
 
     def _do_get(self) -> Any:
-        record = getattr(self._local, "record", None)
-        conn = self._current()
-        if record is None or conn is None or record.dbapi_connection is not conn:
-            record = self._create_connection()  # the creator opens one if the thread has none
-            self._local.record = record
-        return record
+        conn = self._owner._take()
+        try:
+            known = self._records.get(id(conn))
+            if known is not None and known[1] is conn:
+                return known[0]
+            # Records of connections the store has closed since go (they hold them).
+            for key, (_, old) in list(self._records.items()):
+                if old.closed:
+                    del self._records[key]
+            self._making.conn = conn  # for the creator, which hands it to the new record
+            record = self._create_connection()
+            self._records[id(conn)] = (record, conn)
+            return record
+        except BaseException:
+            self._owner._give_back(conn)
+            raise
+
+    def _make(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] = self._making.conn
+        self._making.conn = None
+        return conn
 
     def _do_return_conn(self, record: Any) -> None:
-        pass  # stays the thread's, open, for its next call
+        for key, (known, conn) in list(self._records.items()):
+            if known is record:
+                if conn.closed:  # closed by SQLAlchemy on a lost link: forgotten
+                    del self._records[key]
+                self._owner._give_back(conn)
+                return
 
     def dispose(self) -> None:
-        self._local = threading.local()
+        self._records = {}
 
-    def recreate(self) -> _ThreadsOwn:
-        return _ThreadsOwn(
-            self._creator,
-            self._current,
+    def recreate(self) -> _Taken:
+        return _Taken(
+            self._owner,
             recycle=self._recycle,
             echo=self.echo,
             pre_ping=self._pre_ping,
@@ -135,7 +157,7 @@ class _ThreadsOwn(sa.pool.Pool):
         )
 
     def status(self) -> str:
-        return "each thread's own connection"
+        return "the store's own connections"
 
 
 class Connections:
@@ -169,7 +191,7 @@ class Connections:
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
         self._sa_direct: sa.Engine | None = None
-        self._sa_own: sa.Engine | None = None  # output transactions, on each thread's own
+        self._sa_own: sa.Engine | None = None  # output transactions, on the store's own
         self._q = queries()
         self._pq = positional_queries()
         self._row_types: dict[str, Any] = {}
@@ -185,9 +207,10 @@ class Connections:
                 f"invalid database URL {masking.mask_invalid_url(database_url)}: "
                 f"{masking.scrub(str(error), database_url)}"
             ) from error
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[psycopg.Connection[Any]] = []
+        self._conns: list[psycopg.Connection[Any]] = []  # every open one, taken or not
+        self._idle: list[psycopg.Connection[Any]] = []  # free ones, the last used last
+        self._used_at: dict[int, float] = {}  # when each free one was given back
         # Connections inherited over fork: kept referenced, never closed or collected, since
         # closing (or a finaliser) would end the parent's session on the shared socket.
         self._orphans: list[psycopg.Connection[Any]] = []
@@ -231,20 +254,13 @@ class Connections:
 
     @property
     def _own_engine(self) -> sa.Engine:
-        """For output transactions: on the calling thread's own connection (`_ThreadsOwn`)."""
+        """For output transactions: on one of the store's own connections (`_Taken`)."""
         if self._sa_own is None:
-            pool = _ThreadsOwn(
-                lambda: self._driver(own=True), self._current, reset_on_return="rollback"
-            )
+            pool = _Taken(self, reset_on_return="rollback")
             self._sa_own = sa.create_engine(
                 engine_url(self.url), pool=pool, isolation_level="AUTOCOMMIT", echo=self._echo
             )
         return self._sa_own
-
-    def _current(self) -> psycopg.Connection[Any] | None:
-        """This thread's own connection, if it has one open."""
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        return None if conn is None or conn.closed else conn
 
     @property
     def _session_engine(self) -> sa.Engine:
@@ -255,45 +271,78 @@ class Connections:
             self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
         return self._sa_direct
 
-    def _driver(self, *, own: bool = False) -> psycopg.Connection[Any]:
-        """This thread's connection for a call: its own, or, while its own is in an output
-        transaction (a call from inside the task's block), a spare one, so that the call is
-        never part of the task's transaction. `own`: the thread's own, always."""
-        slot = "conn" if own or not getattr(self._local, "lent", False) else "spare"
-        conn: psycopg.Connection[Any] | None = getattr(self._local, slot, None)
-        if conn is None or conn.closed:
-            if conn is not None:  # closed by the idle close, or by SQLAlchemy on a lost link
-                with self._lock, contextlib.suppress(ValueError):
-                    self._conns.remove(conn)
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
             # Plain tuples: the hot path names them itself (`_fast`), SQLAlchemy wants tuples.
-            conn = psycopg.connect(
-                self._dsn, autocommit=True, row_factory=tuple_row, **self.link.connect_args()
-            )
-            first = self.link.session_sql(statement_timeout=True)
-            if first is not None:
-                try:
-                    with self._deadlines.bound(conn.fileno()):
-                        conn.execute(first)  # no parameters: several statements allowed
-                except BaseException:
-                    conn.close()
-                    raise
-            setattr(self._local, slot, conn)
-            with self._lock:
-                self._conns.append(conn)
+            self._dsn,
+            autocommit=True,
+            row_factory=tuple_row,
+            **self.link.connect_args(),
+        )
+        first = self.link.session_sql(statement_timeout=True)
+        if first is not None:
+            try:
+                with self._deadlines.bound(conn.fileno()):
+                    conn.execute(first)  # no parameters: several statements allowed
+            except BaseException:
+                conn.close()
+                raise
+        with self._lock:
+            self._conns.append(conn)
         return conn
 
+    def _take(self) -> psycopg.Connection[Any]:
+        """One of the store's connections for a call or an output transaction, for it alone
+        until `_give_back`: the one used last if it is free (the others then go unused and
+        are closed after `idle_seconds`), else a new one.
+
+        So a pool process uses one connection while its task has no output transaction open
+        (the lease keeper's renewals take it between the task's calls), and two while one is:
+        a renewal must commit while that transaction is open, which its own session cannot do
+        (tests/integration/test_store_connections.py)."""
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+                with contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
+        return self._connect()
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            usable = (
+                not conn.closed
+                and not conn.broken
+                and conn.info.transaction_status == TransactionStatus.IDLE
+            )
+            if usable and not conn.autocommit:
+                # SQLAlchemy gives an output transaction's connection back in autocommit; a
+                # call on one that was not would open a transaction and commit nothing.
+                conn.autocommit = True
+        except psycopg.Error:
+            usable = False
+        if not usable:
+            # Lost, or left inside a transaction: never handed out again.
+            self._forget(conn)
+            return
+        with self._lock:
+            self._used_at[id(conn)] = time.monotonic()
+            self._idle.append(conn)
+
     def _forget(self, conn: psycopg.Connection[Any]) -> None:
-        """Let go of a connection found broken: the thread's next call opens another."""
-        for slot in ("conn", "spare"):
-            if getattr(self._local, slot, None) is conn:
-                setattr(self._local, slot, None)
-        with self._lock, contextlib.suppress(ValueError):
-            self._conns.remove(conn)
+        """Let go of a connection found broken: the next call opens another."""
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(conn)
+            self._used_at.pop(id(conn), None)
         conn.close()
 
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
-        """Run a hot-path query on this thread's own connection (prepared after a few uses
-        unless behind a transaction pooler), within the link's deadline.
+        """Run a hot-path query on one of the store's own connections (prepared after a few
+        uses unless behind a transaction pooler), within the link's deadline.
 
         The parameters go positionally and the rows come back as plain tuples, made named
         tuples here by a class kept per query (rebuilt when the column count changes): the
@@ -304,7 +353,7 @@ class Connections:
                 return list(sa_conn.execute(self._q[name], params).fetchall())
         sql, names = self._pq[name]
         with translate(self.url), self._using():
-            conn = self._driver()
+            conn = self._take()
             call = None
             try:
                 with self._deadlines.bound(conn.fileno()) as call:
@@ -332,32 +381,25 @@ class Connections:
                         url=shown,
                     ) from error
                 raise
+            finally:
+                self._give_back(conn)
 
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
-        """A task's output transaction, on the thread's own connection (the one its claim and
-        completion use: one connection per busy thread). The task's own statements take as
-        long as they take (TCP keepalives and `tcp_user_timeout` still end a dead link); the
-        store's statements in it and the COMMIT or ROLLBACK are bounded like any store call.
-
-        While it is open the thread's calls go to a spare connection: they must commit
-        whatever becomes of the task's transaction. A transaction opened inside another (not
-        done by the worker) gets a connection of the pool."""
-        nested = getattr(self._local, "lent", False)
-        engine = self._engine if nested else self._own_engine
-        with translate(self.url), self._using(), engine.connect() as conn:
-            self._local.lent = True
-            try:
-                conn = conn.execution_options(isolation_level="READ COMMITTED")
-                transaction = conn.begin()
-                if not nested and self.link.session_sql(statement_timeout=True) is not None:
-                    # The session's statement timeout is for the store's calls; the task's
-                    # statements run under the database's own setting, as on a session
-                    # without it (the pool's).
-                    self.in_transaction(conn, "task_statement_timeout", {})
-                yield from self._output(conn, transaction, token)
-            finally:
-                self._local.lent = nested
+        """A task's output transaction, on one of the store's own connections (the one its
+        claim used, when free: see `_take`). The task's own statements take as long as they
+        take (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's
+        statements in it and the COMMIT or ROLLBACK are bounded like any store call. While
+        it is open, the calls of its thread and of the lease keeper take another connection:
+        they must commit whatever becomes of the task's transaction."""
+        with translate(self.url), self._using(), self._own_engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+            transaction = conn.begin()
+            if self.link.session_sql(statement_timeout=True) is not None:
+                # The session's statement timeout is for the store's calls; the task's
+                # statements run under the database's own setting, for this transaction only.
+                self.in_transaction(conn, "task_statement_timeout", {})
+            yield from self._output(conn, transaction, token)
 
     def _output(
         self, conn: sa.Connection, transaction: sa.RootTransaction, token: int | None
@@ -421,22 +463,29 @@ class Connections:
                 self._last_used = time.monotonic()
 
     def _close_if_idle(self) -> None:
-        """Close every connection if none was used for `idle_seconds` (the deadline watcher
-        calls this every tick): an idle worker holds none, or only its sweep's."""
+        """Close the free connections unused for `idle_seconds` (the deadline watcher calls
+        this every tick): a busy process keeps only those it goes on using, an idle worker
+        none, or only its sweep's. The SQLAlchemy pool goes once the whole store is idle."""
         if self.idle_seconds <= 0:
             return
+        now = time.monotonic()
         with self._lock:
-            if self._busy or time.monotonic() - self._last_used < self.idle_seconds:
-                return
-            conns, self._conns = self._conns, []
-            engine = self._sa_engine
-            # Under the lock, so no call starts meanwhile; each thread's next call finds its
-            # connection closed and opens another.
-            for conn in conns:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
-                engine.dispose()
+            # Under the lock, so none of these is taken meanwhile; the next call opens another.
+            stale = [
+                c for c in self._idle if now - self._used_at.get(id(c), now) >= self.idle_seconds
+            ]
+            for conn in stale:
+                self._idle.remove(conn)
+                self._used_at.pop(id(conn), None)
+                with contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
+            idle = not self._busy and now - self._last_used >= self.idle_seconds
+            engine = self._sa_engine if idle else None
+        for conn in stale:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
+            engine.dispose()
 
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)
@@ -457,20 +506,18 @@ class Connections:
         self._busy = 0
         with self._lock:
             self._orphans.extend(self._conns)
-            self._conns = []
+            self._conns, self._idle, self._used_at = [], [], {}
         self._tokens = collections.deque()
         self._tokens_lock = threading.Lock()  # a fork copies a lock in whatever state it was
-        self._local = threading.local()
 
     def close(self) -> None:
         for engine in (self._sa_engine, self._sa_direct, self._sa_own):
             if engine is not None:
                 engine.dispose()
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns, self._conns, self._idle, self._used_at = self._conns, [], [], {}
         for conn in conns:
             conn.close()
-        self._local = threading.local()
 
     def execute_script(self, sql: str) -> None:
         """Run a multi-statement script (tests and tools)."""
