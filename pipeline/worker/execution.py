@@ -279,9 +279,9 @@ def _execute(
                         claim.file_url, "claim lost while the database was away; output discarded"
                     )
                 # Still ours: the broken output transaction was rolled back. Before the
-                # function starts again, an output transaction must be possible too (a new
-                # connection: "too many clients" refuses it while the claim's own connection
-                # works), so that a connection limit does not use up the starts.
+                # function starts again, an output transaction must be possible too (it may
+                # need a connection of its own, which "too many clients" refuses while the
+                # claim's works), so that a connection limit does not use up the starts.
                 wait_for_store(lambda: _open_output(store), f"reopening {claim.file_url}")
                 # Start again, same claim, same attempt, from the last chunk that committed.
                 resume_from = where
