@@ -147,3 +147,27 @@ def test_second_connection__closed_once_unused_for_the_idle_time_while_the_first
         assert store.get(claim.file_url) is not None
     finally:
         store.close()
+
+
+def test_a_connection_lost_in_an_output_transaction__the_others_carry_on(
+    database_url: str, pg_store: PostgresStore
+) -> None:
+    """A link lost under one output transaction ends that connection only: the store's other
+    connections still open transactions (SQLAlchemy's pool would recycle them all)."""
+    store = PostgresStore(database_url, timeout=3.0)
+    try:
+        with store.transaction() as outer, store.transaction() as inner:  # two connections
+            outer.execute(sa.text("SELECT 1"))
+            inner.execute(sa.text("SELECT 1"))
+        assert len(_backends(store)) == 2
+        with pytest.raises(Exception), store.transaction() as tx:  # noqa: B017, PT011, PT012
+            pid = tx.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            pg_store.scalar("SELECT pg_terminate_backend(:p)", {"p": pid})
+            tx.execute(sa.text("SELECT 1"))
+        assert len(_backends(store)) == 1
+        for _ in range(3):
+            with store.transaction() as tx:
+                assert tx.execute(sa.text("SELECT 2")).scalar() == 2
+        assert store.scalar("SELECT 3") == 3
+    finally:
+        store.close()

@@ -108,41 +108,57 @@ class _Taken(sa.pool.Pool):
         super().__init__(self._make, **kw)  # type: ignore[arg-type]
         self._owner = owner
         self._records: dict[int, tuple[Any, psycopg.Connection[Any]]] = {}
+        self._records_lock = threading.Lock()  # threads take and give back at once
         self._making = threading.local()
 
     def _do_get(self) -> Any:
         conn = self._owner._take()
         try:
-            known = self._records.get(id(conn))
-            if known is not None and known[1] is conn:
-                return known[0]
-            # Records of connections the store has closed since go (they hold them).
-            for key, (_, old) in list(self._records.items()):
-                if old.closed:
-                    del self._records[key]
+            with self._records_lock:
+                known = self._records.get(id(conn))
+                if known is not None and known[1] is conn:
+                    return known[0]
+                # Records of connections the store has closed since go (they hold them).
+                for key, (_, old) in list(self._records.items()):
+                    if old.closed:
+                        del self._records[key]
             self._making.conn = conn  # for the creator, which hands it to the new record
             record = self._create_connection()
-            self._records[id(conn)] = (record, conn)
+            with self._records_lock:
+                self._records[id(conn)] = (record, conn)
             return record
         except BaseException:
             self._owner._give_back(conn)
             raise
 
     def _make(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] = self._making.conn
+        conn: psycopg.Connection[Any] | None = getattr(self._making, "conn", None)
+        if conn is None:  # SQLAlchemy never reconnects a record here (see `_invalidate`)
+            raise errors.PipelineError("no connection taken for a new SQLAlchemy record")
         self._making.conn = None
         return conn
 
+    def _invalidate(
+        self, connection: Any, exception: BaseException | None = None, _checkin: bool = True
+    ) -> None:
+        # A lost link invalidates that connection only. SQLAlchemy's own would mark every
+        # connection of the pool made before it for a reconnect at its next checkout; these
+        # are the store's, each found broken by its own next use (and closed then).
+        if _checkin and getattr(connection, "is_valid", False):
+            connection.invalidate(exception)
+
     def _do_return_conn(self, record: Any) -> None:
-        for key, (known, conn) in list(self._records.items()):
-            if known is record:
+        with self._records_lock:
+            found = [(k, c) for k, (r, c) in self._records.items() if r is record]
+            for key, conn in found:
                 if conn.closed:  # closed by SQLAlchemy on a lost link: forgotten
                     del self._records[key]
-                self._owner._give_back(conn)
-                return
+        for _, conn in found:
+            self._owner._give_back(conn)
 
     def dispose(self) -> None:
-        self._records = {}
+        with self._records_lock:
+            self._records = {}
 
     def recreate(self) -> _Taken:
         return _Taken(
