@@ -67,6 +67,17 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
         held = wait_until(a_running, timeout=30, what="worker A to run a file")
         cluster.wait_in_output_transaction(held[0].token)
         held = a_running()
+        # Every file A holds past its INSERT, asleep in its output transaction: a task's own
+        # statement is not bounded (only keepalives and tcp_user_timeout end it, and on
+        # loopback they cannot), so one cut off in flight would wait for the path to return.
+        for h in held:
+            cluster.wait_sql(
+                "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = :n"
+                " AND state = 'idle in transaction' AND query LIKE 'INSERT INTO sink %'",
+                timeout=10,
+                what=f"{h.file_url} to sleep in its output transaction",
+                n=f"pipeline-claim:{h.token}",
+            )
         a_main = psutil.Process(a.pid)
 
         def a_processes() -> list[int]:
