@@ -267,3 +267,5 @@ class Pruned:
     attempts: int
     #: completed files forgotten (asked for only), their history with them
     files: int
+    #: stopped at its `max_batches` with a full last batch: more may be left
+    more: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -74,6 +75,29 @@ def _optional(raw: str) -> str | None:
 
 def _optional_seconds(raw: str) -> float | None:
     return _seconds(raw)
+
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
+_AGE_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_age(raw: str) -> float:
+    """An age or a period in seconds: a number, or one with a unit (90m, 12h, 30d, 2w)."""
+    match = _AGE.match(raw.strip().lower())
+    if not match:
+        raise ValueError(f"{raw!r} is not an age (e.g. 3600, 90m, 12h, 30d, 2w)")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def _optional_age(raw: str) -> float | None:
+    return parse_age(raw)
+
+
+def _positive_age(raw: str) -> float:
+    value = parse_age(raw)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
 
 
 # -- where the services are ---------------------------------------------------------------------
@@ -171,6 +195,25 @@ REAP_WAITING_SECONDS = Setting[float | None](
     "how long a pending row waits for its task before the sweep re-enqueues it "
     "(unset: 120 s, the store's default); set for beat, it travels with beat's message",
 )
+PRUNE_AFTER = Setting[float | None](
+    "PIPELINE_PRUNE_AFTER",
+    # Unset: the history stays until an operator runs `pipeline prune`. Attempt history is
+    # what `status --file` and the metrics' windows read: how long to keep it is the
+    # operator's call, so nothing is deleted unless asked.
+    None,
+    _optional_age,
+    "the sweep deletes the history of attempts that ended longer ago than this (30d, 12h, "
+    "seconds), each file's latest kept, as `pipeline prune --attempts-older-than` does; "
+    "unset: never (completed files always stay)",
+)
+PRUNE_INTERVAL = Setting[float](
+    "PIPELINE_PRUNE_INTERVAL",
+    # An hour: the history grows by one row per ended attempt, and a prune that finds little
+    # to delete still reads an index; the whole fleet prunes once per interval, not each worker.
+    3600.0,
+    _positive_age,
+    "how often the sweep prunes (PIPELINE_PRUNE_AFTER): one worker of the fleet per interval",
+)
 TRACING = Setting[bool](
     "PIPELINE_TRACING",
     False,
@@ -221,6 +264,8 @@ ALL: tuple[Setting[Any], ...] = (
     SWEEP,
     REAP_INTERVAL,
     REAP_WAITING_SECONDS,
+    PRUNE_AFTER,
+    PRUNE_INTERVAL,
     TRACING,
     WATCH,
     CHUNK_RECORDS,

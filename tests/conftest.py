@@ -98,7 +98,7 @@ def pg_store(database_url: str) -> Iterator[PostgresStore]:
     store = pipeline.open_store(database_url)
     store.execute_script(
         "TRUNCATE file_checkpoints, file_attempts, pipeline_workers, pipeline_batches,"
-        " pipeline_batch_callbacks CASCADE"
+        " pipeline_batch_callbacks, pipeline_chores CASCADE"
     )
     yield store
     store.close()

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
+from pipeline import settings
 from pipeline.cli.group import handled, main, services
-
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
 def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
-    match = _AGE.match(value.lower())
-    if not match:
-        raise click.BadParameter(f"{value!r} is not an age (e.g. 3600, 90m, 12h, 30d, 2w)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return settings.parse_age(value)  # the same ages as PIPELINE_PRUNE_AFTER takes
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @main.command()

@@ -313,9 +313,16 @@ class Admin(Protocol):
         keep: int = 1,
         forget_completed_older_than: float | None = None,
         batch: int = ...,
+        max_batches: int | None = None,
     ) -> Pruned:
         """Delete ended attempts older than the age but each file's `keep` latest; and, asked
-        for, the completed files completed before the other age (see pipeline prune)."""
+        for, the completed files completed before the other age (see pipeline prune). At most
+        `max_batches` deletes of `batch` rows if given (`more` says whether some may be left)."""
+        ...
+
+    def take_turn(self, chore: str, interval_seconds: float) -> bool:
+        """Whether the caller does the periodic `chore` (the sweep's prune) now: true for one
+        caller of the whole fleet per interval."""
         ...
 
     def libpq_url(self) -> tuple[str, str | None]:

@@ -89,7 +89,9 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
     A thread of the worker's main process, not a task: it never waits behind queued files, and
     a frozen or busy pool cannot hold it up. Every worker runs one; the database lets one sweep
     through at a time (an advisory lock in pipeline_reap_v2), the others return at once.
-    PIPELINE_SWEEP=0 turns the sweep off (beat or `pipeline reap` then do the job).
+    PIPELINE_SWEEP=0 turns the sweep off (beat or `pipeline reap` then do the job). With
+    PIPELINE_PRUNE_AFTER set, the sweep prunes attempt history too, one worker of the fleet
+    per PIPELINE_PRUNE_INTERVAL (sweep.Pruner).
 
     Each round first records the worker's heartbeat (`pipeline_workers`, which the metrics
     count), sweep or not: a worker whose thread stops answering stops being counted live.
@@ -127,6 +129,7 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
         # process's store may be swapped or closed by whoever set it (tests, embedded mode).
         store: Store | None = None
         jitter = random.Random()
+        pruner = sweep.Pruner.from_settings()  # PIPELINE_PRUNE_AFTER: off unless set
         pid = os.getpid()
         # The first round at once, heartbeat only: a worker is counted as soon as it starts,
         # and its first sweep comes an interval later, as it always has.
@@ -142,6 +145,8 @@ class Sweeper(bootsteps.StartStopStep):  # type: ignore[misc]
                     self._heartbeat(store, name, pid, interval)
                     if sweeping and not first:
                         sweep.reap_once(store, celery_app)
+                        # After the sweep, so that a long prune never delays a takeover.
+                        pruner.round(store)
                     # The database answers again: say what the trouble was (`pipeline status`).
                     trouble.report(store, name)
                     first = False

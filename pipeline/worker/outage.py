@@ -105,9 +105,9 @@ class Restarts:
         where = wait_for_store(lambda: _where_is(self.store, claim), f"resuming {claim.file_url}")
         if isinstance(where, Claim):
             # Still ours: the broken output transaction was rolled back. Before the function
-            # starts again, an output transaction must be possible too (a new connection:
-            # "too many clients" refuses it while the claim's own connection works), so that
-            # a connection limit does not use up the starts.
+            # starts again, an output transaction must be possible too (it may need a
+            # connection of its own, which "too many clients" refuses while the claim's
+            # works), so that a connection limit does not use up the starts.
             wait_for_store(lambda: _open_output(self.store), f"reopening {claim.file_url}")
             # Start again, same claim, same attempt, from the last chunk that committed.
             self.resume_from = where

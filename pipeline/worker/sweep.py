@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 from pipeline import settings
+from pipeline.models import Pruned
 from pipeline.sender import Sender
-from pipeline.store import DEFAULT_WAITING_SECONDS, Registry
+from pipeline.store import DEFAULT_WAITING_SECONDS, Admin, Registry
 
 logger = logging.getLogger("pipeline")
 
@@ -56,3 +57,53 @@ def queue_depth(app: Any, queue: str | None = None) -> int | None:
     except Exception as error:  # broker down: the re-enqueue below would fail anyway
         logger.warning("reaper: cannot read the depth of queue %s: %s", name, error)
         return None
+
+
+# The deletes a sweep round does at most (5,000 rows each): a first prune of a big history is
+# spread over the rounds that follow, so the round's sweep and heartbeat stay on time.
+PRUNE_BATCHES_PER_ROUND = 10
+
+
+class Pruner:
+    """The sweep's prune of attempt history (PIPELINE_PRUNE_AFTER): one worker of the fleet
+    per PIPELINE_PRUNE_INTERVAL (the database hands the turn out), a few batches per round,
+    the rest in the rounds after it. Completed files are never forgotten here: that is
+    `pipeline prune --forget-completed-older-than`, asked for by an operator."""
+
+    def __init__(
+        self,
+        after: float | None,
+        interval: float,
+        *,
+        batches_per_round: int = PRUNE_BATCHES_PER_ROUND,
+        batch: int | None = None,
+    ) -> None:
+        self.after = after
+        self.interval = interval
+        self.batches_per_round = batches_per_round
+        self.batch = batch  # rows per delete; None: the store's (5,000)
+        self._more = False  # a turn taken and not finished: go on without asking again
+
+    @classmethod
+    def from_settings(cls) -> Pruner:
+        return cls(settings.PRUNE_AFTER.get(), settings.PRUNE_INTERVAL.get())
+
+    def round(self, store: Admin) -> Pruned | None:
+        """Prune if this worker has the turn; what was deleted (None: not its turn, or off).
+        A turn interrupted (the database away) is not taken again until the next interval."""
+        if self.after is None:
+            return None
+        if not self._more and not store.take_turn("prune", self.interval):
+            return None
+        self._more = False
+        size = {} if self.batch is None else {"batch": self.batch}
+        pruned = store.prune(self.after, keep=1, max_batches=self.batches_per_round, **size)
+        self._more = pruned.more
+        if pruned.attempts or pruned.more:
+            logger.info(
+                "sweep: pruned %d attempts that ended over %g s ago%s",
+                pruned.attempts,
+                self.after,
+                "; more in the next round" if pruned.more else "",
+            )
+        return pruned

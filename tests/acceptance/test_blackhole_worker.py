@@ -7,7 +7,11 @@ turns into a black hole (bytes stop both ways, no socket closed) for BLACKHOLE s
 B takes A's files over after the lease; A's processes notice within the bound (they log that
 they wait for the database, instead of sitting in a socket read), nothing runs twice inside
 the checkpoint transaction, no file is dead, and once the path is back A works again by
-itself: with B gone, A alone finishes the next files.
+itself: with B gone, A alone finishes the next files. Throughout the black hole, the threads
+of A's processes are sampled from /proc (tests/support/stuck.py): none is found waiting in the
+kernel on one socket to the database for longer than the bound (before the deadlines, both
+pool processes sat in such a read for the whole outage). That check needs /proc rights over
+another process (root); without them the test ends skipped, saying why, after the rest passed.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import os
 import time
 from collections.abc import Callable
 
+import psutil
+import pytest
 import sqlalchemy as sa
 
+from tests.support import stuck
 from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, wait_until
 
@@ -25,6 +32,10 @@ LEASE = 6.0
 TIMEOUT = 2.0
 BLACKHOLE = float(os.environ.get("PIPELINE_TEST_BLACKHOLE_SECONDS") or 20)
 FILES = 8
+# The longest a thread may wait on one socket to the database: the call's deadline (timeout +
+# a quarter) or the connect timeout, plus the deadline watcher's tick and a loaded machine's
+# slack; without a bound it is the whole black hole.
+BOUND = TIMEOUT * 3
 
 
 def _proxied(database_url: str, port: int) -> str:
@@ -56,9 +67,33 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
         held = wait_until(a_running, timeout=30, what="worker A to run a file")
         cluster.wait_in_output_transaction(held[0].token)
         held = a_running()
+        # Every file A holds past its INSERT, asleep in its output transaction: a task's own
+        # statement is not bounded (only keepalives and tcp_user_timeout end it, and on
+        # loopback they cannot), so one cut off in flight would wait for the path to return.
+        for h in held:
+            cluster.wait_sql(
+                "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = :n"
+                " AND state = 'idle in transaction' AND query LIKE 'INSERT INTO sink %'",
+                timeout=10,
+                what=f"{h.file_url} to sleep in its output transaction",
+                n=f"pipeline-claim:{h.token}",
+            )
+        a_main = psutil.Process(a.pid)
+
+        def a_processes() -> list[int]:
+            try:
+                return [a.pid, *(c.pid for c in a_main.children(recursive=True))]
+            except psutil.NoSuchProcess:
+                return []
+
+        pool = set(a_processes()) - {a.pid}
+        cannot = stuck.unavailable()
+        watch = stuck.Watch(a_processes, proxy.port)
         proxy.blackhole()
         cut_at = time.monotonic()
         try:
+            if cannot is None:
+                watch.start()
             # A's processes find the database away within the bound: its first call fails.
             wait_until(
                 lambda: "unreachable" in a.log(),
@@ -91,6 +126,7 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
             finished = time.monotonic() - cut_at
             time.sleep(max(0.0, BLACKHOLE - (time.monotonic() - cut_at)))
         finally:
+            watch.stop()
             proxy.unblock()
         print(
             f"\n[blackhole {BLACKHOLE:g} s on worker A, lease {LEASE:g} s, timeout {TIMEOUT:g} s]"
@@ -132,3 +168,18 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
             row = cluster.checkpoint(url)
             assert row is not None
             assert row.processed_by.startswith(f"{a.name}@"), row.processed_by
+
+    # No thread of A stayed in a read on one socket to the database past the bound.
+    if cannot is not None:
+        pytest.skip(f"every other check passed; the threads' waits cannot be read: {cannot}")
+    longest = watch.longest()
+    in_pool = watch.longest(pool)
+    print(
+        f"[blackhole] {watch.samples} samples of A's threads: {len(watch.waits)} waits on a"
+        f" socket to the database, the longest {longest.seconds if longest else 0:.1f} s"
+        f" ({longest}); in a pool process {in_pool.seconds if in_pool else 0:.1f} s"
+    )
+    assert watch.samples >= BLACKHOLE / 0.5, watch.samples  # sampled all along
+    assert in_pool is not None  # the pool processes' waits were seen: the check can fail
+    assert longest is not None
+    assert longest.seconds < BOUND, longest

@@ -4,8 +4,11 @@ unless the operator forgets them, after which a resubmission runs the file again
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.models import Change, Claim, Stats, Status
 from pipeline.store.postgres import PostgresStore
+from pipeline.worker import sweep
 from tests.support.cli_helpers import cli_env, run_cli
 
 DAY = 86400.0
@@ -106,3 +109,68 @@ def test_pipeline_prune__the_command_prunes_and_says_so(
     assert result.returncode == 0, result.describe()
     assert "pruned 0 attempts; forgot 1 completed files" in result.output, result.describe()
     assert pg_store.get(OLD) is None
+
+
+def _old_attempts(store: PostgresStore) -> int:
+    return int(
+        store.scalar("SELECT count(*) FROM file_attempts WHERE ended_at < now() - interval '1 day'")
+    )
+
+
+def test_sweep_prune__with_the_setting_one_worker_of_the_fleet_prunes_per_interval(
+    pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _history(pg_store)
+    monkeypatch.setenv("PIPELINE_PRUNE_AFTER", "30d")
+    monkeypatch.setenv("PIPELINE_PRUNE_INTERVAL", "1h")
+    one, other = sweep.Pruner.from_settings(), sweep.Pruner.from_settings()
+    assert (one.after, one.interval) == (30 * DAY, 3600.0)
+
+    pruned = one.round(pg_store)
+    assert pruned is not None
+    assert pruned.attempts == 2
+    assert _attempts(pg_store, OLD) == [(3, "completed")]
+    assert _attempts(pg_store, RECENT) == [(1, "failed")]
+    # Another worker's sweep in the same interval: not its turn, nothing deleted.
+    pg_store.execute_script(
+        f"UPDATE file_attempts SET ended_at = ended_at - interval '40 days'"
+        f" WHERE file_url = '{RECENT}'"
+    )
+    pg_store.fail(RECENT, _claim(pg_store, RECENT).token, RuntimeError("boom"), retry_in=0)
+    assert other.round(pg_store) is None
+    assert one.round(pg_store) is None
+    assert _attempts(pg_store, RECENT) == [(1, "failed"), (2, "failed")]
+    # An interval later, whichever sweep asks first takes the turn.
+    pg_store.execute_script("UPDATE pipeline_chores SET started_at = started_at - interval '61m'")
+    again = other.round(pg_store)
+    assert again is not None
+    assert again.attempts == 1
+    assert _attempts(pg_store, RECENT) == [(2, "failed")]
+    assert one.round(pg_store) is None
+
+
+def test_sweep_prune__without_the_setting_nothing_is_pruned(
+    pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _history(pg_store)
+    monkeypatch.delenv("PIPELINE_PRUNE_AFTER", raising=False)
+    pruner = sweep.Pruner.from_settings()
+    assert pruner.after is None
+    assert pruner.round(pg_store) is None
+    assert _old_attempts(pg_store) == 4  # OLD's three, RUNNING's ended one
+    assert pg_store.scalar("SELECT count(*) FROM pipeline_chores") == 0  # no turn taken
+
+
+def test_sweep_prune__a_big_history_is_spread_over_the_rounds_of_one_turn(
+    pg_store: PostgresStore,
+) -> None:
+    _history(pg_store)
+    pruner = sweep.Pruner(30 * DAY, 3600.0, batches_per_round=1, batch=1)
+    deleted = []
+    while (pruned := pruner.round(pg_store)) is not None and len(deleted) < 10:
+        deleted.append((pruned.attempts, pruned.more))
+    # One row a round while a batch comes back full; the round that finds less ends the turn,
+    # and the next round finds it not due.
+    assert deleted == [(1, True), (1, True), (0, False)]
+    assert _old_attempts(pg_store) == 2  # each file's latest ended attempt is kept
+    assert pg_store.scalar("SELECT count(*) FROM pipeline_chores") == 1

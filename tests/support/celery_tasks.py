@@ -12,6 +12,9 @@ into a table `sink_fill` the test creates (output that needs new pages: a full d
 it), `?raise_until=N` raises on attempts before N. Every execution writes one row to `sink`
 through `checkpoint.transaction()`, so counting sink rows counts the effects that landed.
 
+`tests.outside` writes nothing to the database itself: it sleeps `?sleep=S` seconds and
+completes (no output transaction).
+
 `tests.batch_done` is a batch's completion callback: it writes one row to `callback_runs` (no
 unique key) with the batch summary, through `checkpoint.transaction()`, sleeping
 TESTS_CALLBACK_SLEEP seconds inside it.
@@ -42,6 +45,7 @@ __all__ = [
     "batch_done",
     "chunked",
     "limited",
+    "outside",
     "plain",
     "sink",
 ]
@@ -148,6 +152,14 @@ def _sink(file_url: str, checkpoint: Any) -> dict[str, int]:
 def plain(file_url: str) -> dict[str, int]:
     """No checkpoint parameter: completes on its own connection."""
     return {"total": 2, "filtered": 1, "persisted": 1}
+
+
+@checkpointed(name="tests.outside", file_type="test", lease_seconds=LEASE)
+def outside(file_url: str) -> dict[str, int]:
+    """No output transaction: sleeps `?sleep=S` seconds (its lease renewed meanwhile), then
+    completes on the store's connection, as a task whose output goes elsewhere does."""
+    time.sleep(float(_options(file_url).get("sleep", 0)))
+    return {"total": 1, "filtered": 0, "persisted": 0}
 
 
 @checkpointed(

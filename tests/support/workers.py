@@ -148,7 +148,7 @@ class Cluster:
             conn.execute(
                 sa.text(
                     "TRUNCATE sink, file_checkpoints, file_attempts, pipeline_workers,"
-                    " pipeline_batches CASCADE"
+                    " pipeline_batches, pipeline_chores CASCADE"
                 )
             )
 

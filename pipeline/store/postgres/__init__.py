@@ -1,7 +1,7 @@
 """The PostgreSQL store: the only modules that talk to the database driver (psycopg, and
 SQLAlchemy for output transactions and migrations); the SQL itself is under `sql/`."""
 
-from pipeline.store.postgres.connection import PgTransaction, copy_rows, execute_many
+from pipeline.store.postgres.output import PgTransaction, copy_rows, execute_many
 from pipeline.store.postgres.sqltext import (
     driver_queries,
     engine_url,

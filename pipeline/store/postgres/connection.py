@@ -1,5 +1,7 @@
-"""Connections to PostgreSQL: one driver connection per thread for the hot path, a small
-SQLAlchemy pool for output transactions and migrations, and what a fork must let go of."""
+"""Connections to PostgreSQL: the store's own driver connections, each taken by one call or
+one task's output transaction at a time (so a pool process whose task has no transaction open
+needs one); a small SQLAlchemy pool for what operators and tools read in bulk and for
+migrations; and what a fork must let go of."""
 
 from __future__ import annotations
 
@@ -9,87 +11,36 @@ import dataclasses
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg.rows import namedtuple_row, tuple_row
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
 from pipeline import errors, masking, settings
 from pipeline.store.postgres.boundary import translate, unavailable
 from pipeline.store.postgres.link import Deadlines, Link
+from pipeline.store.postgres.output import PgTransaction
 from pipeline.store.postgres.sqltext import engine_url, libpq_url, positional_queries, queries
+from pipeline.store.postgres.taken import Taken
 
 # What operators and tools read and write in bulk (status, metrics, submit's registration,
 # requeue): its time grows with the table or the input, so it runs without the store calls'
 # bound, on a connection without a statement timeout (keepalives and tcp_user_timeout still
 # end a dead link). Everything else, the workers' calls, is bounded (link.py).
-_PATIENT = frozenset(
-    {
-        "summary",
-        "activity",
-        "dead",
-        "totals",
-        "running",
-        "ops_state",
-        "ops_batches",
-        "ops_attempts",
-        "ops_pickup",
-        "register",
-        "requeue",
-    }
-)
-
-
-def execute_many(connection: sa.Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Run one statement for many parameter sets on a task's connection; rows affected."""
-    if not rows:
-        return 0
-    result = connection.execute(sa.text(sql), list(rows))
-    return max(int(result.rowcount), 0)
-
-
-def copy_rows(connection: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-    """Stream rows through `COPY ... FROM STDIN` (text format) on a task's connection, inside
-    its transaction; the rows copied.
-
-    The rows are pulled as the copy goes (psycopg sends them in chunks), so memory stays flat
-    however many there are. An exception from the rows (a file found bad halfway) ends the
-    COPY with an error: the transaction is then aborted, and rolled back with everything in it.
-    """
-    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
-    count = 0
-    with driver.cursor() as cursor, cursor.copy(sql) as copy:
-        write = copy.write_row
-        for row in rows:
-            write(row)
-            count += 1
-    return count
+_PATIENT = frozenset({
+    "summary", "activity", "dead", "totals", "running", "ops_state", "ops_batches",
+    "ops_attempts", "ops_pickup", "register", "requeue",
+})  # fmt: skip
 
 
 def _row_type(name: str, cursor: psycopg.Cursor[Any]) -> Any:
     """A named tuple class for the rows of query `name`, from the columns of its result."""
     columns = [c.name for c in cursor.description or ()]
     return namedtuple(f"{name}_row", columns, rename=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class PgTransaction:
-    """A transaction for a task's output on a SQLAlchemy Connection, whose methods it offers
-    as its own (`execute`, ...), with `execute_many` and `copy_rows`."""
-
-    connection: sa.Connection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.connection, name)
-
-    def execute_many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> int:
-        return execute_many(self.connection, sql, rows)
-
-    def copy_rows(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        return copy_rows(self.connection, sql, rows)
 
 
 class Connections:
@@ -123,6 +74,7 @@ class Connections:
         # its dialect costs a short-lived CLI command (`pipeline status`) more than its query.
         self._sa_engine: sa.Engine | None = None
         self._sa_direct: sa.Engine | None = None
+        self._sa_own: sa.Engine | None = None  # output transactions, on the store's own
         self._q = queries()
         self._pq = positional_queries()
         self._row_types: dict[str, Any] = {}
@@ -138,9 +90,10 @@ class Connections:
                 f"invalid database URL {masking.mask_invalid_url(database_url)}: "
                 f"{masking.scrub(str(error), database_url)}"
             ) from error
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[psycopg.Connection[Any]] = []
+        self._conns: list[psycopg.Connection[Any]] = []  # every open one, taken or not
+        self._idle: list[psycopg.Connection[Any]] = []  # free ones, the last used last
+        self._used_at: dict[int, float] = {}  # when each free one was given back
         # Connections inherited over fork: kept referenced, never closed or collected, since
         # closing (or a finaliser) would end the parent's session on the shared socket.
         self._orphans: list[psycopg.Connection[Any]] = []
@@ -183,6 +136,16 @@ class Connections:
         return self._sa_engine
 
     @property
+    def _own_engine(self) -> sa.Engine:
+        """For output transactions: on one of the store's own connections (`taken.Taken`)."""
+        if self._sa_own is None:
+            pool = Taken(self, reset_on_return="rollback")
+            self._sa_own = sa.create_engine(
+                engine_url(self.url), pool=pool, isolation_level="AUTOCOMMIT", echo=self._echo
+            )
+        return self._sa_own
+
+    @property
     def _session_engine(self) -> sa.Engine:
         """For migrations: on the direct URL when one is given (around the pooler)."""
         if self.direct_url == self.url:
@@ -191,28 +154,78 @@ class Connections:
             self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
         return self._sa_direct
 
-    def _driver(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = psycopg.connect(
-                self._dsn, autocommit=True, row_factory=namedtuple_row, **self.link.connect_args()
-            )
-            first = self.link.session_sql(statement_timeout=True)
-            if first is not None:
-                try:
-                    with self._deadlines.bound(conn.fileno()):
-                        conn.execute(first)  # no parameters: several statements allowed
-                except BaseException:
-                    conn.close()
-                    raise
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            # Plain tuples: the hot path names them itself (`_fast`), SQLAlchemy wants tuples.
+            self._dsn,
+            autocommit=True,
+            row_factory=tuple_row,
+            **self.link.connect_args(),
+        )
+        first = self.link.session_sql(statement_timeout=True)
+        if first is not None:
+            try:
+                with self._deadlines.bound(conn.fileno()):
+                    conn.execute(first)  # no parameters: several statements allowed
+            except BaseException:
+                conn.close()
+                raise
+        with self._lock:
+            self._conns.append(conn)
         return conn
 
+    def _take(self) -> psycopg.Connection[Any]:
+        """One of the store's connections for a call or an output transaction, for it alone
+        until `_give_back`: the one used last if it is free (the others then go unused and
+        are closed after `idle_seconds`), else a new one.
+
+        So a pool process uses one connection while its task has no output transaction open
+        (the lease keeper's renewals take it between the task's calls), and two while one is:
+        a renewal must commit while that transaction is open, which its own session cannot do
+        (tests/integration/test_store_connections.py)."""
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+                with contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
+        return self._connect()
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            usable = (
+                not conn.closed
+                and not conn.broken
+                and conn.info.transaction_status == TransactionStatus.IDLE
+            )
+            if usable and not conn.autocommit:
+                # SQLAlchemy gives an output transaction's connection back in autocommit; a
+                # call on one that was not would open a transaction and commit nothing.
+                conn.autocommit = True
+        except psycopg.Error:
+            usable = False
+        if not usable:
+            # Lost, or left inside a transaction: never handed out again.
+            self._forget(conn)
+            return
+        with self._lock:
+            self._used_at[id(conn)] = time.monotonic()
+            self._idle.append(conn)
+
+    def _forget(self, conn: psycopg.Connection[Any]) -> None:
+        """Let go of a connection found broken: the next call opens another."""
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(conn)
+            self._used_at.pop(id(conn), None)
+        conn.close()
+
     def _fast(self, name: str, params: Mapping[str, Any]) -> list[Any]:
-        """Run a hot-path query on this thread's own connection (prepared after a few uses
-        unless behind a transaction pooler), within the link's deadline.
+        """Run a hot-path query on one of the store's own connections (prepared after a few
+        uses unless behind a transaction pooler), within the link's deadline.
 
         The parameters go positionally and the rows come back as plain tuples, made named
         tuples here by a class kept per query (rebuilt when the column count changes): the
@@ -223,7 +236,7 @@ class Connections:
                 return list(sa_conn.execute(self._q[name], params).fetchall())
         sql, names = self._pq[name]
         with translate(self.url), self._using():
-            conn = self._driver()
+            conn = self._take()
             call = None
             try:
                 with self._deadlines.bound(conn.fileno()) as call:
@@ -238,10 +251,7 @@ class Connections:
             except psycopg.Error as error:
                 if conn.broken or conn.closed:
                     # Reconnect on the next call; the caller retries (StoreUnavailable).
-                    self._local.conn = None
-                    with self._lock, contextlib.suppress(ValueError):
-                        self._conns.remove(conn)
-                    conn.close()
+                    self._forget(conn)
                 # No answer within the bound, ended by the server's statement_timeout or by the
                 # deadline from this side: the database counts as away, as on a lost link.
                 if (call is not None and call.ended) or isinstance(
@@ -254,34 +264,48 @@ class Connections:
                         url=shown,
                     ) from error
                 raise
+            finally:
+                self._give_back(conn)
 
     @contextlib.contextmanager
     def transaction(self, *, token: int | None = None) -> Iterator[PgTransaction]:
-        """A task's output transaction. The task's own statements take as long as they take
-        (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's statements
-        in it and the COMMIT or ROLLBACK are bounded like any store call."""
-        with translate(self.url), self._using(), self._engine.connect() as conn:
+        """A task's output transaction, on one of the store's own connections (the one its
+        claim used, when free: see `_take`). The task's own statements take as long as they
+        take (TCP keepalives and `tcp_user_timeout` still end a dead link); the store's
+        statements in it and the COMMIT or ROLLBACK are bounded like any store call. While
+        it is open, the calls of its thread and of the lease keeper take another connection:
+        they must commit whatever becomes of the task's transaction."""
+        with translate(self.url), self._using(), self._own_engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             transaction = conn.begin()
-            try:
-                if token is not None:
-                    # Named after the claim for this transaction only, so that a takeover can
-                    # end it if this process turns zombie (pipeline_fence_v1).
-                    self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
-                yield PgTransaction(conn)
-            except BaseException:
-                # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
-                # on an invalidated connection): the original error is the news.
-                if transaction.is_active:
-                    with (
-                        self._bounded(conn, "rollback"),
-                        contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
-                    ):
-                        transaction.rollback()
-                raise
+            if self.link.session_sql(statement_timeout=True) is not None:
+                # The session's statement timeout is for the store's calls; the task's
+                # statements run under the database's own setting, for this transaction only.
+                self.in_transaction(conn, "task_statement_timeout", {})
+            yield from self._output(conn, transaction, token)
+
+    def _output(
+        self, conn: sa.Connection, transaction: sa.RootTransaction, token: int | None
+    ) -> Iterator[PgTransaction]:
+        try:
+            if token is not None:
+                # Named after the claim for this transaction only, so that a takeover can
+                # end it if this process turns zombie (pipeline_fence_v1).
+                self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
+            yield PgTransaction(conn)
+        except BaseException:
+            # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
+            # on an invalidated connection): the original error is the news.
             if transaction.is_active:
-                with self._bounded(conn, "commit"):
-                    transaction.commit()
+                with (
+                    self._bounded(conn, "rollback"),
+                    contextlib.suppress(sa_exc.SQLAlchemyError, psycopg.Error),
+                ):
+                    transaction.rollback()
+            raise
+        if transaction.is_active:
+            with self._bounded(conn, "commit"):
+                transaction.commit()
 
     def in_transaction(self, conn: sa.Connection, name: str, params: Mapping[str, Any]) -> Any:
         """One of the store's statements inside a task's output transaction, bounded."""
@@ -322,22 +346,29 @@ class Connections:
                 self._last_used = time.monotonic()
 
     def _close_if_idle(self) -> None:
-        """Close every connection if none was used for `idle_seconds` (the deadline watcher
-        calls this every tick): an idle worker holds none, or only its sweep's."""
+        """Close the free connections unused for `idle_seconds` (the deadline watcher calls
+        this every tick): a busy process keeps only those it goes on using, an idle worker
+        none, or only its sweep's. The SQLAlchemy pool goes once the whole store is idle."""
         if self.idle_seconds <= 0:
             return
+        now = time.monotonic()
         with self._lock:
-            if self._busy or time.monotonic() - self._last_used < self.idle_seconds:
-                return
-            conns, self._conns = self._conns, []
-            engine = self._sa_engine
-            # Under the lock, so no call starts meanwhile; each thread's next call finds its
-            # connection closed and opens another.
-            for conn in conns:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
-                engine.dispose()
+            # Under the lock, so none of these is taken meanwhile; the next call opens another.
+            stale = [
+                c for c in self._idle if now - self._used_at.get(id(c), now) >= self.idle_seconds
+            ]
+            for conn in stale:
+                self._idle.remove(conn)
+                self._used_at.pop(id(conn), None)
+                with contextlib.suppress(ValueError):
+                    self._conns.remove(conn)
+            idle = not self._busy and now - self._last_used >= self.idle_seconds
+            engine = self._sa_engine if idle else None
+        for conn in stale:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
+            engine.dispose()
 
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)
@@ -351,27 +382,25 @@ class Connections:
         self._lock = threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
-        for engine in (self._sa_engine, self._sa_direct):
+        for engine in (self._sa_engine, self._sa_direct, self._sa_own):
             if engine is not None:
                 engine.dispose(close=False)
         self._deadlines = Deadlines(self.link.deadline, self._close_if_idle)
         self._busy = 0
         with self._lock:
             self._orphans.extend(self._conns)
-            self._conns = []
+            self._conns, self._idle, self._used_at = [], [], {}
         self._tokens = collections.deque()
         self._tokens_lock = threading.Lock()  # a fork copies a lock in whatever state it was
-        self._local = threading.local()
 
     def close(self) -> None:
-        for engine in (self._sa_engine, self._sa_direct):
+        for engine in (self._sa_engine, self._sa_direct, self._sa_own):
             if engine is not None:
                 engine.dispose()
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns, self._conns, self._idle, self._used_at = self._conns, [], [], {}
         for conn in conns:
             conn.close()
-        self._local = threading.local()
 
     def execute_script(self, sql: str) -> None:
         """Run a multi-statement script (tests and tools)."""

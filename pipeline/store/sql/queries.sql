@@ -347,6 +347,12 @@ RETURNING a.token
 -- Release the claim of a process known to be dead; see pipeline_abandon_v3.
 SELECT * FROM pipeline_abandon_v3(:file_url, :worker, :task_id)
 
+-- task_statement_timeout --
+-- The first statement of a task's output transaction on the store's own session (no pooler, or
+-- one in session mode): the statement timeout set for the store's calls gives way, for this
+-- transaction only, to the database's own (a task's statements take as long as they need).
+SET LOCAL statement_timeout TO DEFAULT
+
 -- name_session --
 -- Name this session after a claim for the rest of the transaction only, so that a takeover
 -- can end it if the holder turns zombie (pipeline_fence_v1).
@@ -508,6 +514,15 @@ WITH doomed AS (
      LIMIT :batch
 )
 DELETE FROM file_attempts a USING doomed d WHERE a.token = d.token
+
+-- chore_turn --
+-- The turn of the periodic chore :name, taken if its last turn started :interval seconds ago
+-- or more (or never): a row back means the caller does it now. One statement: of the sweeps
+-- asking at once, the row lock lets one move the time on, and the others find it not due.
+INSERT INTO pipeline_chores AS c (name, started_at) VALUES (:name, clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at
+ WHERE c.started_at <= excluded.started_at - make_interval(secs => :interval)
+RETURNING c.started_at
 
 -- forget_completed --
 -- Up to :batch completed files completed more than :older_than seconds ago, deleted with

@@ -947,6 +947,11 @@ CREATE TABLE public.pipeline_batches (
     CONSTRAINT pipeline_batches_state_check CHECK ((state = ANY (ARRAY['open'::text, 'done'::text, 'cancelled'::text, 'paused'::text])))
 );
 
+CREATE TABLE public.pipeline_chores (
+    name text NOT NULL,
+    started_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE public.pipeline_database_trouble (
     cause text NOT NULL,
     message text NOT NULL,
@@ -993,6 +998,9 @@ ALTER TABLE ONLY public.pipeline_batch_callbacks
 
 ALTER TABLE ONLY public.pipeline_batches
     ADD CONSTRAINT pipeline_batches_pkey PRIMARY KEY (name);
+
+ALTER TABLE ONLY public.pipeline_chores
+    ADD CONSTRAINT pipeline_chores_pkey PRIMARY KEY (name);
 
 ALTER TABLE ONLY public.pipeline_database_trouble
     ADD CONSTRAINT pipeline_database_trouble_pkey PRIMARY KEY (cause);
