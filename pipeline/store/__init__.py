@@ -341,6 +341,12 @@ class Store(ClaimPath, Registry, Batches, Presence, Reports, Admin, Protocol):
     """The whole store: every role above."""
 
 
+def preload() -> None:
+    """Import the PostgreSQL store now (SQLAlchemy, psycopg): a worker's main process does,
+    before its pool forks, so that no pool process pays for it on its first task."""
+    import pipeline.store.postgres  # noqa: F401
+
+
 def open_store(database_url: str | None = None) -> Store:
     """The checkpoint store on the given Postgres URL (default: PIPELINE_DATABASE_URL)."""
     from pipeline.store.postgres import PostgresStore  # the driver loads only when needed
