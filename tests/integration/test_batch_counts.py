@@ -31,13 +31,13 @@ SELECT coalesce(jsonb_object_agg(b.batch_id, b.figures), '{}'::jsonb) FROM (
 """
 FROM_COUNTERS = """
 SELECT coalesce(jsonb_object_agg(t.batch, t.figures), '{}'::jsonb) FROM (
-    SELECT k.batch, (SELECT jsonb_object_agg(v.status, v.n) FROM (VALUES
-               ('pending', sum(k.pending)), ('processing', sum(k.processing)),
-               ('completed', sum(k.completed)), ('failed', sum(k.failed)),
-               ('dead', sum(k.dead)), ('cancelled', sum(k.cancelled))) v (status, n)
+    SELECT f.batch, (SELECT jsonb_object_agg(v.status, v.n) FROM (VALUES
+               ('pending', f.pending), ('processing', f.processing),
+               ('completed', f.completed), ('failed', f.failed),
+               ('dead', f.dead), ('cancelled', f.cancelled)) v (status, n)
              WHERE v.n <> 0)
-           || jsonb_build_object('records', sum(k.records_total)) AS figures
-      FROM pipeline_batch_counts k GROUP BY k.batch) t
+           || jsonb_build_object('records', f.records_total) AS figures
+      FROM pipeline_batch_figures f) t
  WHERE t.figures <> '{"records": 0}'::jsonb
 """
 

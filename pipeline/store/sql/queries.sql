@@ -147,16 +147,13 @@ SELECT batch_id, status, count(*) AS n FROM file_checkpoints
  GROUP BY batch_id, status
 
 -- batch_summary --
--- One batch's files by status, from its counters (the sum over its slots; migration 0016).
-SELECT k.batch AS batch_id, s.status, s.n
-  FROM (SELECT batch, sum(pending) AS pending, sum(processing) AS processing,
-               sum(completed) AS completed, sum(failed) AS failed, sum(dead) AS dead,
-               sum(cancelled) AS cancelled
-          FROM pipeline_batch_counts WHERE batch = :batch_id GROUP BY batch) k
- CROSS JOIN LATERAL (VALUES ('pending', k.pending), ('processing', k.processing),
-                            ('completed', k.completed), ('failed', k.failed), ('dead', k.dead),
-                            ('cancelled', k.cancelled)) AS s (status, n)
- WHERE s.n <> 0
+-- One batch's files by status, from its counters (pipeline_batch_figures, migration 0016).
+SELECT f.batch AS batch_id, s.status, s.n
+  FROM pipeline_batch_figures f
+ CROSS JOIN LATERAL (VALUES ('pending', f.pending), ('processing', f.processing),
+                            ('completed', f.completed), ('failed', f.failed), ('dead', f.dead),
+                            ('cancelled', f.cancelled)) AS s (status, n)
+ WHERE f.batch = :batch_id AND s.n <> 0
 
 -- activity --
 -- Recent throughput, the oldest live lease, expired leases waiting for the reaper, and the
@@ -175,8 +172,10 @@ SELECT
 
 -- totals --
 -- Record totals of the completed files of one batch, and its running time so far: from its
--- first claim to its last file's end (completed, or dead), on the database's clock. From the
--- batch's counters (pipeline_batch_counts, migration 0016): its slots, not its files.
+-- first start to its last file's end (completed, or dead), on the database's clock. From the
+-- batch's counters (pipeline_batch_counts, migration 0016): its slots, not its files. (A start
+-- is counted when its file ends, fails or leaves the batch: a file still on its first attempt
+-- does not move the batch's start.)
 SELECT coalesce(sum(k.records_total), 0) AS total,
        coalesce(sum(k.records_filtered), 0) AS filtered,
        coalesce(sum(k.records_persisted), 0) AS persisted,
@@ -431,20 +430,18 @@ SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
 
 -- batch --
 -- One batch as `status --batch` shows it, in one read over its own rows and indexes: the batch
--- row, its files by status (the sum over its counters' slots, migration 0016), its oldest
--- waiting file (the pending index) and what it completed in the last minute (its completions
--- index). No row: no such batch.
+-- row, its files by status (its counters' slots and its files processing, migration 0016), its
+-- oldest waiting file (the pending index) and what it completed in the last minute (its
+-- completions index). No row: no such batch.
 SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state, b.concurrency,
        b.on_complete, b.callbacks,
        (SELECT coalesce(jsonb_object_agg(s.status, s.n) FILTER (WHERE s.n <> 0), '{}'::jsonb)
-          FROM (SELECT sum(k.pending) AS pending, sum(k.processing) AS processing,
-                       sum(k.completed) AS completed, sum(k.failed) AS failed,
-                       sum(k.dead) AS dead, sum(k.cancelled) AS cancelled
-                  FROM pipeline_batch_counts k WHERE k.batch = b.name) t
-         CROSS JOIN LATERAL (VALUES ('pending', t.pending), ('processing', t.processing),
-                                    ('completed', t.completed), ('failed', t.failed),
-                                    ('dead', t.dead), ('cancelled', t.cancelled))
-                            AS s (status, n)) AS counts,
+          FROM pipeline_batch_figures f
+         CROSS JOIN LATERAL (VALUES ('pending', f.pending), ('processing', f.processing),
+                                    ('completed', f.completed), ('failed', f.failed),
+                                    ('dead', f.dead), ('cancelled', f.cancelled))
+                            AS s (status, n)
+         WHERE f.batch = b.name) AS counts,
        (SELECT min(c.submitted_at) FROM file_checkpoints c
          WHERE c.batch_id = b.name AND c.status = 'pending') AS oldest_waiting,
        (SELECT count(*) FROM file_checkpoints c

@@ -171,11 +171,11 @@ BEGIN
     GET DIAGNOSTICS v_failed = ROW_COUNT;
     PERFORM set_config('pipeline.batch_counts', 'on', true);
     IF v_pending + v_failed > 0 THEN
-        INSERT INTO pipeline_batch_counts AS k (batch, slot, pending, failed, cancelled)
+        INSERT INTO pipeline_batch_counts AS k (batch, slot, queued, failed, cancelled)
         VALUES (p_name, (txid_current() % 64)::smallint, -v_pending, -v_failed,
                 v_pending + v_failed)
         ON CONFLICT (batch, slot) DO UPDATE
-           SET pending = k.pending + excluded.pending, failed = k.failed + excluded.failed,
+           SET queued = k.queued + excluded.queued, failed = k.failed + excluded.failed,
                cancelled = k.cancelled + excluded.cancelled;
     END IF;
     RETURN QUERY SELECT v_pending + v_failed;
@@ -188,11 +188,10 @@ CREATE FUNCTION public.pipeline_batch_count_deleted_v1() RETURNS trigger
     AS $$
 BEGIN
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted)
     SELECT r.batch_id, (txid_current() % 64)::smallint,
-           -count(*) FILTER (WHERE r.status = 'pending'),
-           -count(*) FILTER (WHERE r.status = 'processing'),
+           -count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
            -count(*) FILTER (WHERE r.status = 'completed'),
            -count(*) FILTER (WHERE r.status = 'failed'),
            -count(*) FILTER (WHERE r.status = 'dead'),
@@ -205,8 +204,7 @@ BEGIN
      GROUP BY r.batch_id
      ORDER BY r.batch_id
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -224,11 +222,10 @@ CREATE FUNCTION public.pipeline_batch_count_inserted_v1() RETURNS trigger
     AS $$
 BEGIN
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted, first_started_at, last_ended_at)
     SELECT r.batch_id, (txid_current() % 64)::smallint,
-           count(*) FILTER (WHERE r.status = 'pending'),
-           count(*) FILTER (WHERE r.status = 'processing'),
+           count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
            count(*) FILTER (WHERE r.status = 'completed'),
            count(*) FILTER (WHERE r.status = 'failed'),
            count(*) FILTER (WHERE r.status = 'dead'),
@@ -243,8 +240,7 @@ BEGIN
      GROUP BY r.batch_id
      ORDER BY r.batch_id
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -272,14 +268,45 @@ CREATE FUNCTION public.pipeline_batch_count_v1() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     AS $$
+DECLARE
+    v_slot smallint := (txid_current() % 64)::smallint;
 BEGIN
-    -- The file's old status taken away, its new one added: one row when its batch is the same.
+    -- A file that stays in its batch (every move but a registration into another one): one
+    -- UPDATE of its slot's row when the row is there (the workers' path).
+    IF OLD.batch_id = NEW.batch_id THEN
+        UPDATE pipeline_batch_counts k
+           SET queued = k.queued + (NEW.status IN ('pending', 'processing'))::int
+                        - (OLD.status IN ('pending', 'processing'))::int,
+               completed = k.completed + (NEW.status = 'completed')::int
+                           - (OLD.status = 'completed')::int,
+               failed = k.failed + (NEW.status = 'failed')::int - (OLD.status = 'failed')::int,
+               dead = k.dead + (NEW.status = 'dead')::int - (OLD.status = 'dead')::int,
+               cancelled = k.cancelled + (NEW.status = 'cancelled')::int
+                           - (OLD.status = 'cancelled')::int,
+               records_total = k.records_total
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_total ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_total ELSE 0 END,
+               records_filtered = k.records_filtered
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_filtered ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_filtered ELSE 0 END,
+               records_persisted = k.records_persisted
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_persisted ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_persisted ELSE 0 END,
+               first_started_at = least(k.first_started_at, NEW.started_at),
+               last_ended_at = greatest(k.last_ended_at, CASE NEW.status
+                   WHEN 'completed' THEN NEW.completed_at WHEN 'dead' THEN NEW.updated_at END)
+         WHERE k.batch = NEW.batch_id AND k.slot = v_slot;
+        IF FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    -- Otherwise (the slot's first row for the batch, or a file moved between batches): an
+    -- upsert, one row per batch, in name order.
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted, first_started_at, last_ended_at)
-    SELECT d.batch, (txid_current() % 64)::smallint,
-           coalesce(sum(d.sign) FILTER (WHERE d.status = 'pending'), 0),
-           coalesce(sum(d.sign) FILTER (WHERE d.status = 'processing'), 0),
+    SELECT d.batch, v_slot,
+           coalesce(sum(d.sign) FILTER (WHERE d.status IN ('pending', 'processing')), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'completed'), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'failed'), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'dead'), 0),
@@ -300,8 +327,7 @@ BEGIN
      GROUP BY d.batch
      ORDER BY d.batch
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -1040,7 +1066,7 @@ BEGIN
            AND b.name IN (SELECT m.batch_id FROM moved m)
     ), counted AS (
         INSERT INTO pipeline_batch_counts AS k (
-            batch, slot, pending, completed, failed, dead, cancelled, records_total,
+            batch, slot, queued, completed, failed, dead, cancelled, records_total,
             records_filtered, records_persisted)
         SELECT m.batch_id, (txid_current() % 64)::smallint, count(*),
                -count(*) FILTER (WHERE m.was = 'completed'),
@@ -1055,7 +1081,7 @@ BEGIN
          GROUP BY m.batch_id
          ORDER BY m.batch_id
         ON CONFLICT (batch, slot) DO UPDATE
-           SET pending = k.pending + excluded.pending,
+           SET queued = k.queued + excluded.queued,
                completed = k.completed + excluded.completed,
                failed = k.failed + excluded.failed, dead = k.dead + excluded.dead,
                cancelled = k.cancelled + excluded.cancelled,
@@ -1178,8 +1204,7 @@ CREATE TABLE public.pipeline_batch_callbacks (
 CREATE TABLE public.pipeline_batch_counts (
     batch text NOT NULL,
     slot smallint NOT NULL,
-    pending bigint DEFAULT 0 NOT NULL,
-    processing bigint DEFAULT 0 NOT NULL,
+    queued bigint DEFAULT 0 NOT NULL,
     completed bigint DEFAULT 0 NOT NULL,
     failed bigint DEFAULT 0 NOT NULL,
     dead bigint DEFAULT 0 NOT NULL,
@@ -1191,6 +1216,36 @@ CREATE TABLE public.pipeline_batch_counts (
     last_ended_at timestamp with time zone
 )
 WITH (fillfactor='50');
+
+CREATE VIEW public.pipeline_batch_figures AS
+ SELECT t.batch,
+    (t.queued - (t.processing)::numeric) AS pending,
+    t.processing,
+    t.completed,
+    t.failed,
+    t.dead,
+    t.cancelled,
+    t.records_total,
+    t.records_filtered,
+    t.records_persisted,
+    t.first_started_at,
+    t.last_ended_at
+   FROM ( SELECT k.batch,
+            sum(k.queued) AS queued,
+            ( SELECT count(*) AS count
+                   FROM public.file_checkpoints c
+                  WHERE ((c.batch_id = k.batch) AND (c.status = 'processing'::text))) AS processing,
+            sum(k.completed) AS completed,
+            sum(k.failed) AS failed,
+            sum(k.dead) AS dead,
+            sum(k.cancelled) AS cancelled,
+            sum(k.records_total) AS records_total,
+            sum(k.records_filtered) AS records_filtered,
+            sum(k.records_persisted) AS records_persisted,
+            min(k.first_started_at) AS first_started_at,
+            max(k.last_ended_at) AS last_ended_at
+           FROM public.pipeline_batch_counts k
+          GROUP BY k.batch) t;
 
 CREATE TABLE public.pipeline_batches (
     name text NOT NULL,
@@ -1295,7 +1350,7 @@ CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON public.file_chec
 
 CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_truncated_v1();
 
-CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE ON public.file_checkpoints FOR EACH ROW WHEN ((((old.status IS DISTINCT FROM new.status) OR (old.batch_id IS DISTINCT FROM new.batch_id)) AND (current_setting('pipeline.batch_counts'::text, true) IS DISTINCT FROM 'off'::text))) EXECUTE FUNCTION public.pipeline_batch_count_v1();
+CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE ON public.file_checkpoints FOR EACH ROW WHEN ((((old.batch_id IS DISTINCT FROM new.batch_id) OR ((old.status IS DISTINCT FROM new.status) AND (NOT ((old.status = ANY (ARRAY['pending'::text, 'processing'::text])) AND (new.status = ANY (ARRAY['pending'::text, 'processing'::text])))))) AND (current_setting('pipeline.batch_counts'::text, true) IS DISTINCT FROM 'off'::text))) EXECUTE FUNCTION public.pipeline_batch_count_v1();
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;

@@ -2,12 +2,18 @@
 -- instead of counting its files (issue 22: under 50 ms at 1,000,000 files in one batch).
 --
 -- Slotted counters: pipeline_batch_counts holds, per batch, up to 64 rows (slots), each with
--- the batch's files by status, the record totals of its completed files and the first claim /
--- last end it saw; the batch's figures are the SUM over its slots. Triggers on file_checkpoints
--- add each change of a file's status (or batch) to one slot, in the transaction that made the
--- change: every path that moves a file (claim, complete, fail, abandon, a lost claim, the sweep,
--- cancel, requeue, registration, a restart, prune's delete, and any later function) is counted
--- without naming it, and exactly: a rollback takes its delta with it.
+-- the batch's files by status, the record totals of its completed files and the first start /
+-- last end it saw; the batch's figures are the SUM over its slots (pipeline_batch_figures).
+-- Triggers on file_checkpoints add each change of a file's status (or batch) to one slot, in
+-- the transaction that made the change: every path that moves a file (claim, complete, fail,
+-- abandon, a lost claim, the sweep, cancel, requeue, registration, a restart, prune's delete,
+-- and any later function) is counted without naming it, and exactly: a rollback takes its
+-- delta with it.
+--
+-- `queued` counts the files pending or processing together: a claim of a pending file (the
+-- workers' most frequent move) changes no counter, so a completion costs one counter update,
+-- not two. The files processing are read apart, from the (batch_id, status) index: as many as
+-- run at that moment (and expired claims not yet swept); pending is queued minus those.
 --
 -- Which slot: the transaction's own (its id modulo 64), not the file's. Transactions running at
 -- the same time have ids close together, so concurrent completions land on different rows; and a
@@ -17,10 +23,10 @@
 -- in name order.
 --
 -- Two kinds of trigger, for what each costs:
--- * UPDATE, per row, only when status or batch_id changed (its WHEN, tested before any function
---   is called: a heartbeat or a chunk costs nothing). One file's change is one upsert of its
---   slot, the cheapest there is on the workers' path (a statement-level trigger with transition
---   tables would cost every UPDATE ~35 us, measured).
+-- * UPDATE, per row, only when a file's batch or its counted status changed (its WHEN, tested
+--   before any function is called: a heartbeat, a chunk or a claim of a pending file costs
+--   nothing). One file's change is one UPDATE of its slot's row (a statement-level trigger
+--   with transition tables would cost every UPDATE statement ~35 us, measured).
 -- * INSERT and DELETE, per statement, from the statement's transition table: a registration, a
 --   COPY or a prune adds one row per batch, however many files. (Per row, one transaction would
 --   update its slot once per file, and each update of a row the same transaction already
@@ -30,34 +36,83 @@
 -- (pipeline.batch_counts = 'off', local to the transaction, reset after).
 
 CREATE TABLE pipeline_batch_counts (
-    batch            text NOT NULL,
-    slot             smallint NOT NULL,
-    pending          bigint NOT NULL DEFAULT 0,
-    processing       bigint NOT NULL DEFAULT 0,
-    completed        bigint NOT NULL DEFAULT 0,
-    failed           bigint NOT NULL DEFAULT 0,
-    dead             bigint NOT NULL DEFAULT 0,
-    cancelled        bigint NOT NULL DEFAULT 0,
+    batch             text NOT NULL,
+    slot              smallint NOT NULL,
+    queued            bigint NOT NULL DEFAULT 0,  -- pending or processing
+    completed         bigint NOT NULL DEFAULT 0,
+    failed            bigint NOT NULL DEFAULT 0,
+    dead              bigint NOT NULL DEFAULT 0,
+    cancelled         bigint NOT NULL DEFAULT 0,
     -- of the files counted `completed`: what they recorded
     records_total     bigint NOT NULL DEFAULT 0,
     records_filtered  bigint NOT NULL DEFAULT 0,
     records_persisted bigint NOT NULL DEFAULT 0,
-    -- the earliest claim and the latest end (completed, or dead) of a file this slot counted
-    first_started_at timestamptz,
-    last_ended_at    timestamptz,
+    -- the earliest start and the latest end (completed, or dead) of a file this slot counted
+    first_started_at  timestamptz,
+    last_ended_at     timestamptz,
     PRIMARY KEY (batch, slot)
 ) WITH (fillfactor = 50);  -- room on the page for the next version (HOT updates)
 
+-- A batch's figures: the sum over its slots, its files processing from the index. Read with
+-- `WHERE batch = ...` (pushed into the grouping: one batch's slots).
+CREATE VIEW pipeline_batch_figures AS
+SELECT t.batch, t.queued - t.processing AS pending, t.processing, t.completed, t.failed,
+       t.dead, t.cancelled, t.records_total, t.records_filtered, t.records_persisted,
+       t.first_started_at, t.last_ended_at
+  FROM (SELECT k.batch, sum(k.queued) AS queued,
+               (SELECT count(*) FROM file_checkpoints c
+                 WHERE c.batch_id = k.batch AND c.status = 'processing') AS processing,
+               sum(k.completed) AS completed, sum(k.failed) AS failed, sum(k.dead) AS dead,
+               sum(k.cancelled) AS cancelled, sum(k.records_total) AS records_total,
+               sum(k.records_filtered) AS records_filtered,
+               sum(k.records_persisted) AS records_persisted,
+               min(k.first_started_at) AS first_started_at,
+               max(k.last_ended_at) AS last_ended_at
+          FROM pipeline_batch_counts k
+         GROUP BY k.batch) t;
+
+-- UPDATE, per row: the file's old status taken away, its new one added.
 CREATE FUNCTION pipeline_batch_count_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot smallint := (txid_current() % 64)::smallint;
 BEGIN
-    -- The file's old status taken away, its new one added: one row when its batch is the same.
+    -- A file that stays in its batch (every move but a registration into another one): one
+    -- UPDATE of its slot's row when the row is there (the workers' path).
+    IF OLD.batch_id = NEW.batch_id THEN
+        UPDATE pipeline_batch_counts k
+           SET queued = k.queued + (NEW.status IN ('pending', 'processing'))::int
+                        - (OLD.status IN ('pending', 'processing'))::int,
+               completed = k.completed + (NEW.status = 'completed')::int
+                           - (OLD.status = 'completed')::int,
+               failed = k.failed + (NEW.status = 'failed')::int - (OLD.status = 'failed')::int,
+               dead = k.dead + (NEW.status = 'dead')::int - (OLD.status = 'dead')::int,
+               cancelled = k.cancelled + (NEW.status = 'cancelled')::int
+                           - (OLD.status = 'cancelled')::int,
+               records_total = k.records_total
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_total ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_total ELSE 0 END,
+               records_filtered = k.records_filtered
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_filtered ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_filtered ELSE 0 END,
+               records_persisted = k.records_persisted
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_persisted ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_persisted ELSE 0 END,
+               first_started_at = least(k.first_started_at, NEW.started_at),
+               last_ended_at = greatest(k.last_ended_at, CASE NEW.status
+                   WHEN 'completed' THEN NEW.completed_at WHEN 'dead' THEN NEW.updated_at END)
+         WHERE k.batch = NEW.batch_id AND k.slot = v_slot;
+        IF FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    -- Otherwise (the slot's first row for the batch, or a file moved between batches): an
+    -- upsert, one row per batch, in name order.
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted, first_started_at, last_ended_at)
-    SELECT d.batch, (txid_current() % 64)::smallint,
-           coalesce(sum(d.sign) FILTER (WHERE d.status = 'pending'), 0),
-           coalesce(sum(d.sign) FILTER (WHERE d.status = 'processing'), 0),
+    SELECT d.batch, v_slot,
+           coalesce(sum(d.sign) FILTER (WHERE d.status IN ('pending', 'processing')), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'completed'), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'failed'), 0),
            coalesce(sum(d.sign) FILTER (WHERE d.status = 'dead'), 0),
@@ -78,8 +133,7 @@ BEGIN
      GROUP BY d.batch
      ORDER BY d.batch
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -93,19 +147,15 @@ BEGIN
 END;
 $$;
 
--- Their statements' plans kept for the session (0013: every function says its own setting).
-ALTER FUNCTION pipeline_batch_count_v1() SET plan_cache_mode = auto;
-
 -- INSERT and DELETE: the statement's rows, added (taken away) per batch in one upsert.
 CREATE FUNCTION pipeline_batch_count_inserted_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted, first_started_at, last_ended_at)
     SELECT r.batch_id, (txid_current() % 64)::smallint,
-           count(*) FILTER (WHERE r.status = 'pending'),
-           count(*) FILTER (WHERE r.status = 'processing'),
+           count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
            count(*) FILTER (WHERE r.status = 'completed'),
            count(*) FILTER (WHERE r.status = 'failed'),
            count(*) FILTER (WHERE r.status = 'dead'),
@@ -120,8 +170,7 @@ BEGIN
      GROUP BY r.batch_id
      ORDER BY r.batch_id
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -139,11 +188,10 @@ CREATE FUNCTION pipeline_batch_count_deleted_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO pipeline_batch_counts AS k (
-        batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted)
     SELECT r.batch_id, (txid_current() % 64)::smallint,
-           -count(*) FILTER (WHERE r.status = 'pending'),
-           -count(*) FILTER (WHERE r.status = 'processing'),
+           -count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
            -count(*) FILTER (WHERE r.status = 'completed'),
            -count(*) FILTER (WHERE r.status = 'failed'),
            -count(*) FILTER (WHERE r.status = 'dead'),
@@ -156,8 +204,7 @@ BEGIN
      GROUP BY r.batch_id
      ORDER BY r.batch_id
     ON CONFLICT (batch, slot) DO UPDATE
-       SET pending = k.pending + excluded.pending,
-           processing = k.processing + excluded.processing,
+       SET queued = k.queued + excluded.queued,
            completed = k.completed + excluded.completed,
            failed = k.failed + excluded.failed,
            dead = k.dead + excluded.dead,
@@ -169,23 +216,6 @@ BEGIN
 END;
 $$;
 
-ALTER FUNCTION pipeline_batch_count_inserted_v1() SET plan_cache_mode = auto;
-ALTER FUNCTION pipeline_batch_count_deleted_v1() SET plan_cache_mode = auto;
-
--- The table is locked from here to the end of the migration (CREATE TRIGGER takes SHARE ROW
--- EXCLUSIVE): no file changes between the backfill's read and the triggers counting.
-CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE ON file_checkpoints
-    FOR EACH ROW WHEN ((OLD.status IS DISTINCT FROM NEW.status
-                        OR OLD.batch_id IS DISTINCT FROM NEW.batch_id)
-                       AND current_setting('pipeline.batch_counts', true) IS DISTINCT FROM 'off')
-    EXECUTE FUNCTION pipeline_batch_count_v1();
-CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON file_checkpoints
-    REFERENCING NEW TABLE AS pipeline_batch_count_new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline_batch_count_inserted_v1();
-CREATE TRIGGER file_checkpoints_batch_count_del AFTER DELETE ON file_checkpoints
-    REFERENCING OLD TABLE AS pipeline_batch_count_old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline_batch_count_deleted_v1();
-
 -- TRUNCATE fires no row or DELETE trigger: the counters go with the files.
 CREATE FUNCTION pipeline_batch_count_truncated_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -194,17 +224,37 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- Their statements' plans kept for the session (0013: every function says its own setting).
+ALTER FUNCTION pipeline_batch_count_v1() SET plan_cache_mode = auto;
+ALTER FUNCTION pipeline_batch_count_inserted_v1() SET plan_cache_mode = auto;
+ALTER FUNCTION pipeline_batch_count_deleted_v1() SET plan_cache_mode = auto;
 ALTER FUNCTION pipeline_batch_count_truncated_v1() SET plan_cache_mode = force_custom_plan;
+
+-- The table is locked from here to the end of the migration (CREATE TRIGGER takes SHARE ROW
+-- EXCLUSIVE): no file changes between the backfill's read and the triggers counting.
+CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE ON file_checkpoints
+    FOR EACH ROW WHEN ((OLD.batch_id IS DISTINCT FROM NEW.batch_id
+                        OR (OLD.status IS DISTINCT FROM NEW.status
+                            AND NOT (OLD.status IN ('pending', 'processing')
+                                     AND NEW.status IN ('pending', 'processing'))))
+                       AND current_setting('pipeline.batch_counts', true) IS DISTINCT FROM 'off')
+    EXECUTE FUNCTION pipeline_batch_count_v1();
+CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON file_checkpoints
+    REFERENCING NEW TABLE AS pipeline_batch_count_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline_batch_count_inserted_v1();
+CREATE TRIGGER file_checkpoints_batch_count_del AFTER DELETE ON file_checkpoints
+    REFERENCING OLD TABLE AS pipeline_batch_count_old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline_batch_count_deleted_v1();
 CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON file_checkpoints
     FOR EACH STATEMENT EXECUTE FUNCTION pipeline_batch_count_truncated_v1();
 
 -- The files there already, in slot 0 of their batch.
 INSERT INTO pipeline_batch_counts (
-    batch, slot, pending, processing, completed, failed, dead, cancelled, records_total,
+    batch, slot, queued, completed, failed, dead, cancelled, records_total,
     records_filtered, records_persisted, first_started_at, last_ended_at)
 SELECT c.batch_id, 0,
-       count(*) FILTER (WHERE c.status = 'pending'),
-       count(*) FILTER (WHERE c.status = 'processing'),
+       count(*) FILTER (WHERE c.status IN ('pending', 'processing')),
        count(*) FILTER (WHERE c.status = 'completed'),
        count(*) FILTER (WHERE c.status = 'failed'),
        count(*) FILTER (WHERE c.status = 'dead'),
@@ -249,11 +299,11 @@ BEGIN
     GET DIAGNOSTICS v_failed = ROW_COUNT;
     PERFORM set_config('pipeline.batch_counts', 'on', true);
     IF v_pending + v_failed > 0 THEN
-        INSERT INTO pipeline_batch_counts AS k (batch, slot, pending, failed, cancelled)
+        INSERT INTO pipeline_batch_counts AS k (batch, slot, queued, failed, cancelled)
         VALUES (p_name, (txid_current() % 64)::smallint, -v_pending, -v_failed,
                 v_pending + v_failed)
         ON CONFLICT (batch, slot) DO UPDATE
-           SET pending = k.pending + excluded.pending, failed = k.failed + excluded.failed,
+           SET queued = k.queued + excluded.queued, failed = k.failed + excluded.failed,
                cancelled = k.cancelled + excluded.cancelled;
     END IF;
     RETURN QUERY SELECT v_pending + v_failed;
@@ -312,7 +362,7 @@ BEGIN
            AND b.name IN (SELECT m.batch_id FROM moved m)
     ), counted AS (
         INSERT INTO pipeline_batch_counts AS k (
-            batch, slot, pending, completed, failed, dead, cancelled, records_total,
+            batch, slot, queued, completed, failed, dead, cancelled, records_total,
             records_filtered, records_persisted)
         SELECT m.batch_id, (txid_current() % 64)::smallint, count(*),
                -count(*) FILTER (WHERE m.was = 'completed'),
@@ -327,7 +377,7 @@ BEGIN
          GROUP BY m.batch_id
          ORDER BY m.batch_id
         ON CONFLICT (batch, slot) DO UPDATE
-           SET pending = k.pending + excluded.pending,
+           SET queued = k.queued + excluded.queued,
                completed = k.completed + excluded.completed,
                failed = k.failed + excluded.failed, dead = k.dead + excluded.dead,
                cancelled = k.cancelled + excluded.cancelled,
