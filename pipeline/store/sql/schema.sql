@@ -127,24 +127,9 @@ CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_end
 $$;
 
 CREATE FUNCTION public.pipeline_batch_cancel_v1(p_name text) RETURNS TABLE(cancelled bigint)
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
+    LANGUAGE sql
     AS $$
-BEGIN
-    UPDATE pipeline_batches b SET state = 'cancelled', updated_at = clock_timestamp()
-     WHERE b.name = p_name;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    WITH moved AS (
-        UPDATE file_checkpoints c
-           SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
-         WHERE c.batch_id = p_name AND c.status IN ('pending', 'failed')
-        RETURNING 1
-    )
-    SELECT count(*) FROM moved;
-END;
+    SELECT * FROM pipeline_batch_cancel_v2(p_name)
 $$;
 
 CREATE FUNCTION public.pipeline_batch_cancel_v2(p_name text) RETURNS TABLE(cancelled bigint)

@@ -394,3 +394,10 @@ $$;
 ALTER FUNCTION pipeline_batch_cancel_v2(text) SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION pipeline_requeue_v1(text[], boolean, text, text)
     SET plan_cache_mode = force_custom_plan;
+
+-- The older name, for a CLI not yet upgraded: the same signature, the new behaviour.
+CREATE OR REPLACE FUNCTION pipeline_batch_cancel_v1(p_name text)
+RETURNS TABLE (cancelled bigint)
+LANGUAGE sql AS $$
+    SELECT * FROM pipeline_batch_cancel_v2(p_name)
+$$;
