@@ -201,6 +201,18 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_batch_count_due_v1(p_old_status text, p_new_status text, p_old_batch text, p_new_batch text) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN (p_old_batch IS DISTINCT FROM p_new_batch
+            OR (p_old_status IS DISTINCT FROM p_new_status
+                AND NOT (p_old_status IN ('pending', 'processing')
+                         AND p_new_status IN ('pending', 'processing'))))
+       AND current_setting('pipeline.batch_counts', true) IS DISTINCT FROM 'off';
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_batch_count_inserted_v1() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
@@ -1335,7 +1347,7 @@ CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON public.file_chec
 
 CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_truncated_v1();
 
-CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE ON public.file_checkpoints FOR EACH ROW WHEN ((((old.batch_id IS DISTINCT FROM new.batch_id) OR ((old.status IS DISTINCT FROM new.status) AND (NOT ((old.status = ANY (ARRAY['pending'::text, 'processing'::text])) AND (new.status = ANY (ARRAY['pending'::text, 'processing'::text])))))) AND (current_setting('pipeline.batch_counts'::text, true) IS DISTINCT FROM 'off'::text))) EXECUTE FUNCTION public.pipeline_batch_count_v1();
+CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN (public.pipeline_batch_count_due_v1(old.status, new.status, old.batch_id, new.batch_id)) EXECUTE FUNCTION public.pipeline_batch_count_v1();
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
