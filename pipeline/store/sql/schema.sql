@@ -205,7 +205,8 @@ CREATE FUNCTION public.pipeline_batch_count_due_v1(p_old_status text, p_new_stat
     LANGUAGE plpgsql STABLE
     AS $$
 BEGIN
-    RETURN (p_old_batch IS DISTINCT FROM p_new_batch
+    RETURN (p_old_batch IS NOT NULL OR p_new_batch IS NOT NULL)
+       AND (p_old_batch IS DISTINCT FROM p_new_batch
             OR (p_old_status IS DISTINCT FROM p_new_status
                 AND NOT (p_old_status IN ('pending', 'processing')
                          AND p_new_status IN ('pending', 'processing'))))

@@ -71,9 +71,9 @@ SELECT t.batch, t.queued - t.processing AS pending, t.processing, t.completed, t
           FROM pipeline_batch_counts k
          GROUP BY k.batch) t;
 
--- Whether a file's change moves a counter: its batch changed, or its status changed other than
--- between pending and processing (a claim), and no statement counting for itself is running
--- (pipeline.batch_counts = 'off'). A function call, not the expression: PostgreSQL reads a
+-- Whether a file's change moves a counter: it is in a batch (or was), and its batch changed or
+-- its status changed other than between pending and processing (a claim), and no statement
+-- counting for itself is running (pipeline.batch_counts = 'off'). A function call, not the expression: PostgreSQL reads a
 -- trigger's WHEN back from its stored text at each statement that may fire it (as it does a
 -- CHECK, see 0015), and the expression's text cost a claim + complete pair ~300k
 -- instructions (callgrind); the call's is a fraction of it. The trigger names its columns,
@@ -83,7 +83,8 @@ CREATE FUNCTION pipeline_batch_count_due_v1(
 ) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (p_old_batch IS DISTINCT FROM p_new_batch
+    RETURN (p_old_batch IS NOT NULL OR p_new_batch IS NOT NULL)
+       AND (p_old_batch IS DISTINCT FROM p_new_batch
             OR (p_old_status IS DISTINCT FROM p_new_status
                 AND NOT (p_old_status IN ('pending', 'processing')
                          AND p_new_status IN ('pending', 'processing'))))
