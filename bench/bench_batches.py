@@ -9,11 +9,17 @@
 * `status --batch` at 1,000,000 files in one batch (70 % completed, 1 % dead, the rest
   pending, vacuumed and analysed): the batch read alone (`store.batch`, the `batch` query) and
   the whole overview `status --batch` prints (`store.overview`), median of 20 calls each.
+
+With `--before-batched`, the commit given by `--before` has batches already (e.g. the commit
+before the batch counters of migration 0016): its side claims with pipeline_claim_v5 and has the
+batch row too, and `status --batch` is measured on it as well, in the same run (its own code and
+schema, in a process of its own), before this tree's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import pathlib
@@ -148,6 +154,25 @@ def status_at_scale(files: int, calls: int) -> dict[str, float]:
             store.close()
 
 
+def status_at_scale_in(root: pathlib.Path, files: int, calls: int) -> dict[str, float]:
+    """status_at_scale of the tree at `root` (its code, its schema), in a process of its own."""
+    code = (
+        "import json, sys\n"
+        "from bench import bench_batches\n"
+        f"print(json.dumps(bench_batches.status_at_scale({files}, {calls})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--before", default="b4cde1d", help="the commit before batches")
@@ -155,6 +180,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--files", type=int, default=1_000_000, help="files for status --batch")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument(
+        "--before-batched",
+        action="store_true",
+        help="--before has batches: claim_v5 with the batch row, and status --batch measured there",
+    )
     args = parser.parse_args()
 
     root = before_tree(args.before)
@@ -170,18 +200,29 @@ def main() -> None:
 
     rates = common.interleave(
         {
-            "before": side(lambda: common.fresh_database_at(root), "pipeline_claim_v4", False),
+            "before": side(
+                lambda: common.fresh_database_at(root),
+                "pipeline_claim_v5" if args.before_batched else "pipeline_claim_v4",
+                args.before_batched,
+            ),
             "after": side(lambda: common.fresh_database(), "pipeline_claim_v5", True),
         },
         args.rounds,
     )
     ratio = common.median(rates["after"]) / common.median(rates["before"])
+    status_before = (
+        status_at_scale_in(root, args.files, args.calls) if args.before_batched else None
+    )
     status = status_at_scale(args.files, args.calls)
     markdown = common.header("Batches: completions on one batch, and status --batch at scale")
     markdown += (
         f"\n{PROCESSES} processes claiming and completing files of one batch for "
         f"{args.seconds:.0f} s, {args.rounds} rounds A B (before: {args.before}, "
-        "pipeline_claim_v4; after: pipeline_claim_v5 reading the batch row):\n\n"
+        + (
+            "pipeline_claim_v5 with the batch row; after: this tree):\n\n"
+            if args.before_batched
+            else "pipeline_claim_v4; after: pipeline_claim_v5 reading the batch row):\n\n"
+        )
     )
     markdown += common.table(
         ["side", "completions/s, median [min..max]"],
@@ -194,10 +235,22 @@ def main() -> None:
         f"batch read {common.ms(status['batch'])}, the whole overview "
         f"{common.ms(status['overview'])} (the issue's bar: 50 ms).\n"
     )
+    if status_before is not None:
+        markdown += (
+            f"\nThe same on {args.before}, in this run before it: the batch read "
+            f"{common.ms(status_before['batch'])}, the whole overview "
+            f"{common.ms(status_before['overview'])}.\n"
+        )
     common.save(
         "batches",
         markdown,
-        {"rates": rates, "ratio": ratio, "status_seconds": status, "args": vars(args)},
+        {
+            "rates": rates,
+            "ratio": ratio,
+            "status_seconds": status,
+            "status_seconds_before": status_before,
+            "args": vars(args),
+        },
     )
 
 

@@ -27,7 +27,12 @@ class Reports(Connections):
 
     def summary(self, batch_id: str | None = None) -> dict[str | None, dict[Status, int]]:
         result: dict[str | None, dict[Status, int]] = {}
-        for r in self._fast("summary", {"batch_id": batch_id}):
+        # One batch: its counters (a read of its slots); all: a pass over the status index.
+        if batch_id is None:
+            rows = self._fast("summary", {"batch_id": None})
+        else:
+            rows = self._fast("batch_summary", {"batch_id": batch_id})
+        for r in rows:
             result.setdefault(r.batch_id, {})[Status(r.status)] = int(r.n)
         return result
 

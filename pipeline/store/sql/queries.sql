@@ -125,38 +125,10 @@ SELECT k.file_url,
 -- requeue --
 -- Operator requeue: dead / failed (and completed with force) rows back to pending, in a new
 -- generation; the attempt history is kept. Cancelled rows go back to pending as they stood
--- (same generation, resumed from their last chunk), and their batch is open again.
-WITH fresh AS (
-    UPDATE file_checkpoints
-       SET status = 'pending', attempt = 0, generation = generation + 1, token = NULL,
-           lease_expires_at = NULL, retry_at = NULL, error_message = NULL, completed_at = NULL,
-           records_total = 0, records_filtered = 0, records_persisted = 0, processing_time_ms = 0,
-           details = NULL, attempts_spent = 0, attempt_chunks = 0, position = NULL,
-           position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
-           size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
-     WHERE status = ANY(CAST(:statuses AS text[]))
-       AND (status IN ('dead', 'failed') OR (status = 'completed' AND :force))
-       AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
-       AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
-    RETURNING file_url, task_name, status, batch_id
-), resumed AS (
-    UPDATE file_checkpoints
-       SET status = 'pending', token = NULL, lease_expires_at = NULL, retry_at = NULL,
-           submitted_at = now(), updated_at = now()
-     WHERE status = 'cancelled' AND 'cancelled' = ANY(CAST(:statuses AS text[]))
-       AND (CAST(:file_url AS text) IS NULL OR file_url = :file_url)
-       AND (CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id)
-    RETURNING file_url, task_name, status, batch_id
-), reopened AS (
-    -- their batches have files to run again: open (a done one settles again once they end,
-    -- firing its callback only if files were added since the last)
-    UPDATE pipeline_batches b SET state = 'open', updated_at = now()
-     WHERE b.state IN ('cancelled', 'done')
-       AND b.name IN (SELECT r.batch_id FROM resumed r UNION SELECT f.batch_id FROM fresh f)
-)
-SELECT file_url, task_name, status FROM fresh
-UNION ALL
-SELECT file_url, task_name, status FROM resumed
+-- (same generation, resumed from their last chunk), and their batch is open again. See
+-- pipeline_requeue_v1.
+SELECT * FROM pipeline_requeue_v1(CAST(:statuses AS text[]), CAST(:force AS boolean),
+                                  CAST(:file_url AS text), CAST(:batch_id AS text))
 
 -- reap --
 -- The sweep: the fleet's contact (the gap rule), expired claims, overdue retries, rows waiting
@@ -173,6 +145,15 @@ SELECT pipeline_contact_v1(:gap_seconds) AS gap
 SELECT batch_id, status, count(*) AS n FROM file_checkpoints
  WHERE CAST(:batch_id AS text) IS NULL OR batch_id = :batch_id
  GROUP BY batch_id, status
+
+-- batch_summary --
+-- One batch's files by status, from its counters (pipeline_batch_figures, migration 0016).
+SELECT f.batch AS batch_id, s.status, s.n
+  FROM pipeline_batch_figures f
+ CROSS JOIN LATERAL (VALUES ('pending', f.pending), ('processing', f.processing),
+                            ('completed', f.completed), ('failed', f.failed), ('dead', f.dead),
+                            ('cancelled', f.cancelled)) AS s (status, n)
+ WHERE f.batch = :batch_id AND s.n <> 0
 
 -- activity --
 -- Recent throughput, the oldest live lease, expired leases waiting for the reaper, and the
@@ -191,15 +172,16 @@ SELECT
 
 -- totals --
 -- Record totals of the completed files of one batch, and its running time so far: from its
--- first claim to its last file's end (completed, or dead), on the database's clock.
-SELECT coalesce(sum(records_total) FILTER (WHERE status = 'completed'), 0) AS total,
-       coalesce(sum(records_filtered) FILTER (WHERE status = 'completed'), 0) AS filtered,
-       coalesce(sum(records_persisted) FILTER (WHERE status = 'completed'), 0) AS persisted,
-       extract(epoch FROM
-           max(CASE status WHEN 'completed' THEN completed_at WHEN 'dead' THEN updated_at END)
-           - min(started_at)) AS seconds
-  FROM file_checkpoints
- WHERE batch_id = :batch_id
+-- first start to its last file's end (completed, or dead), on the database's clock. From the
+-- batch's counters (pipeline_batch_counts, migration 0016): its slots, not its files. (A start
+-- is counted when its file ends, fails or leaves the batch: a file still on its first attempt
+-- does not move the batch's start.)
+SELECT coalesce(sum(k.records_total), 0) AS total,
+       coalesce(sum(k.records_filtered), 0) AS filtered,
+       coalesce(sum(k.records_persisted), 0) AS persisted,
+       extract(epoch FROM max(k.last_ended_at) - min(k.first_started_at)) AS seconds
+  FROM pipeline_batch_counts k
+ WHERE k.batch = :batch_id
 
 -- dead --
 -- The latest dead files with their errors.
@@ -428,8 +410,8 @@ RETURNING b.state
 
 -- batch_cancel --
 -- Cancel a batch: the files cancelled now; no row when there is no such batch. See
--- pipeline_batch_cancel_v1.
-SELECT * FROM pipeline_batch_cancel_v1(:name)
+-- pipeline_batch_cancel_v2.
+SELECT * FROM pipeline_batch_cancel_v2(:name)
 
 -- batch_pause --
 -- Hold a batch's claims (an open or done batch); its state after, no row when there is no such
@@ -453,14 +435,19 @@ SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
   LEFT JOIN file_checkpoints c ON c.batch_id = r.name AND c.status IN ('pending', 'failed')
 
 -- batch --
--- One batch as `status --batch` shows it, in one read over its own indexes: the batch row, its
--- files by status (the (batch_id, status) index), its oldest waiting file (the pending index)
--- and what it completed in the last minute (the completions index). No row: no such batch.
+-- One batch as `status --batch` shows it, in one read over its own rows and indexes: the batch
+-- row, its files by status (its counters' slots and its files processing, migration 0016), its
+-- oldest waiting file (the pending index) and what it completed in the last minute (its
+-- completions index). No row: no such batch.
 SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state, b.concurrency,
        b.on_complete, b.callbacks,
-       (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb)
-          FROM (SELECT c.status, count(*) AS n FROM file_checkpoints c
-                 WHERE c.batch_id = b.name GROUP BY c.status) s) AS counts,
+       (SELECT coalesce(jsonb_object_agg(s.status, s.n) FILTER (WHERE s.n <> 0), '{}'::jsonb)
+          FROM pipeline_batch_figures f
+         CROSS JOIN LATERAL (VALUES ('pending', f.pending), ('processing', f.processing),
+                                    ('completed', f.completed), ('failed', f.failed),
+                                    ('dead', f.dead), ('cancelled', f.cancelled))
+                            AS s (status, n)
+         WHERE f.batch = b.name) AS counts,
        (SELECT min(c.submitted_at) FROM file_checkpoints c
          WHERE c.batch_id = b.name AND c.status = 'pending') AS oldest_waiting,
        (SELECT count(*) FROM file_checkpoints c

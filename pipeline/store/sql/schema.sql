@@ -127,23 +127,215 @@ CREATE FUNCTION public.pipeline_attempt_lost_v1(r public.file_checkpoints, p_end
 $$;
 
 CREATE FUNCTION public.pipeline_batch_cancel_v1(p_name text) RETURNS TABLE(cancelled bigint)
+    LANGUAGE sql
+    AS $$
+    SELECT * FROM pipeline_batch_cancel_v2(p_name)
+$$;
+
+CREATE FUNCTION public.pipeline_batch_cancel_v2(p_name text) RETURNS TABLE(cancelled bigint)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
     AS $$
+DECLARE
+    v_pending bigint;
+    v_failed  bigint;
 BEGIN
     UPDATE pipeline_batches b SET state = 'cancelled', updated_at = clock_timestamp()
      WHERE b.name = p_name;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    WITH moved AS (
-        UPDATE file_checkpoints c
-           SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
-         WHERE c.batch_id = p_name AND c.status IN ('pending', 'failed')
-        RETURNING 1
-    )
-    SELECT count(*) FROM moved;
+    PERFORM set_config('pipeline.batch_counts', 'off', true);
+    UPDATE file_checkpoints c
+       SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
+     WHERE c.batch_id = p_name AND c.status = 'pending';
+    GET DIAGNOSTICS v_pending = ROW_COUNT;
+    UPDATE file_checkpoints c
+       SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
+     WHERE c.batch_id = p_name AND c.status = 'failed';
+    GET DIAGNOSTICS v_failed = ROW_COUNT;
+    PERFORM set_config('pipeline.batch_counts', 'on', true);
+    IF v_pending + v_failed > 0 THEN
+        INSERT INTO pipeline_batch_counts AS k (batch, slot, queued, failed, cancelled)
+        VALUES (p_name, (txid_current() % 64)::smallint, -v_pending, -v_failed,
+                v_pending + v_failed)
+        ON CONFLICT (batch, slot) DO UPDATE
+           SET queued = k.queued + excluded.queued, failed = k.failed + excluded.failed,
+               cancelled = k.cancelled + excluded.cancelled;
+    END IF;
+    RETURN QUERY SELECT v_pending + v_failed;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_count_deleted_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+BEGIN
+    INSERT INTO pipeline_batch_counts AS k (
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
+        records_filtered, records_persisted)
+    SELECT r.batch_id, (txid_current() % 64)::smallint,
+           -count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
+           -count(*) FILTER (WHERE r.status = 'completed'),
+           -count(*) FILTER (WHERE r.status = 'failed'),
+           -count(*) FILTER (WHERE r.status = 'dead'),
+           -count(*) FILTER (WHERE r.status = 'cancelled'),
+           -coalesce(sum(r.records_total) FILTER (WHERE r.status = 'completed'), 0),
+           -coalesce(sum(r.records_filtered) FILTER (WHERE r.status = 'completed'), 0),
+           -coalesce(sum(r.records_persisted) FILTER (WHERE r.status = 'completed'), 0)
+      FROM pipeline_batch_count_old_rows r
+     WHERE r.batch_id IS NOT NULL
+     GROUP BY r.batch_id
+     ORDER BY r.batch_id
+    ON CONFLICT (batch, slot) DO UPDATE
+       SET queued = k.queued + excluded.queued,
+           completed = k.completed + excluded.completed,
+           failed = k.failed + excluded.failed,
+           dead = k.dead + excluded.dead,
+           cancelled = k.cancelled + excluded.cancelled,
+           records_total = k.records_total + excluded.records_total,
+           records_filtered = k.records_filtered + excluded.records_filtered,
+           records_persisted = k.records_persisted + excluded.records_persisted;
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_count_due_v1(p_old_status text, p_new_status text, p_old_batch text, p_new_batch text) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    RETURN (p_old_batch IS NOT NULL OR p_new_batch IS NOT NULL)
+       AND (p_old_batch IS DISTINCT FROM p_new_batch
+            OR (p_old_status IS DISTINCT FROM p_new_status
+                AND NOT (p_old_status IN ('pending', 'processing')
+                         AND p_new_status IN ('pending', 'processing'))))
+       AND current_setting('pipeline.batch_counts', true) IS DISTINCT FROM 'off';
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_count_inserted_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+BEGIN
+    INSERT INTO pipeline_batch_counts AS k (
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
+        records_filtered, records_persisted, first_started_at, last_ended_at)
+    SELECT r.batch_id, (txid_current() % 64)::smallint,
+           count(*) FILTER (WHERE r.status IN ('pending', 'processing')),
+           count(*) FILTER (WHERE r.status = 'completed'),
+           count(*) FILTER (WHERE r.status = 'failed'),
+           count(*) FILTER (WHERE r.status = 'dead'),
+           count(*) FILTER (WHERE r.status = 'cancelled'),
+           coalesce(sum(r.records_total) FILTER (WHERE r.status = 'completed'), 0),
+           coalesce(sum(r.records_filtered) FILTER (WHERE r.status = 'completed'), 0),
+           coalesce(sum(r.records_persisted) FILTER (WHERE r.status = 'completed'), 0),
+           min(r.started_at),
+           max(CASE r.status WHEN 'completed' THEN r.completed_at WHEN 'dead' THEN r.updated_at END)
+      FROM pipeline_batch_count_new_rows r
+     WHERE r.batch_id IS NOT NULL
+     GROUP BY r.batch_id
+     ORDER BY r.batch_id
+    ON CONFLICT (batch, slot) DO UPDATE
+       SET queued = k.queued + excluded.queued,
+           completed = k.completed + excluded.completed,
+           failed = k.failed + excluded.failed,
+           dead = k.dead + excluded.dead,
+           cancelled = k.cancelled + excluded.cancelled,
+           records_total = k.records_total + excluded.records_total,
+           records_filtered = k.records_filtered + excluded.records_filtered,
+           records_persisted = k.records_persisted + excluded.records_persisted,
+           first_started_at = least(k.first_started_at, excluded.first_started_at),
+           last_ended_at = greatest(k.last_ended_at, excluded.last_ended_at);
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_count_truncated_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
+    AS $$
+BEGIN
+    TRUNCATE pipeline_batch_counts;
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_count_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+DECLARE
+    v_slot smallint := (txid_current() % 64)::smallint;
+BEGIN
+    -- A file that stays in its batch (every move but a registration into another one): one
+    -- UPDATE of its slot's row when the row is there (the workers' path).
+    IF OLD.batch_id = NEW.batch_id THEN
+        UPDATE pipeline_batch_counts k
+           SET queued = k.queued + (NEW.status IN ('pending', 'processing'))::int
+                        - (OLD.status IN ('pending', 'processing'))::int,
+               completed = k.completed + (NEW.status = 'completed')::int
+                           - (OLD.status = 'completed')::int,
+               failed = k.failed + (NEW.status = 'failed')::int - (OLD.status = 'failed')::int,
+               dead = k.dead + (NEW.status = 'dead')::int - (OLD.status = 'dead')::int,
+               cancelled = k.cancelled + (NEW.status = 'cancelled')::int
+                           - (OLD.status = 'cancelled')::int,
+               records_total = k.records_total
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_total ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_total ELSE 0 END,
+               records_filtered = k.records_filtered
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_filtered ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_filtered ELSE 0 END,
+               records_persisted = k.records_persisted
+                   + CASE WHEN NEW.status = 'completed' THEN NEW.records_persisted ELSE 0 END
+                   - CASE WHEN OLD.status = 'completed' THEN OLD.records_persisted ELSE 0 END,
+               first_started_at = least(k.first_started_at, NEW.started_at),
+               last_ended_at = greatest(k.last_ended_at, CASE NEW.status
+                   WHEN 'completed' THEN NEW.completed_at WHEN 'dead' THEN NEW.updated_at END)
+         WHERE k.batch = NEW.batch_id AND k.slot = v_slot;
+        IF FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    -- Otherwise (the slot's first row for the batch, or a file moved between batches): an
+    -- upsert, one row per batch, in name order.
+    INSERT INTO pipeline_batch_counts AS k (
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
+        records_filtered, records_persisted, first_started_at, last_ended_at)
+    SELECT d.batch, v_slot,
+           coalesce(sum(d.sign) FILTER (WHERE d.status IN ('pending', 'processing')), 0),
+           coalesce(sum(d.sign) FILTER (WHERE d.status = 'completed'), 0),
+           coalesce(sum(d.sign) FILTER (WHERE d.status = 'failed'), 0),
+           coalesce(sum(d.sign) FILTER (WHERE d.status = 'dead'), 0),
+           coalesce(sum(d.sign) FILTER (WHERE d.status = 'cancelled'), 0),
+           coalesce(sum(d.sign * d.total) FILTER (WHERE d.status = 'completed'), 0),
+           coalesce(sum(d.sign * d.filtered) FILTER (WHERE d.status = 'completed'), 0),
+           coalesce(sum(d.sign * d.persisted) FILTER (WHERE d.status = 'completed'), 0),
+           min(d.started_at) FILTER (WHERE d.sign > 0),
+           max(d.ended_at) FILTER (WHERE d.sign > 0)
+      FROM (VALUES (OLD.batch_id, OLD.status, -1, OLD.records_total, OLD.records_filtered,
+                    OLD.records_persisted, NULL::timestamptz, NULL::timestamptz),
+                   (NEW.batch_id, NEW.status, 1, NEW.records_total, NEW.records_filtered,
+                    NEW.records_persisted, NEW.started_at,
+                    CASE NEW.status WHEN 'completed' THEN NEW.completed_at
+                                    WHEN 'dead' THEN NEW.updated_at END))
+           AS d (batch, status, sign, total, filtered, persisted, started_at, ended_at)
+     WHERE d.batch IS NOT NULL
+     GROUP BY d.batch
+     ORDER BY d.batch
+    ON CONFLICT (batch, slot) DO UPDATE
+       SET queued = k.queued + excluded.queued,
+           completed = k.completed + excluded.completed,
+           failed = k.failed + excluded.failed,
+           dead = k.dead + excluded.dead,
+           cancelled = k.cancelled + excluded.cancelled,
+           records_total = k.records_total + excluded.records_total,
+           records_filtered = k.records_filtered + excluded.records_filtered,
+           records_persisted = k.records_persisted + excluded.records_persisted,
+           first_started_at = least(k.first_started_at, excluded.first_started_at),
+           last_ended_at = greatest(k.last_ended_at, excluded.last_ended_at);
+    RETURN NULL;
 END;
 $$;
 
@@ -824,6 +1016,82 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_requeue_v1(p_statuses text[], p_force boolean, p_file_url text, p_batch_id text) RETURNS TABLE(file_url text, task_name text, status text)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
+    AS $$
+BEGIN
+    PERFORM set_config('pipeline.batch_counts', 'off', true);
+    RETURN QUERY
+    WITH locked AS (
+        SELECT c.file_url, c.status, c.batch_id, c.records_total, c.records_filtered,
+               c.records_persisted
+          FROM file_checkpoints c
+         WHERE c.status = ANY(p_statuses)
+           AND (c.status IN ('dead', 'failed', 'cancelled') OR (c.status = 'completed' AND p_force))
+           AND (p_file_url IS NULL OR c.file_url = p_file_url)
+           AND (p_batch_id IS NULL OR c.batch_id = p_batch_id)
+         ORDER BY c.file_url
+           FOR UPDATE
+    ), fresh AS (
+        UPDATE file_checkpoints c
+           SET status = 'pending', attempt = 0, generation = c.generation + 1, token = NULL,
+               lease_expires_at = NULL, retry_at = NULL, error_message = NULL,
+               completed_at = NULL, records_total = 0, records_filtered = 0,
+               records_persisted = 0, processing_time_ms = 0, details = NULL,
+               attempts_spent = 0, attempt_chunks = 0, position = NULL,
+               position_version = NULL, attempt_start_position = NULL, progress_bytes = NULL,
+               size_bytes = NULL, progress_at = NULL, submitted_at = now(), updated_at = now()
+          FROM locked l
+         WHERE c.file_url = l.file_url AND l.status <> 'cancelled'
+        RETURNING c.file_url, c.task_name, c.status, c.batch_id, l.status AS was,
+                  l.records_total, l.records_filtered, l.records_persisted
+    ), resumed AS (
+        UPDATE file_checkpoints c
+           SET status = 'pending', token = NULL, lease_expires_at = NULL, retry_at = NULL,
+               submitted_at = now(), updated_at = now()
+          FROM locked l
+         WHERE c.file_url = l.file_url AND l.status = 'cancelled'
+        RETURNING c.file_url, c.task_name, c.status, c.batch_id, l.status AS was,
+                  0 AS records_total, 0 AS records_filtered, 0 AS records_persisted
+    ), moved AS (
+        SELECT * FROM fresh UNION ALL SELECT * FROM resumed
+    ), reopened AS (
+        -- their batches have files to run again: open (a done one settles again once they
+        -- end, firing its callback only if files were added since the last)
+        UPDATE pipeline_batches b SET state = 'open', updated_at = now()
+         WHERE b.state IN ('cancelled', 'done')
+           AND b.name IN (SELECT m.batch_id FROM moved m)
+    ), counted AS (
+        INSERT INTO pipeline_batch_counts AS k (
+            batch, slot, queued, completed, failed, dead, cancelled, records_total,
+            records_filtered, records_persisted)
+        SELECT m.batch_id, (txid_current() % 64)::smallint, count(*),
+               -count(*) FILTER (WHERE m.was = 'completed'),
+               -count(*) FILTER (WHERE m.was = 'failed'),
+               -count(*) FILTER (WHERE m.was = 'dead'),
+               -count(*) FILTER (WHERE m.was = 'cancelled'),
+               -coalesce(sum(m.records_total) FILTER (WHERE m.was = 'completed'), 0),
+               -coalesce(sum(m.records_filtered) FILTER (WHERE m.was = 'completed'), 0),
+               -coalesce(sum(m.records_persisted) FILTER (WHERE m.was = 'completed'), 0)
+          FROM moved m
+         WHERE m.batch_id IS NOT NULL
+         GROUP BY m.batch_id
+         ORDER BY m.batch_id
+        ON CONFLICT (batch, slot) DO UPDATE
+           SET queued = k.queued + excluded.queued,
+               completed = k.completed + excluded.completed,
+               failed = k.failed + excluded.failed, dead = k.dead + excluded.dead,
+               cancelled = k.cancelled + excluded.cancelled,
+               records_total = k.records_total + excluded.records_total,
+               records_filtered = k.records_filtered + excluded.records_filtered,
+               records_persisted = k.records_persisted + excluded.records_persisted
+    )
+    SELECT m.file_url, m.task_name, m.status FROM moved m;
+    PERFORM set_config('pipeline.batch_counts', 'on', true);
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_restart_v1(p_file_url text, p_token bigint, p_version text, p_fingerprint text) RETURNS TABLE(generation integer)
     LANGUAGE sql
     AS $$
@@ -931,6 +1199,52 @@ CREATE TABLE public.pipeline_batch_callbacks (
     created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.pipeline_batch_counts (
+    batch text NOT NULL,
+    slot smallint NOT NULL,
+    queued bigint DEFAULT 0 NOT NULL,
+    completed bigint DEFAULT 0 NOT NULL,
+    failed bigint DEFAULT 0 NOT NULL,
+    dead bigint DEFAULT 0 NOT NULL,
+    cancelled bigint DEFAULT 0 NOT NULL,
+    records_total bigint DEFAULT 0 NOT NULL,
+    records_filtered bigint DEFAULT 0 NOT NULL,
+    records_persisted bigint DEFAULT 0 NOT NULL,
+    first_started_at timestamp with time zone,
+    last_ended_at timestamp with time zone
+)
+WITH (fillfactor='50');
+
+CREATE VIEW public.pipeline_batch_figures AS
+ SELECT t.batch,
+    (t.queued - (t.processing)::numeric) AS pending,
+    t.processing,
+    t.completed,
+    t.failed,
+    t.dead,
+    t.cancelled,
+    t.records_total,
+    t.records_filtered,
+    t.records_persisted,
+    t.first_started_at,
+    t.last_ended_at
+   FROM ( SELECT k.batch,
+            sum(k.queued) AS queued,
+            ( SELECT count(*) AS count
+                   FROM public.file_checkpoints c
+                  WHERE ((c.batch_id = k.batch) AND (c.status = 'processing'::text))) AS processing,
+            sum(k.completed) AS completed,
+            sum(k.failed) AS failed,
+            sum(k.dead) AS dead,
+            sum(k.cancelled) AS cancelled,
+            sum(k.records_total) AS records_total,
+            sum(k.records_filtered) AS records_filtered,
+            sum(k.records_persisted) AS records_persisted,
+            min(k.first_started_at) AS first_started_at,
+            max(k.last_ended_at) AS last_ended_at
+           FROM public.pipeline_batch_counts k
+          GROUP BY k.batch) t;
+
 CREATE TABLE public.pipeline_batches (
     name text NOT NULL,
     task_name text,
@@ -996,6 +1310,9 @@ ALTER TABLE ONLY public.file_checkpoints
 ALTER TABLE ONLY public.pipeline_batch_callbacks
     ADD CONSTRAINT pipeline_batch_callbacks_pkey PRIMARY KEY (file_url);
 
+ALTER TABLE ONLY public.pipeline_batch_counts
+    ADD CONSTRAINT pipeline_batch_counts_pkey PRIMARY KEY (batch, slot);
+
 ALTER TABLE ONLY public.pipeline_batches
     ADD CONSTRAINT pipeline_batches_pkey PRIMARY KEY (name);
 
@@ -1017,6 +1334,8 @@ CREATE INDEX file_attempts_ended_at_idx ON public.file_attempts USING btree (end
 
 CREATE INDEX file_attempts_file_idx ON public.file_attempts USING btree (file_url, token);
 
+CREATE INDEX file_checkpoints_batch_completed_idx ON public.file_checkpoints USING btree (batch_id, completed_at) WHERE (status = 'completed'::text);
+
 CREATE INDEX file_checkpoints_batch_pending_idx ON public.file_checkpoints USING btree (batch_id, submitted_at) WHERE (status = 'pending'::text);
 
 CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING btree (batch_id, status);
@@ -1030,6 +1349,14 @@ CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (
 CREATE INDEX file_checkpoints_retry_at_idx ON public.file_checkpoints USING btree (retry_at) WHERE (status = 'failed'::text);
 
 CREATE INDEX file_checkpoints_waiting_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
+CREATE TRIGGER file_checkpoints_batch_count_del AFTER DELETE ON public.file_checkpoints REFERENCING OLD TABLE AS pipeline_batch_count_old_rows FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_deleted_v1();
+
+CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON public.file_checkpoints REFERENCING NEW TABLE AS pipeline_batch_count_new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_inserted_v1();
+
+CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_truncated_v1();
+
+CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN (public.pipeline_batch_count_due_v1(old.status, new.status, old.batch_id, new.batch_id)) EXECUTE FUNCTION public.pipeline_batch_count_v1();
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
