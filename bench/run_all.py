@@ -38,6 +38,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
         "bench_batches.py",
         ["--seconds", "2", "--rounds", "1", "--files", "100000", "--calls", "5"],
     ),
+    ("fleet", "bench_fleet.py", ["--workers", "4", "--concurrency", "4", "--files", "400"]),
 ]
 
 
