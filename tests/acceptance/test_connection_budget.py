@@ -1,7 +1,10 @@
 """How many Postgres connections a worker holds, busy and idle (issue 21, item 2).
 
-Measured with pg_stat_activity: the backends whose client port is a socket of the worker's
-process tree (its main process and its pool processes), sampled while a batch runs and after.
+Measured on the worker's side: the worker reaches Postgres through a TCP proxy (one server
+connection per client connection, as a direct link; the embedded server of a machine with
+nothing running listens on a unix socket only), and the sockets of its process tree (its main
+process and its pool processes) connected to the proxy are counted, sampled while a batch runs
+and after.
 The figures are printed for the README's "Running a fleet"; the assertions hold the README's
 formula: busy, at most 2 per pool process (one for its calls and the task's output
 transaction, one for its lease keeper's renewals while that transaction is open: they must
@@ -14,14 +17,15 @@ seconds), the pool processes none.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
-import sqlalchemy as sa
 
 from tests.support.celery_tasks import outside
+from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.slow
@@ -29,30 +33,25 @@ pytestmark = pytest.mark.slow
 CONCURRENCY = 4
 FILES = 8
 IDLE = 3.0
+ENV = {"PIPELINE_DATABASE_IDLE_SECONDS": str(IDLE), "PIPELINE_REAP_INTERVAL": "1"}
 
 
-def _held(cluster: Cluster, worker: Proc) -> dict[str, int]:
-    """The worker's connections in pg_stat_activity: of its main process, of its pool
-    processes in all, and of the pool process that holds the most."""
-    port = sa.make_url(cluster.database_url).port or 5432
+def _held(worker: Proc, port: int) -> dict[str, int]:
+    """The worker's connections to the database (through the proxy on `port`): of its main
+    process, of its pool processes in all, and of the pool process that holds the most."""
     main = psutil.Process(worker.pid)
-    ports: dict[int, int] = {}  # client port -> pid
+    per_pid: dict[int, int] = {}
     for proc in [main, *main.children(recursive=True)]:
         try:
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.raddr and conn.raddr.port == port:
-                    ports[conn.laddr.port] = proc.pid
+            held = [
+                c
+                for c in proc.net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            ]
         except psutil.NoSuchProcess:
             continue
-    rows = cluster.rows(
-        "SELECT client_port FROM pg_stat_activity"
-        " WHERE datname = current_database() AND client_port = ANY(:ports)",
-        ports=list(ports),
-    )
-    per_pid: dict[int, int] = {}
-    for row in rows:
-        pid = ports[row.client_port]
-        per_pid[pid] = per_pid.get(pid, 0) + 1
+        if held:
+            per_pid[proc.pid] = len(held)
     pool = [n for pid, n in per_pid.items() if pid != main.pid]
     return {
         "main": per_pid.get(main.pid, 0),
@@ -61,14 +60,28 @@ def _held(cluster: Cluster, worker: Proc) -> dict[str, int]:
     }
 
 
+@contextlib.contextmanager
+def _worker_via_proxy(cluster: Cluster, lease_env: dict[str, str]) -> Iterator[tuple[Proc, int]]:
+    """A worker of -c CONCURRENCY reaching the database through a TCP proxy; and its port."""
+    host, port = upstream_of(cluster.database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
+        worker = cluster.start_worker(
+            concurrency=CONCURRENCY,
+            database_url=url_via(cluster.database_url, proxy.port),
+            extra_env=lease_env,
+        )
+        yield worker, proxy.port
+
+
 def test_connections_of_a_worker__two_per_busy_pool_process_idle_down_to_the_sweeps(
     make_cluster: Callable[..., Cluster],
 ) -> None:
     cluster = make_cluster(lease=10.0)
-    worker = cluster.start_worker(
-        concurrency=CONCURRENCY,
-        extra_env={"PIPELINE_DATABASE_IDLE_SECONDS": str(IDLE), "PIPELINE_REAP_INTERVAL": "1"},
-    )
+    with _worker_via_proxy(cluster, ENV) as (worker, port):
+        _two_per_busy_pool_process(cluster, worker, port)
+
+
+def _two_per_busy_pool_process(cluster: Cluster, worker: Proc, port: int) -> None:
     # 4 s each, longer than a third of the lease: the lease keepers renew (their own connections)
     urls = [f"file:///budget/{i}?sleep=4" for i in range(FILES)]
     for url in urls:
@@ -77,25 +90,25 @@ def test_connections_of_a_worker__two_per_busy_pool_process_idle_down_to_the_swe
     deadline = time.monotonic() + 60
     while cluster.status_counts().get("completed", 0) < FILES:
         assert time.monotonic() < deadline, cluster.summary()
-        now = _held(cluster, worker)
+        now = _held(worker, port)
         busy = {k: max(busy[k], now[k]) for k in busy}
         time.sleep(0.1)
-    after = _held(cluster, worker)
+    after = _held(worker, port)
     wait_until(
-        lambda: _held(cluster, worker)["pool"] == 0,
+        lambda: _held(worker, port)["pool"] == 0,
         timeout=IDLE + 10,
         what="the idle pool processes to close their connections",
-        describe=lambda: str(_held(cluster, worker)),
+        describe=lambda: str(_held(worker, port)),
     )
     time.sleep(1)
-    idle = _held(cluster, worker)
+    idle = _held(worker, port)
     print(
         f"\n[budget] worker -c {CONCURRENCY}: busy at most {busy} connections; right after the"
         f" batch {after}; idle {IDLE:g} s later {idle}"
     )
     # Its calls and its output transaction share one connection; the lease keeper has its own.
+    assert CONCURRENCY <= busy["pool"] <= 2 * CONCURRENCY, busy  # measured, and bounded
     assert busy["per_pool_process"] <= 2, busy
-    assert busy["pool"] <= 2 * CONCURRENCY, busy
     assert busy["main"] <= 2, busy
     assert idle["pool"] == 0, idle
     assert idle["main"] <= 1, idle
@@ -105,10 +118,11 @@ def test_connections_of_a_worker__one_per_busy_pool_process_without_an_output_tr
     make_cluster: Callable[..., Cluster],
 ) -> None:
     cluster = make_cluster(lease=6.0)
-    worker = cluster.start_worker(
-        concurrency=CONCURRENCY,
-        extra_env={"PIPELINE_DATABASE_IDLE_SECONDS": str(IDLE), "PIPELINE_REAP_INTERVAL": "1"},
-    )
+    with _worker_via_proxy(cluster, ENV) as (worker, port):
+        _one_per_busy_pool_process(cluster, worker, port)
+
+
+def _one_per_busy_pool_process(cluster: Cluster, worker: Proc, port: int) -> None:
     # 3 s each: the lease keeper renews once (at 2 s), between the claim and the completion.
     for i in range(FILES):
         cluster.send(f"file:///budget-outside/{i}?sleep=3", task=outside)
@@ -116,7 +130,7 @@ def test_connections_of_a_worker__one_per_busy_pool_process_without_an_output_tr
     deadline = time.monotonic() + 60
     while cluster.status_counts().get("completed", 0) < FILES:
         assert time.monotonic() < deadline, cluster.summary()
-        now = _held(cluster, worker)
+        now = _held(worker, port)
         busy = {k: max(busy[k], now[k]) for k in busy}
         time.sleep(0.1)
     renewed = cluster.scalar(
