@@ -16,8 +16,10 @@ another process (root); without them the test ends skipped, saying why, after th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import urllib.parse
 from collections.abc import Callable
 
 import psutil
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 
 from tests.support import stuck
 from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
-from tests.support.workers import Cluster, wait_until
+from tests.support.workers import Cluster, Proc, wait_until
 
 LEASE = 6.0
 TIMEOUT = 2.0
@@ -40,6 +42,18 @@ BOUND = TIMEOUT * 3
 
 def _proxied(database_url: str, port: int) -> str:
     return url_via(database_url, port)
+
+
+def _redis_ports(worker: Proc, broker_url: str) -> set[int]:
+    """The local ports of the worker's process tree's connections to the broker (Redis)."""
+    port = urllib.parse.urlsplit(broker_url).port or 6379
+    main = psutil.Process(worker.pid)
+    ports = set()
+    for proc in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            links = proc.net_connections(kind="tcp")
+            ports |= {c.laddr.port for c in links if c.raddr and c.raddr.port == port}
+    return ports
 
 
 def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself(
@@ -150,8 +164,22 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
             assert outcomes == ["completed", "lost"], outcomes
         assert cluster.status_counts() == {"completed": FILES}
 
-        # A recovers by itself: with B gone, A alone finishes new files.
+        # A recovers by itself: with B gone, A alone finishes new files. B's connections to
+        # Redis must be gone first: a message pushed while Redis still counts a killed
+        # consumer as waiting is handed to that dead socket and lost (kombu's Redis
+        # transport; no row exists yet for the sweep to find).
+        b_links = _redis_ports(b, cluster.broker_url)
         b.kill()
+        assert cluster.redis is not None
+        wait_until(
+            lambda: (
+                not any(
+                    int(c["addr"].rsplit(":", 1)[1]) in b_links for c in cluster.redis.client_list()
+                )
+            ),
+            timeout=10,
+            what="Redis to drop worker B's connections",
+        )
         more = [f"file:///blackhole/after/{i}?sleep=0.5" for i in range(4)]
         for url in more:
             cluster.send(url)
