@@ -795,7 +795,19 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pipeline_attempt_end_v1(r, v_now, 'completed', NULL, NULL, NULL);
+    -- pipeline_attempt_end_v1's statement, here: one PERFORM and one function call less
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message,
+                                    retry_at, start_position, end_position, chunks)
+    VALUES (r.token, r.file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, v_now), v_now, 'completed', NULL, NULL, NULL,
+            r.attempt_start_position, r.position, r.attempt_chunks)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = excluded.outcome, ended_at = excluded.ended_at,
+           error_class = excluded.error_class, error_message = excluded.error_message,
+           retry_at = excluded.retry_at, start_position = excluded.start_position,
+           end_position = excluded.end_position, chunks = excluded.chunks
+     WHERE a.outcome = 'running';
     IF r.batch_id IS NOT NULL THEN
         UPDATE pipeline_batch_counts k
            SET queued = k.queued - 1, completed = k.completed + 1,
