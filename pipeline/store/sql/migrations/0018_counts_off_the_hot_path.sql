@@ -414,6 +414,7 @@ DECLARE
     v_status text;
     v_batch  text;
     v_was    text;
+    v_open   boolean;
 BEGIN
     -- Fast paths, decided on a look at the row without a lock: a new file is inserted
     -- already claimed, a pending one (registered, not claimed in this generation) is claimed
@@ -431,11 +432,12 @@ BEGIN
         -- The same plain read of the batch row the long way makes, and the same race with a
         -- cancel: one that commits first moved the file off `pending` (the UPDATE's re-check
         -- sends the claim the long way), one that commits later finds this claim started.
-        SELECT pb.* INTO b FROM pipeline_batches pb WHERE pb.name = v_batch;
-        IF b.state IS DISTINCT FROM 'open' OR b.concurrency IS NOT NULL THEN
+        -- (Two columns read, not the row into `b`: 0018.)
+        SELECT pb.state = 'open' AND pb.concurrency IS NULL INTO v_open
+          FROM pipeline_batches pb WHERE pb.name = v_batch;
+        IF v_open IS NOT TRUE THEN
             v_status := NULL;  -- the long way
         END IF;
-        b := NULL;
     END IF;
     IF NOT FOUND THEN
         INSERT INTO file_checkpoints AS c (
