@@ -1,7 +1,8 @@
 """A batch's counters (pipeline_batch_counts, migration 0016) against its files: after every
 kind of move a file makes (registration, claim, complete, fail, dead, abandon, a crashed claim
-reaped or taken over, cancel, a cancelled chunk, requeue, a new generation, prune), the sum over
-the batch's slots equals a GROUP BY over file_checkpoints, and `status --batch` reads them."""
+reaped or taken over, cancel, a cancelled chunk, a claim refused for good, requeue, a new
+generation, prune), the sum over the batch's slots equals a GROUP BY over file_checkpoints,
+and `status --batch` reads them."""
 
 from __future__ import annotations
 
@@ -151,6 +152,33 @@ def test_counts__every_transition_keeps_the_counters_equal_to_the_files(
     assert "completed" not in exact(pg_store)["b"]
     pg_store.execute_script("TRUNCATE file_checkpoints CASCADE")
     assert pg_store.scalar("SELECT count(*) FROM pipeline_batch_counts") == 0
+
+
+def test_counts__claims_that_end_a_pending_file_count_it(pg_store: PostgresStore) -> None:
+    """The moves out of pending a claim's long way makes itself (migration 0018: counted by
+    the claim, not the trigger): no attempts left, and its batch cancelled."""
+    pg_store.open_batch(BatchSpec("c", "t", "me"))
+    c = urls("c", 3)
+    pg_store.register(c[:2], batch_id="c", task_name="t")
+    # a pending file with an attempt spent: failed, cancelled, requeued as it stood
+    c0 = claim(pg_store, c[0])
+    pg_store.fail(c[0], c0.token, "boom", retry_in=0.0)
+    assert pg_store.cancel_batch("c") == 2
+    pg_store.requeue(batch_id="c", statuses=[Status.CANCELLED])
+    assert exact(pg_store)["c"] == {"pending": 2, "records": 0}
+    refusal = pg_store.claim(c[0], "w:1", LEASE, max_attempts=1)
+    assert not isinstance(refusal, Claim), refusal
+    assert refusal.reason == "dead", refusal
+    assert exact(pg_store)["c"] == {"pending": 1, "dead": 1, "records": 0}
+    # a pending file of a cancelled batch: the claim cancels it (a file registered after the
+    # cancel, and one the cancel did not reach)
+    assert pg_store.cancel_batch("c") == 1
+    pg_store.register(c[2:], batch_id="c", task_name="t")
+    assert exact(pg_store)["c"] == {"pending": 1, "dead": 1, "cancelled": 1, "records": 0}
+    refusal = pg_store.claim(c[2], "w:1", LEASE)
+    assert not isinstance(refusal, Claim), refusal
+    assert refusal.reason == "cancelled", refusal
+    assert exact(pg_store)["c"] == {"dead": 1, "cancelled": 2, "records": 0}
 
 
 def test_counts__a_big_cancel_and_requeue_count_in_one_row_per_batch(

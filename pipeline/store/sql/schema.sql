@@ -219,6 +219,10 @@ CREATE FUNCTION public.pipeline_batch_count_inserted_v1() RETURNS trigger
     SET plan_cache_mode TO 'auto'
     AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pipeline_batch_count_new_rows r WHERE r.batch_id IS NOT NULL)
+    THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO pipeline_batch_counts AS k (
         batch, slot, queued, completed, failed, dead, cancelled, records_total,
         records_filtered, records_persisted, first_started_at, last_ended_at)
@@ -252,6 +256,48 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_batch_count_left_v1(p_batch text, p_status text, p_total integer, p_filtered integer, p_persisted integer, p_started_at timestamp with time zone, p_ended_at timestamp with time zone) RETURNS void
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+DECLARE
+    v_slot smallint := (txid_current() % 64)::smallint;
+BEGIN
+    UPDATE pipeline_batch_counts k
+       SET queued = k.queued - 1,
+           completed = k.completed + (p_status = 'completed')::int,
+           failed = k.failed + (p_status = 'failed')::int,
+           dead = k.dead + (p_status = 'dead')::int,
+           cancelled = k.cancelled + (p_status = 'cancelled')::int,
+           records_total = k.records_total + p_total,
+           records_filtered = k.records_filtered + p_filtered,
+           records_persisted = k.records_persisted + p_persisted,
+           first_started_at = least(k.first_started_at, p_started_at),
+           last_ended_at = greatest(k.last_ended_at, p_ended_at)
+     WHERE k.batch = p_batch AND k.slot = v_slot;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO pipeline_batch_counts AS k (
+        batch, slot, queued, completed, failed, dead, cancelled, records_total,
+        records_filtered, records_persisted, first_started_at, last_ended_at)
+    VALUES (p_batch, v_slot, -1, (p_status = 'completed')::int, (p_status = 'failed')::int,
+            (p_status = 'dead')::int, (p_status = 'cancelled')::int, p_total, p_filtered,
+            p_persisted, p_started_at, p_ended_at)
+    ON CONFLICT (batch, slot) DO UPDATE
+       SET queued = k.queued + excluded.queued,
+           completed = k.completed + excluded.completed,
+           failed = k.failed + excluded.failed,
+           dead = k.dead + excluded.dead,
+           cancelled = k.cancelled + excluded.cancelled,
+           records_total = k.records_total + excluded.records_total,
+           records_filtered = k.records_filtered + excluded.records_filtered,
+           records_persisted = k.records_persisted + excluded.records_persisted,
+           first_started_at = least(k.first_started_at, excluded.first_started_at),
+           last_ended_at = greatest(k.last_ended_at, excluded.last_ended_at);
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_batch_count_truncated_v1() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
@@ -262,13 +308,17 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION public.pipeline_batch_count_v1() RETURNS trigger
+CREATE FUNCTION public.pipeline_batch_count_v2() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     AS $$
 DECLARE
     v_slot smallint := (txid_current() % 64)::smallint;
 BEGIN
+    -- 0016's test, from the trigger's WHEN: in a batch, a counted change, counting not off.
+    IF NOT pipeline_batch_count_due_v1(OLD.status, NEW.status, OLD.batch_id, NEW.batch_id) THEN
+        RETURN NULL;
+    END IF;
     -- A file that stays in its batch (every move but a registration into another one): one
     -- UPDATE of its slot's row when the row is there (the workers' path).
     IF OLD.batch_id = NEW.batch_id THEN
@@ -442,6 +492,8 @@ DECLARE
     v_busy  bigint;
     v_status text;
     v_batch  text;
+    v_was    text;
+    v_open   boolean;
 BEGIN
     -- Fast paths, decided on a look at the row without a lock: a new file is inserted
     -- already claimed, a pending one (registered, not claimed in this generation) is claimed
@@ -459,11 +511,12 @@ BEGIN
         -- The same plain read of the batch row the long way makes, and the same race with a
         -- cancel: one that commits first moved the file off `pending` (the UPDATE's re-check
         -- sends the claim the long way), one that commits later finds this claim started.
-        SELECT pb.* INTO b FROM pipeline_batches pb WHERE pb.name = v_batch;
-        IF b.state IS DISTINCT FROM 'open' OR b.concurrency IS NOT NULL THEN
+        -- (Two columns read, not the row into `b`: 0018.)
+        SELECT pb.state = 'open' AND pb.concurrency IS NULL INTO v_open
+          FROM pipeline_batches pb WHERE pb.name = v_batch;
+        IF v_open IS NOT TRUE THEN
             v_status := NULL;  -- the long way
         END IF;
-        b := NULL;
     END IF;
     IF NOT FOUND THEN
         INSERT INTO file_checkpoints AS c (
@@ -582,6 +635,7 @@ BEGIN
     END IF;
 
     IF r.attempts_spent >= v_cap OR r.status = 'dead' THEN
+        v_was := r.status;
         UPDATE file_checkpoints c
            SET status = 'dead', lease_expires_at = NULL, retry_at = NULL, max_attempts = v_cap,
                updated_at = v_now,
@@ -589,6 +643,10 @@ BEGIN
                    format('no attempts left (%s of %s spent)', r.attempts_spent, v_cap))
          WHERE c.file_url = p_file_url
         RETURNING c.* INTO r;
+        IF r.batch_id IS NOT NULL AND v_was IN ('pending', 'processing') THEN
+            PERFORM pipeline_batch_count_left_v1(r.batch_id, 'dead', 0, 0, 0, r.started_at,
+                                                 r.updated_at);
+        END IF;
         RETURN QUERY SELECT 'dead'::text, NULL::bigint, r.attempt, r.max_attempts, r.generation,
             NULL::double precision, 0, 0, 0, r.error_message, NULL::jsonb, NULL::text;
         RETURN;
@@ -605,10 +663,15 @@ BEGIN
     IF b.state = 'cancelled' THEN
         -- A waiting file of a cancelled batch: it stays where it got to (its generation, its
         -- position) until `requeue` brings it back; no attempt is spent.
+        v_was := r.status;
         UPDATE file_checkpoints c
            SET status = 'cancelled', lease_expires_at = NULL, retry_at = NULL, updated_at = v_now
          WHERE c.file_url = p_file_url
         RETURNING c.* INTO r;
+        IF v_was IN ('pending', 'processing') THEN  -- r.batch_id is set: its batch refused
+            PERFORM pipeline_batch_count_left_v1(r.batch_id, 'cancelled', 0, 0, 0, r.started_at,
+                                                 NULL);
+        END IF;
         RETURN QUERY SELECT 'cancelled'::text, NULL::bigint, r.attempt, r.max_attempts,
             r.generation, NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
         RETURN;
@@ -690,6 +753,8 @@ BEGIN
            SET status = 'cancelled', lease_expires_at = NULL, attempt_chunks = 0,
                updated_at = v_now
          WHERE c.file_url = p_file_url;
+        PERFORM pipeline_batch_count_left_v1(r.batch_id, 'cancelled', 0, 0, 0, r.started_at,
+                                             NULL);
         RETURN QUERY SELECT 0.0::double precision;
         RETURN;
     END IF;
@@ -732,7 +797,33 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pipeline_attempt_end_v1(r, v_now, 'completed', NULL, NULL, NULL);
+    -- pipeline_attempt_end_v1's statement, here: one PERFORM and one function call less
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message,
+                                    retry_at, start_position, end_position, chunks)
+    VALUES (r.token, r.file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, v_now), v_now, 'completed', NULL, NULL, NULL,
+            r.attempt_start_position, r.position, r.attempt_chunks)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = excluded.outcome, ended_at = excluded.ended_at,
+           error_class = excluded.error_class, error_message = excluded.error_message,
+           retry_at = excluded.retry_at, start_position = excluded.start_position,
+           end_position = excluded.end_position, chunks = excluded.chunks
+     WHERE a.outcome = 'running';
+    IF r.batch_id IS NOT NULL THEN
+        UPDATE pipeline_batch_counts k
+           SET queued = k.queued - 1, completed = k.completed + 1,
+               records_total = k.records_total + r.records_total,
+               records_filtered = k.records_filtered + r.records_filtered,
+               records_persisted = k.records_persisted + r.records_persisted,
+               first_started_at = least(k.first_started_at, r.started_at),
+               last_ended_at = greatest(k.last_ended_at, v_now)
+         WHERE k.batch = r.batch_id AND k.slot = (txid_current() % 64)::smallint;
+        IF NOT FOUND THEN
+            PERFORM pipeline_batch_count_left_v1(r.batch_id, 'completed', r.records_total,
+                r.records_filtered, r.records_persisted, r.started_at, v_now);
+        END IF;
+    END IF;
     RETURN true;
 END;
 $$;
@@ -828,6 +919,10 @@ BEGIN
            error_message = p_error_message, lease_expires_at = NULL, updated_at = v_now
      WHERE c.file_url = p_file_url
     RETURNING c.* INTO r;
+    IF r.batch_id IS NOT NULL THEN
+        PERFORM pipeline_batch_count_left_v1(r.batch_id, r.status, 0, 0, 0, r.started_at,
+            CASE WHEN r.status = 'dead' THEN r.updated_at END);
+    END IF;
     RETURN QUERY SELECT r.status, r.attempt, r.max_attempts,
         CASE WHEN r.retry_at IS NOT NULL
              THEN greatest(extract(epoch FROM r.retry_at - clock_timestamp()), 0)::double precision
@@ -868,6 +963,7 @@ DECLARE
     v_left  boolean := v_spent < r.max_attempts;
     v_kept  text := CASE WHEN r.attempt_chunks > 0
         THEN format(' (it committed %s chunks: no attempt spent)', r.attempt_chunks) ELSE '' END;
+    v_was   text := r.status;
 BEGIN
     PERFORM pipeline_attempt_end_v1(r, p_now, 'lost', 'WorkerLost', p_why || v_kept, NULL);
     UPDATE file_checkpoints c
@@ -880,6 +976,10 @@ BEGIN
            lease_expires_at = NULL, updated_at = p_now
      WHERE c.file_url = r.file_url
     RETURNING c.* INTO r;
+    IF r.batch_id IS NOT NULL AND v_was IN ('pending', 'processing') THEN
+        PERFORM pipeline_batch_count_left_v1(r.batch_id, r.status, 0, 0, 0, r.started_at,
+            CASE WHEN r.status = 'dead' THEN r.updated_at END);
+    END IF;
     RETURN r;
 END;
 $$;
@@ -1334,11 +1434,9 @@ CREATE INDEX file_attempts_ended_at_idx ON public.file_attempts USING btree (end
 
 CREATE INDEX file_attempts_file_idx ON public.file_attempts USING btree (file_url, token);
 
-CREATE INDEX file_checkpoints_batch_completed_idx ON public.file_checkpoints USING btree (batch_id, completed_at) WHERE (status = 'completed'::text);
-
 CREATE INDEX file_checkpoints_batch_pending_idx ON public.file_checkpoints USING btree (batch_id, submitted_at) WHERE (status = 'pending'::text);
 
-CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING btree (batch_id, status);
+CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING btree (batch_id, status, completed_at);
 
 CREATE INDEX file_checkpoints_completed_at_idx ON public.file_checkpoints USING btree (completed_at) WHERE (status = 'completed'::text);
 
@@ -1356,7 +1454,7 @@ CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON public.file_chec
 
 CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_truncated_v1();
 
-CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN (public.pipeline_batch_count_due_v1(old.status, new.status, old.batch_id, new.batch_id)) EXECUTE FUNCTION public.pipeline_batch_count_v1();
+CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN ((old.status < ('pending'::text COLLATE "C"))) EXECUTE FUNCTION public.pipeline_batch_count_v2();
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
