@@ -488,16 +488,20 @@ RETURNING cause
 -- prune_attempts --
 -- Up to :batch ended attempts that ended more than :older_than seconds ago, except each
 -- file's :keep latest ones (by generation, attempt), deleted; the number deleted. The running
--- attempt lives on the checkpoint row and is never touched. Candidates come from the ended_at
--- index; the check of the newer attempts from the (file_url, token) one.
+-- attempt lives on the checkpoint row and is never touched. Only files claimed more than once
+-- can have more than :keep attempt rows (migration 0019): the files come from the partial
+-- index of those, each one's attempts past its :keep latest from the (file_url, token) index.
 WITH doomed AS (
-    SELECT a.token FROM file_attempts a
-     WHERE a.ended_at < clock_timestamp() - make_interval(secs => :older_than)
-       AND (SELECT count(*) FROM (SELECT 1 FROM file_attempts b
-                                   WHERE b.file_url = a.file_url
-                                     AND (b.generation, b.attempt, b.token)
-                                         > (a.generation, a.attempt, a.token)
-                                   LIMIT :keep) AS newer) >= :keep
+    SELECT old.token
+      FROM file_checkpoints c
+     CROSS JOIN LATERAL (
+           SELECT a.token, a.ended_at FROM file_attempts a
+            WHERE a.file_url = c.file_url
+            ORDER BY a.generation DESC, a.attempt DESC, a.token DESC
+           OFFSET :keep) AS old
+     WHERE (c.generation > 1 OR c.attempt > 1)
+       AND (c.generation > 1 OR c.attempt > :keep)
+       AND old.ended_at < clock_timestamp() - make_interval(secs => :older_than)
      LIMIT :batch
 )
 DELETE FROM file_attempts a USING doomed d WHERE a.token = d.token

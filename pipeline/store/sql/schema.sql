@@ -1444,6 +1444,8 @@ CREATE INDEX file_checkpoints_dead_idx ON public.file_checkpoints USING btree (u
 
 CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (lease_expires_at) WHERE (status = 'processing'::text);
 
+CREATE INDEX file_checkpoints_retried_idx ON public.file_checkpoints USING btree (file_url) WHERE ((generation > 1) OR (attempt > 1));
+
 CREATE INDEX file_checkpoints_retry_at_idx ON public.file_checkpoints USING btree (retry_at) WHERE (status = 'failed'::text);
 
 CREATE INDEX file_checkpoints_waiting_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
