@@ -20,6 +20,7 @@ import pipeline
 from pipeline.cli import local
 from pipeline.store.postgres import PostgresStore
 from tests.support import pgbouncer
+from tests.support.processes import xdist_index
 from tests.support.workers import redis_url_on_db
 
 # Redis database numbers the test suite owns on a shared server, as (the session's, a private
@@ -31,8 +32,7 @@ REDIS_DBS = ((14, 12), (13, 11), (10, 9), (8, 7), (6, 5), (4, 15))
 
 def session_redis_dbs() -> tuple[int, int]:
     """This test session's two Redis database numbers (see REDIS_DBS)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker.removeprefix("gw"))
+    index = xdist_index()
     if index >= len(REDIS_DBS):
         raise pytest.UsageError(f"at most {len(REDIS_DBS)} xdist workers: Redis has 16 databases")
     return REDIS_DBS[index]

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from tests.support.celery_tasks import outside
+from tests.support.processes import tcp_links
 from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, Proc, wait_until
 
@@ -39,22 +40,14 @@ ENV = {"PIPELINE_DATABASE_IDLE_SECONDS": str(IDLE), "PIPELINE_REAP_INTERVAL": "1
 def _held(worker: Proc, port: int) -> dict[str, int]:
     """The worker's connections to the database (through the proxy on `port`): of its main
     process, of its pool processes in all, and of the pool process that holds the most."""
-    main = psutil.Process(worker.pid)
-    per_pid: dict[int, int] = {}
-    for proc in [main, *main.children(recursive=True)]:
-        try:
-            held = [
-                c
-                for c in proc.net_connections(kind="tcp")
-                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-            ]
-        except psutil.NoSuchProcess:
-            continue
-        if held:
-            per_pid[proc.pid] = len(held)
-    pool = [n for pid, n in per_pid.items() if pid != main.pid]
+    per_pid = {
+        pid: n
+        for pid, links in tcp_links(worker.pid, port).items()
+        if (n := sum(c.status == psutil.CONN_ESTABLISHED for c in links))
+    }
+    pool = [n for pid, n in per_pid.items() if pid != worker.pid]
     return {
-        "main": per_pid.get(main.pid, 0),
+        "main": per_pid.get(worker.pid, 0),
         "pool": sum(pool),
         "per_pool_process": max(pool, default=0),
     }
@@ -73,19 +66,8 @@ def _worker_via_proxy(cluster: Cluster, lease_env: dict[str, str]) -> Iterator[t
         yield worker, proxy.port
 
 
-def test_connections_of_a_worker__two_per_busy_pool_process_idle_down_to_the_sweeps(
-    make_cluster: Callable[..., Cluster],
-) -> None:
-    cluster = make_cluster(lease=10.0)
-    with _worker_via_proxy(cluster, ENV) as (worker, port):
-        _two_per_busy_pool_process(cluster, worker, port)
-
-
-def _two_per_busy_pool_process(cluster: Cluster, worker: Proc, port: int) -> None:
-    # 4 s each, longer than a third of the lease: the lease keepers renew (their own connections)
-    urls = [f"file:///budget/{i}?sleep=4" for i in range(FILES)]
-    for url in urls:
-        cluster.send(url)
+def _busiest(cluster: Cluster, worker: Proc, port: int) -> dict[str, int]:
+    """The most connections `_held` saw, figure by figure, until every file completed."""
     busy = {"main": 0, "pool": 0, "per_pool_process": 0}
     deadline = time.monotonic() + 60
     while cluster.status_counts().get("completed", 0) < FILES:
@@ -93,15 +75,28 @@ def _two_per_busy_pool_process(cluster: Cluster, worker: Proc, port: int) -> Non
         now = _held(worker, port)
         busy = {k: max(busy[k], now[k]) for k in busy}
         time.sleep(0.1)
-    after = _held(worker, port)
-    wait_until(
-        lambda: _held(worker, port)["pool"] == 0,
-        timeout=IDLE + 10,
-        what="the idle pool processes to close their connections",
-        describe=lambda: str(_held(worker, port)),
-    )
-    time.sleep(1)
-    idle = _held(worker, port)
+    return busy
+
+
+def test_connections_of_a_worker__two_per_busy_pool_process_idle_down_to_the_sweeps(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(lease=10.0)
+    with _worker_via_proxy(cluster, ENV) as (worker, port):
+        # 4 s each, longer than a third of the lease: the lease keepers renew (their own
+        # connections)
+        for i in range(FILES):
+            cluster.send(f"file:///budget/{i}?sleep=4")
+        busy = _busiest(cluster, worker, port)
+        after = _held(worker, port)
+        wait_until(
+            lambda: _held(worker, port)["pool"] == 0,
+            timeout=IDLE + 10,
+            what="the idle pool processes to close their connections",
+            describe=lambda: str(_held(worker, port)),
+        )
+        time.sleep(1)
+        idle = _held(worker, port)
     print(
         f"\n[budget] worker -c {CONCURRENCY}: busy at most {busy} connections; right after the"
         f" batch {after}; idle {IDLE:g} s later {idle}"
@@ -119,20 +114,10 @@ def test_connections_of_a_worker__one_per_busy_pool_process_without_an_output_tr
 ) -> None:
     cluster = make_cluster(lease=6.0)
     with _worker_via_proxy(cluster, ENV) as (worker, port):
-        _one_per_busy_pool_process(cluster, worker, port)
-
-
-def _one_per_busy_pool_process(cluster: Cluster, worker: Proc, port: int) -> None:
-    # 3 s each: the lease keeper renews once (at 2 s), between the claim and the completion.
-    for i in range(FILES):
-        cluster.send(f"file:///budget-outside/{i}?sleep=3", task=outside)
-    busy = {"main": 0, "pool": 0, "per_pool_process": 0}
-    deadline = time.monotonic() + 60
-    while cluster.status_counts().get("completed", 0) < FILES:
-        assert time.monotonic() < deadline, cluster.summary()
-        now = _held(worker, port)
-        busy = {k: max(busy[k], now[k]) for k in busy}
-        time.sleep(0.1)
+        # 3 s each: the lease keeper renews once (at 2 s), between the claim and the completion.
+        for i in range(FILES):
+            cluster.send(f"file:///budget-outside/{i}?sleep=3", task=outside)
+        busy = _busiest(cluster, worker, port)
     renewed = cluster.scalar(
         "SELECT count(*) FROM file_checkpoints WHERE status = 'completed'"
         " AND completed_at - started_at > interval '2.5 seconds'"

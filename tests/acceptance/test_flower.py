@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support.flower_helpers import FlowerStack, process_tree
-from tests.support.processes import free_port
+from tests.support.flower_helpers import FlowerStack
+from tests.support.processes import free_port, process_tree
 from tests.support.workers import wait_until
 
 pytestmark = pytest.mark.slow

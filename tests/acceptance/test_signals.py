@@ -28,7 +28,7 @@ import requests
 
 from pipeline.cli import local
 from tests.support.cli_helpers import PIPELINE, assert_no_traceback, cli_env, processes_of, run_cli
-from tests.support.processes import spawn
+from tests.support.processes import process_tree, spawn
 from tests.support.workers import drop_queue_keys, wait_until
 
 pytestmark = pytest.mark.slow
@@ -68,11 +68,7 @@ class Running:
 
     def tree(self) -> set[int]:
         """The pids of this process and its descendants now (remembered for later checks)."""
-        try:
-            root = psutil.Process(self.pid)
-            pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
-        except psutil.NoSuchProcess:
-            pids = set()
+        pids = {p.pid for p in process_tree(self.pid)}
         self.seen |= pids
         return pids
 

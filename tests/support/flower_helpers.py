@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import kombu.pools
-import psutil
 import redis
 import requests
 import sqlalchemy as sa
@@ -46,15 +45,6 @@ def pipeline_executable() -> str:
     if found is None:
         raise AssertionError("the `pipeline` command is not installed (pip install -e .)")
     return found
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """A process and all its descendants (those still alive)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
 
 @contextlib.contextmanager

@@ -7,13 +7,16 @@ nothing of pytest's), no stdin, its output in a log file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import random
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, Any
+
+import psutil
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -23,10 +26,14 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 _PORTS_FROM, _PORTS_PER_PROCESS = 20_000, 2_000
 
 
+def xdist_index() -> int:
+    """This test process's number under pytest-xdist (gw0 -> 0, ...); 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
-    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    low = _PORTS_FROM + index * _PORTS_PER_PROCESS
+    low = _PORTS_FROM + xdist_index() * _PORTS_PER_PROCESS
     for port in random.sample(range(low, low + _PORTS_PER_PROCESS), 200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -35,6 +42,29 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {low}-{low + _PORTS_PER_PROCESS - 1} after 200 tries")
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (those still alive)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tcp_links(pid: int, port: int) -> dict[int, list[Any]]:
+    """The TCP connections to `port` (the remote end) of a process tree, by pid; a process
+    with none, or gone meanwhile, is left out."""
+    links: dict[int, list[Any]] = {}
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found = [
+                c for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr.port == port
+            ]
+            if found:
+                links[proc.pid] = found
+    return links
 
 
 def spawn(
