@@ -31,10 +31,6 @@ import psycopg
 from bench import common
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.1f} ms"
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -118,12 +114,12 @@ def main() -> None:
         ["what", "figure"],
         [
             ["claims timed (one per body start)", f"{len(first) + len(warm):,}"],
-            ["claim latency p50 (after a process's first)", _ms(percentile(warm, 0.50))],
-            ["claim latency p99 (after a process's first)", _ms(percentile(warm, 0.99))],
-            ["claim latency max (after a process's first)", _ms(max(warm))],
+            ["claim latency p50 (after a process's first)", common.ms(percentile(warm, 0.50), 1)],
+            ["claim latency p99 (after a process's first)", common.ms(percentile(warm, 0.99), 1)],
+            ["claim latency max (after a process's first)", common.ms(max(warm), 1)],
             [
                 "a process's first claim (connects): p50 / max",
-                f"{_ms(percentile(first, 0.5))} / {_ms(max(first))}",
+                f"{common.ms(percentile(first, 0.5), 1)} / {common.ms(max(first), 1)}",
             ],
             ["wall, send to the last completion", f"{wall:,.1f} s (ideal {ideal:,.1f} s)"],
             ["server connections (pg_stat_activity, max seen)", str(max(server_connections))],

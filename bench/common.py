@@ -249,8 +249,8 @@ def queue_length(queue: str) -> int:
     return int(redis.Redis.from_url(REDIS_URL).llen(queue))
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.0f} ms"
+def ms(seconds: float, digits: int = 0) -> str:
+    return f"{seconds * 1000:,.{digits}f} ms"
 
 
 def ms_spread(values: list[float]) -> str:
