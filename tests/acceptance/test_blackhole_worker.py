@@ -16,17 +16,16 @@ another process (root); without them the test ends skipped, saying why, after th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import urllib.parse
 from collections.abc import Callable
 
-import psutil
 import pytest
 import sqlalchemy as sa
 
 from tests.support import stuck
+from tests.support.processes import process_tree, tcp_links
 from tests.support.tcpproxy import TcpProxy, upstream_of, url_via
 from tests.support.workers import Cluster, Proc, wait_until
 
@@ -46,14 +45,8 @@ def _proxied(database_url: str, port: int) -> str:
 
 def _redis_ports(worker: Proc, broker_url: str) -> set[int]:
     """The local ports of the worker's process tree's connections to the broker (Redis)."""
-    port = urllib.parse.urlsplit(broker_url).port or 6379
-    main = psutil.Process(worker.pid)
-    ports = set()
-    for proc in [main, *main.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            links = proc.net_connections(kind="tcp")
-            ports |= {c.laddr.port for c in links if c.raddr and c.raddr.port == port}
-    return ports
+    links = tcp_links(worker.pid, urllib.parse.urlsplit(broker_url).port or 6379)
+    return {c.laddr.port for found in links.values() for c in found}
 
 
 def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself(
@@ -71,40 +64,31 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
         for url in urls:
             cluster.send(url)
 
-        def a_running() -> list[sa.Row[object]]:
-            return cluster.rows(
-                "SELECT file_url, token FROM file_checkpoints"
-                " WHERE status = 'processing' AND processed_by LIKE :a",
+        # The cut comes at a moment when every file A holds is past its INSERT, asleep in its
+        # output transaction: a task's own statement is not bounded (only keepalives and
+        # tcp_user_timeout end it, and on loopback they cannot), so one cut off in flight would
+        # wait for the path to return. Checked in one query, so that no file held has ended
+        # (or none started its INSERT) between the check and the cut, as on a loaded host.
+        def a_asleep() -> list[sa.Row[object]]:
+            rows = cluster.rows(
+                "SELECT c.file_url, c.token, EXISTS (SELECT 1 FROM pg_stat_activity s"
+                "   WHERE s.application_name = 'pipeline-claim:' || c.token"
+                "     AND s.state = 'idle in transaction' AND s.query LIKE 'INSERT INTO sink %')"
+                "   AS asleep"
+                " FROM file_checkpoints c WHERE c.status = 'processing' AND c.processed_by LIKE :a",
                 a=f"{a.name}@%",
             )
-
-        held = wait_until(a_running, timeout=30, what="worker A to run a file")
-        cluster.wait_in_output_transaction(held[0].token)
-        held = a_running()
-        # Every file A holds past its INSERT, asleep in its output transaction: a task's own
-        # statement is not bounded (only keepalives and tcp_user_timeout end it, and on
-        # loopback they cannot), so one cut off in flight would wait for the path to return.
-        for h in held:
-            cluster.wait_sql(
-                "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = :n"
-                " AND state = 'idle in transaction' AND query LIKE 'INSERT INTO sink %'",
-                timeout=10,
-                what=f"{h.file_url} to sleep in its output transaction",
-                n=f"pipeline-claim:{h.token}",
-            )
-        a_main = psutil.Process(a.pid)
+            return rows if rows and all(r.asleep for r in rows) else []
 
         def a_processes() -> list[int]:
-            try:
-                return [a.pid, *(c.pid for c in a_main.children(recursive=True))]
-            except psutil.NoSuchProcess:
-                return []
+            return [p.pid for p in process_tree(a.pid)]
 
-        pool = set(a_processes()) - {a.pid}
         cannot = stuck.unavailable()
         watch = stuck.Watch(a_processes, proxy.port)
+        held = wait_until(a_asleep, timeout=30, what="worker A's files asleep in their output")
         proxy.blackhole()
         cut_at = time.monotonic()
+        pool = set(a_processes()) - {a.pid}
         try:
             if cannot is None:
                 watch.start()
