@@ -250,7 +250,7 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
         cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
         url = "file:///restart/long?sleep=6"
         cluster.send(url)
-        token = cluster.wait_claimed(url).token
+        cluster.wait_claimed(url)
         waiting = [f"file:///restart/{i:04d}" for i in range(1000)]
         with celery_app.app.producer_or_acquire() as producer:
             for u in waiting:
@@ -263,9 +263,13 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
                 timeout=60,
                 what=f"start {n} of the long file",
             )
-            # Restart only once the long file's output transaction is open: on a loaded host
-            # the start's log line can come well before it (same claim, so the same token).
-            cluster.wait_in_output_transaction(token, timeout=30)
+            # Restart only once the long file's output transaction is open (its INSERT done,
+            # in its sleep): on a loaded host the start's log line can come well before it.
+            wait_until(
+                lambda: cluster.scalar(_LONG_TRANSACTION_OPEN),
+                timeout=30,
+                what=f"the output transaction of start {n}",
+            )
             private_pg.restart()
         cluster.wait_all_terminal(1001, timeout=240)
         starts = len(_starts(cluster, url))
@@ -284,6 +288,14 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
         assert starts == 4 <= MAX_STARTS_PER_ATTEMPT
         assert cluster.scalar("SELECT count(*) FROM sink") == 1001
         assert cluster.scalar("SELECT count(DISTINCT file_url) FROM sink") == 1001
+
+
+# The long file's output transaction, open in its sleep: the other files' are open for
+# milliseconds only.
+_LONG_TRANSACTION_OPEN = (
+    "SELECT count(*) > 0 FROM pg_stat_activity WHERE state = 'idle in transaction'"
+    " AND query LIKE 'INSERT INTO sink %' AND clock_timestamp() - state_change > '0.5 s'"
+)
 
 
 def _held(cluster: Cluster) -> int:
