@@ -94,11 +94,15 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture
 def pg_store(database_url: str) -> Iterator[PostgresStore]:
-    """A store on an empty checkpoint table."""
+    """A store on an empty checkpoint table, its last contact now: the gap rule's last
+    answer (pipeline_fleet_contact) is not a previous test's, which with several test
+    processes can be many seconds old and read as an outage."""
     store = pipeline.open_store(database_url)
     store.execute_script(
         "TRUNCATE file_checkpoints, file_attempts, pipeline_workers, pipeline_batches,"
-        " pipeline_batch_callbacks, pipeline_chores CASCADE"
+        " pipeline_batch_callbacks, pipeline_chores CASCADE;"
+        " UPDATE pipeline_fleet_contact"
+        " SET answered_at = clock_timestamp(), gap_started_at = NULL, gap_ended_at = NULL"
     )
     yield store
     store.close()
