@@ -63,7 +63,7 @@ def test_calls_and_renewals_of_another_thread__share_one_connection(
         store.close()
 
 
-def test_output_transaction__on_the_claims_connection_without_its_statement_timeout(
+def test_output_transaction__on_the_claims_connection_without_its_session_settings(
     database_url: str, pg_store: PostgresStore
 ) -> None:
     store = PostgresStore(database_url, timeout=3.0)
@@ -76,12 +76,15 @@ def test_output_transaction__on_the_claims_connection_without_its_statement_time
             # The store's calls are bounded by the session's timeout; the task's statements
             # run under the database's own (here none), for this transaction only.
             assert tx.execute(sa.text("SHOW statement_timeout")).scalar() == "0"
+            # Nor the forced custom plans: a task's executemany is planned once, not per row.
+            assert tx.execute(sa.text("SHOW plan_cache_mode")).scalar() == "auto"
             store.complete(claim.file_url, claim.token, claim.stats, transaction=tx)
         # Back to the session's, in autocommit, for the next call on the same connection.
         assert _backends(store) == {own}
         (conn,) = store._conns
         assert conn.autocommit
         assert conn.execute("SHOW statement_timeout").fetchone() == ("3s",)
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
         row = store.get(claim.file_url)
         assert row is not None
         assert row.status.value == "completed"

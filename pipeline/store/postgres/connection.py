@@ -279,9 +279,9 @@ class Connections:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             transaction = conn.begin()
             if self.link.session_sql(statement_timeout=True) is not None:
-                # The session's statement timeout is for the store's calls; the task's
-                # statements run under the database's own setting, for this transaction only.
-                self.in_transaction(conn, "task_statement_timeout", {})
+                # The session's statement timeout and plan settings are for the store's calls;
+                # the task's statements run under the database's own, for this transaction only.
+                self.in_transaction(conn, "task_settings", {})
             yield from self._output(conn, transaction, token)
 
     def _output(
