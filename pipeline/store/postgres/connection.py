@@ -257,12 +257,7 @@ class Connections:
                 if (call is not None and call.ended) or isinstance(
                     error, psycopg.errors.QueryCanceled
                 ):
-                    shown = masking.mask_url(self.url)
-                    raise errors.StoreUnavailable(
-                        f"checkpoint database {shown} unreachable: no answer within "
-                        f"{self.link.timeout:g} s ({name})",
-                        url=shown,
-                    ) from error
+                    raise self._no_answer(name) from error
                 raise
             finally:
                 self._give_back(conn)
@@ -278,20 +273,27 @@ class Connections:
         with translate(self.url), self._using(), self._own_engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             transaction = conn.begin()
-            if self.link.session_sql(statement_timeout=True) is not None:
-                # The session's statement timeout and plan settings are for the store's calls;
-                # the task's statements run under the database's own, for this transaction only.
-                self.in_transaction(conn, "task_settings", {})
             yield from self._output(conn, transaction, token)
+
+    def _first(self, conn: sa.Connection, token: int | None) -> None:
+        """An output transaction's first statements in one round trip: the database's own
+        settings for the task's statements where the session is ours (task_settings), the
+        session named after the claim (name_session); the token, an integer, written in."""
+        if self.link.session_sql(statement_timeout=True) is None:
+            if token is not None:
+                self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
+            return
+        sql = self._q["task_settings"].text
+        if token is not None:
+            sql += f";\nSELECT set_config('application_name', 'pipeline-claim:{int(token)}', true)"
+        with translate(self.url), self._bounded(conn, "task_settings"):
+            conn.exec_driver_sql(sql)
 
     def _output(
         self, conn: sa.Connection, transaction: sa.RootTransaction, token: int | None
     ) -> Iterator[PgTransaction]:
         try:
-            if token is not None:
-                # Named after the claim for this transaction only, so that a takeover can
-                # end it if this process turns zombie (pipeline_fence_v1).
-                self.in_transaction(conn, "name_session", {"name": f"pipeline-claim:{token}"})
+            self._first(conn, token)
             yield PgTransaction(conn)
         except BaseException:
             # A link already gone fails the rollback too (SQLAlchemy may refuse it outright
@@ -325,12 +327,15 @@ class Connections:
             except (sa_exc.DBAPIError, psycopg.Error) as error:
                 if not call.ended:
                     raise
-                shown = masking.mask_url(self.url)
-                raise errors.StoreUnavailable(
-                    f"checkpoint database {shown} unreachable: no answer within "
-                    f"{self.link.timeout:g} s ({name})",
-                    url=shown,
-                ) from error
+                raise self._no_answer(name) from error
+
+    def _no_answer(self, name: str) -> errors.StoreUnavailable:
+        shown = masking.mask_url(self.url)
+        return errors.StoreUnavailable(
+            f"checkpoint database {shown} unreachable: no answer within "
+            f"{self.link.timeout:g} s ({name})",
+            url=shown,
+        )
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:

@@ -336,7 +336,8 @@ SELECT * FROM pipeline_abandon_v3(:file_url, :worker, :task_id)
 -- need. The custom plans: forced on every execution they re-plan each row of a task's
 -- executemany (10,000 rows of INSERT ... ON CONFLICT: about 50 ms more backend CPU, issue 24);
 -- the store's own statements in the transaction are functions with plan settings of their own.
--- Two statements, no parameters: sent as one simple query, never prepared.
+-- No parameters: sent as one simple query (with name_session written in, see _first), never
+-- prepared.
 SET LOCAL statement_timeout TO DEFAULT; SET LOCAL plan_cache_mode TO DEFAULT
 
 -- name_session --
