@@ -6,6 +6,12 @@ a database of its own on the same Postgres), interleaved round by round; the fig
 per second from the moment the worker starts consuming a full queue to the moment the queue
 and its unacked set are empty (for Procrastinate: from its first fetch to its last job's
 status written, timed inside its worker process; bench/procrastinate_app.py).
+
+Beside each Celery row, the CPU each task cost over the same interval, by process (psutil):
+the worker's pool processes (the task and, for ours, the store's client side), its main
+process, the database backends of the bench database, and the Redis server (shared: other
+clients' load lands there too). CPU, unlike the rate, is little moved by the machine's
+other load; it is where a checkpointed task's extra time goes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import psutil
 import psycopg
 import redis
 
@@ -32,6 +39,56 @@ from bench import common
 PROCRASTINATE_DSN = "PIPELINE_BENCH_PROCRASTINATE_DSN"
 # A run whose raw Celery rounds differ by more than this (max - min over min) is noisy.
 NOISY_SPREAD = 0.25
+
+
+# CPU microseconds per task by process kind, per variant and round (drain_rate fills it).
+CPU_KINDS = ("pool", "main", "database", "redis")
+CPU: dict[str, list[dict[str, float]]] = {}
+
+
+class CpuMeter:
+    """CPU seconds of the worker (main, pool), the bench database's backends and Redis."""
+
+    def __init__(self, worker_pid: int, database_url: str) -> None:
+        self.main = psutil.Process(worker_pid)
+        self.dsn = common.libpq_url(database_url)
+        self.redis = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
+
+    def _backends(self) -> list[psutil.Process]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            pids = conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return [psutil.Process(pid) for (pid,) in pids if psutil.pid_exists(pid)]
+
+    def read(self) -> dict[str, dict[int, float]]:
+        """CPU seconds (user + system) of each process, by kind."""
+        kinds = {
+            "pool": self.main.children(recursive=True),
+            "main": [self.main],
+            "database": self._backends(),
+            "redis": self.redis,
+        }
+        seconds: dict[str, dict[int, float]] = {}
+        for kind, procs in kinds.items():
+            seconds[kind] = {}
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    seconds[kind][p.pid] = t.user + t.system
+        return seconds
+
+    @staticmethod
+    def per_task(
+        start: dict[str, dict[int, float]], end: dict[str, dict[int, float]], n: int
+    ) -> dict[str, float]:
+        """Microseconds per task between two readings (a process that appeared meanwhile,
+        e.g. a backend connecting, counts from zero)."""
+        return {
+            kind: sum(cpu - start[kind].get(pid, 0.0) for pid, cpu in end[kind].items()) / n * 1e6
+            for kind in end
+        }
 
 
 # The fair race: (hand-written task, checkpointed task) per file size, in tasks_app.
@@ -100,6 +157,7 @@ def drain_rate(
         # The clock starts when the first message leaves the full queue: the command's reply
         # can take ~0.5 s, by when the worker may have drained a small queue, and the delay
         # before the worker acts on it varies as much (neither is the tasks' cost).
+        meter = CpuMeter(proc.pid, database_url)
         app.control.add_consumer(queue, destination=[node], reply=False)
         deadline = time.monotonic() + 60
         while r.llen(queue) == len(sent):
@@ -107,9 +165,13 @@ def drain_rate(
                 raise RuntimeError(f"the worker never consumed {queue}")
             time.sleep(0.0005)
         started = time.monotonic()
+        cpu_start = meter.read()
+        left = r.llen(queue) + r.hlen("unacked")  # the tasks the CPU reading covers
         while r.llen(queue) or r.hlen("unacked"):
             time.sleep(0.01)
-        return len(sent) / (time.monotonic() - started)
+        rate = len(sent) / (time.monotonic() - started)
+        CPU.setdefault(variant, []).append(CpuMeter.per_task(cpu_start, meter.read(), left))
+        return rate
     finally:
         common.stop(proc)
 
@@ -303,7 +365,9 @@ def main() -> None:
             ratio = f"{common.median(results[v]) / common.median(hand):.2f}" if hand else "-"
         else:
             ratio = f"{common.median(results[v]) / raw:.2f}" if raw else "-"
-        rows.append([v, common.spread(results[v]), ratio])
+        cpu = CPU.get(v)
+        per_kind = [f"{common.median([c[k] for c in cpu]):,.0f}" if cpu else "-" for k in CPU_KINDS]
+        rows.append([v, common.spread(results[v]), ratio, *per_kind])
     title = f"Task overhead: {args.tasks:,} tasks, prefork -c 2, {args.rounds} rounds"
     if args.prefetch:
         title += f", prefetch multiplier {args.prefetch} (NOT the shipped settings)"
@@ -325,7 +389,12 @@ def main() -> None:
             + ", ".join(f"{n:,} files of {lines:,} lines" for lines, n in sizes)
             + " per round; figures are files per second.\n"
         )
-    md += "\n" + common.table(["task", "tasks/s median [min..max]", "ratio to raw"], rows)
+    md += (
+        "\nCPU per task (microseconds, median of the rounds): the worker's pool processes and"
+        " main process, the bench database's backends, the Redis server (shared).\n"
+    )
+    columns = ["task", "tasks/s median [min..max]", "ratio to raw"]
+    md += "\n" + common.table([*columns, *(f"CPU {k} us" for k in CPU_KINDS)], rows)
     md += noise_note(results.get("raw", []), load_log)
     if raw and "checkpointed" in results:
         ck = common.median(results["checkpointed"])
@@ -348,7 +417,13 @@ def main() -> None:
     common.save(
         name,
         md,
-        {"results": results, "tasks": args.tasks, "prefetch": args.prefetch, "load": load_log},
+        {
+            "results": results,
+            "cpu_us_per_task": CPU,
+            "tasks": args.tasks,
+            "prefetch": args.prefetch,
+            "load": load_log,
+        },
     )
 
 
