@@ -72,7 +72,8 @@ def test_blackhole_on_one_worker__the_other_takes_over_and_it_recovers_by_itself
         def a_asleep() -> list[sa.Row[object]]:
             rows = cluster.rows(
                 "SELECT c.file_url, c.token, EXISTS (SELECT 1 FROM pg_stat_activity s"
-                "   WHERE s.application_name = 'pipeline-claim:' || c.token"
+                "   WHERE s.datname = current_database()"
+                "     AND s.application_name = 'pipeline-claim:' || c.token"
                 "     AND s.state = 'idle in transaction' AND s.query LIKE 'INSERT INTO sink %')"
                 "   AS asleep"
                 " FROM file_checkpoints c WHERE c.status = 'processing' AND c.processed_by LIKE :a",

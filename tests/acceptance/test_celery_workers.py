@@ -121,7 +121,8 @@ def test_frozen_child_past_its_lease__zombie_writes_do_not_land(cluster: Cluster
         done = cluster.wait_status(url, "completed", timeout=cluster.lease + 20)
         # The takeover ended the frozen process's database session (pipeline_fence_v1).
         cluster.wait_sql(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = :n",
+            "SELECT count(*) = 0 FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = :n",
             timeout=5,
             what="the zombie's session to be ended",
             n=f"pipeline-claim:{first.token}",

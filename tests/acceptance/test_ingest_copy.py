@@ -30,7 +30,8 @@ def test_pool_child_sigkilled_mid_copy__nothing_committed_then_every_line_once(
     row = cluster.wait_claimed(url)
     # The COPY is running in the claim's output transaction: rows sent, none committed.
     cluster.wait_sql(
-        "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = :n"
+        "SELECT count(*) = 1 FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = :n"
         " AND query LIKE 'COPY events%'",
         timeout=20,
         what="the COPY of the first attempt",

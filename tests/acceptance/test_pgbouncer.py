@@ -154,7 +154,8 @@ def test_frozen_child_behind_pgbouncer__the_takeover_fences_it_off(
     try:
         done = cluster.wait_status(url, "completed", timeout=cluster.lease + 20)
         cluster.wait_sql(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = :n",
+            "SELECT count(*) = 0 FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = :n",
             timeout=5,
             what="the zombie's session to be ended",
             n=f"pipeline-claim:{first.token}",

@@ -8,6 +8,7 @@ in both directions and no socket is closed, as when a route drops packets.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -116,6 +117,44 @@ def test_row_lock_held_past_the_bound__claim_ends_unavailable_and_the_holder_is_
         store.close()
 
 
+def test_blackhole_as_a_process_opens_its_first_output_transaction__it_ends_within_the_bound(
+    pg_store: PostgresStore, database_url: str
+) -> None:
+    """A process's first output transaction on a connection has SQLAlchemy set it up: the
+    dialect's first queries (server version, isolation level, ...) on the store's connection.
+    Those are the store's too: bounded, not left to the kernel (a worker's pool process sat
+    there through a whole black hole)."""
+    claim = pg_store.claim("file:///bh/first", "w", 60)
+    assert isinstance(claim, Claim)
+    host, port = upstream_of(database_url)
+    with TcpProxy(upstream_port=port, upstream_host=host) as proxy:
+        store = PostgresStore(_url_via(database_url, proxy.port), timeout=TIMEOUT)
+        # Without the bound the setup waits until the path is back: here after BOUND * 3.
+        back = threading.Timer(BOUND * 3, proxy.unblock)
+        try:
+            assert store.get(claim.file_url) is not None  # connected, no transaction yet
+            proxy.blackhole()
+            back.start()
+
+            def first_transaction() -> None:
+                with store.transaction(token=claim.token) as tx:
+                    tx.execute(sa.text("SELECT 1"))
+
+            error, took = _timed(first_transaction)
+            assert isinstance(error, errors.StoreUnavailable), (error, took)
+            assert "no answer within 2 s (connect)" in str(error)
+            assert took < BOUND, took
+            print(f"\n[blackhole] setup of a first output transaction: unavailable in {took:.2f} s")
+            # The path back, the next one connects and sets up again, by itself.
+            proxy.unblock()
+            with store.transaction(token=claim.token) as tx:
+                assert tx.execute(sa.text("SELECT 1")).scalar() == 1
+        finally:
+            back.cancel()
+            proxy.unblock()
+            store.close()
+
+
 @pytest.mark.parametrize("where", ["complete", "commit"])
 def test_blackhole_in_the_output_transaction__it_ends_unavailable_within_the_bound(
     pg_store: PostgresStore, database_url: str, where: str
@@ -158,7 +197,8 @@ def test_blackhole_in_the_output_transaction__it_ends_unavailable_within_the_bou
     wait = time.monotonic() + 10
     while (
         pg_store.scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :n",
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = :n",
             {"n": f"pipeline-claim:{claim.token}"},
         )
         and time.monotonic() < wait

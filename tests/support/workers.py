@@ -238,7 +238,8 @@ class Cluster:
         a takeover can end it; the same name shows here that the task is inside it.
         """
         self.wait_sql(
-            "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = :n",
+            "SELECT count(*) = 1 FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = :n",
             timeout=timeout,
             what=f"the output transaction of claim {token}",
             n=f"pipeline-claim:{token}",
