@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import threading
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline import settings
+
+logger = logging.getLogger("pipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +148,11 @@ class Deadlines:
                         self.ended += 1
                         _shut(call.fileno)
             if self._on_tick is not None:
-                self._on_tick()
+                try:
+                    self._on_tick()
+                except Exception:
+                    # The thread must outlive a failed chore: dead, it would end no call again.
+                    logger.warning("closing idle database connections failed", exc_info=True)
 
 
 def _shut(fileno: int) -> None:
