@@ -940,7 +940,8 @@ DECLARE
 BEGIN
     FOR v_pid IN
         SELECT a.pid FROM pg_stat_activity a
-         WHERE a.application_name = 'pipeline-claim:' || p_token AND a.pid <> pg_backend_pid()
+         WHERE a.application_name = 'pipeline-claim:' || p_token
+           AND a.datname = current_database() AND a.pid <> pg_backend_pid()
     LOOP
         BEGIN
             IF pg_terminate_backend(v_pid) THEN
