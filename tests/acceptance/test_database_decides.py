@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import pathlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -252,9 +253,16 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
         cluster.send(url)
         cluster.wait_claimed(url)
         waiting = [f"file:///restart/{i:04d}" for i in range(1000)]
-        with celery_app.app.producer_or_acquire() as producer:
-            for u in waiting:
-                celery_tasks.sink.apply_async(args=[u], queue=cluster.queue, producer=producer)
+
+        def send_backlog() -> None:
+            with celery_app.app.producer_or_acquire() as producer:
+                for u in waiting:
+                    celery_tasks.sink.apply_async(args=[u], queue=cluster.queue, producer=producer)
+
+        # Sent beside the restarts, not before them: on a loaded host sending 1000 messages
+        # took longer than the long file's first start, which then committed unbroken.
+        backlog = threading.Thread(target=send_backlog, name="backlog")
+        backlog.start()
         # Each restart hits a different start of the long file: its output transaction is
         # broken every time, and the file carries on, same claim, same attempt.
         for n in range(1, 4):
@@ -271,6 +279,8 @@ def test_postgres_restarted_three_times_during_one_file__no_attempt_spent(
                 what=f"the output transaction of start {n}",
             )
             private_pg.restart()
+        backlog.join(timeout=120)
+        assert not backlog.is_alive(), "the backlog was never all sent"
         cluster.wait_all_terminal(1001, timeout=240)
         starts = len(_starts(cluster, url))
         spent = cluster.rows("SELECT file_url, attempt FROM file_checkpoints WHERE attempt <> 1")
