@@ -403,6 +403,7 @@ $$;
 CREATE FUNCTION public.pipeline_batch_ended_v1(p_batch text) RETURNS TABLE(file_url text, task_name text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
     AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM file_checkpoints c

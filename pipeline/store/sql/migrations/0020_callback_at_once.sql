@@ -60,10 +60,12 @@ CREATE TRIGGER pipeline_batches_watch AFTER INSERT OR UPDATE OF on_complete ON p
 -- could deadlock; nobody holding this lock waits for anything its waiters hold. The callback
 -- created (file_url, task), or no row. (Left to the sweep: a file still waiting in the snapshot
 -- that is then claimed and ends before this transaction commits; a batch row another session
--- holds at that moment, which pipeline_batch_settle_v1 skips.)
+-- holds at that moment, which pipeline_batch_settle_v1 skips.) Never a sequential scan: with
+-- many files waiting the planner takes one for the EXISTS (a LIMIT 1 it expects to meet at
+-- once), which walks the completed files first.
 CREATE FUNCTION pipeline_batch_ended_v1(p_batch text)
 RETURNS TABLE (file_url text, task_name text)
-LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
+LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM file_checkpoints c
                 WHERE c.batch_id = p_batch AND c.status IN ('pending', 'failed', 'cancelled')) THEN
