@@ -405,12 +405,20 @@ CREATE FUNCTION public.pipeline_batch_ended_v1(p_batch text) RETURNS TABLE(file_
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
     AS $$
+DECLARE
+    v_left bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM file_checkpoints c
-                WHERE c.batch_id = p_batch AND c.status IN ('pending', 'failed', 'cancelled')) THEN
-        RETURN;  -- files still waiting: not the tail
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 128 THEN
+        RETURN;  -- not the tail
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('pipeline_batch_end:' || p_batch, 0));
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 0 THEN
+        RETURN;  -- files of the batch still running or waiting, seen after the lock
+    END IF;
     RETURN QUERY SELECT s.file_url, s.task_name FROM pipeline_batch_settle_v1(p_batch) s;
 END;
 $$;

@@ -48,30 +48,43 @@ CREATE TRIGGER pipeline_batches_watch AFTER INSERT OR UPDATE OF on_complete ON p
     EXECUTE FUNCTION pipeline_batch_watch_v1();
 
 -- After a file of batch p_batch ended (completed, or dead) in the caller's transaction: is this
--- the batch's last file? Only worth asking in its tail: when no file of the batch is waiting
--- (pending, failed, cancelled) in this statement's snapshot, only running ones (one index range
--- of (batch_id, status, completed_at), three probes). Then the endings of the batch's tail take
--- turns on a lock of their own, held to their commit: two workers finishing the last two files
--- at once each see the other's file still `processing` in their snapshot, so without it neither
--- would settle; with it, the later one asks after the earlier one committed, and
--- pipeline_batch_settle_v1's statements (new snapshots: READ COMMITTED) see both files ended.
--- An advisory lock, not the batch row: a caller holds its file and its counter slot's row, and
--- cancel and requeue take the batch row before counter rows, so waiting for the batch row here
--- could deadlock; nobody holding this lock waits for anything its waiters hold. The callback
--- created (file_url, task), or no row. (Left to the sweep: a file still waiting in the snapshot
--- that is then claimed and ends before this transaction commits; a batch row another session
--- holds at that moment, which pipeline_batch_settle_v1 skips.) Never a sequential scan: with
--- many files waiting the planner takes one for the EXISTS (a LIMIT 1 it expects to meet at
--- once), which walks the completed files first.
+-- the batch's last file? Read from its counters (0016's slots, at most 64 rows): the files not
+-- terminal are `queued` (pending or processing) + `failed` + `cancelled`, summed, this ending
+-- included (the caller's own slot update is visible to it). Only worth asking further in the
+-- batch's tail, when at most TAIL (128) are left in this snapshot: then the endings of the tail
+-- take turns on a lock of their own, held to their commit, and read the sum again. Two workers
+-- finishing the last two files at once each see the other's file still `processing` in their
+-- first read, so neither would settle; with the lock, the later one reads again after the
+-- earlier one committed (a new snapshot per statement: READ COMMITTED), sees 0, and
+-- pipeline_batch_settle_v1 decides, from the files themselves, under the batch row's lock.
+-- Not an index probe of the batch's waiting files: the (batch_id, 'pending') range keeps an
+-- entry for every file claimed since the last vacuum, and an EXISTS walks them all before the
+-- first live one (callgrind: +800k instructions per pair on average over a batch's first 500
+-- completions). An advisory lock, not the batch row: a caller holds its file and its counter
+-- slot's row, and cancel and requeue take the batch row before counter rows, so waiting for
+-- the batch row here could deadlock; nobody holding this lock waits for anything its waiters
+-- hold. The callback created (file_url, task), or no row. Left to the sweep: more than TAIL
+-- endings of the batch in flight at once when it ends, a file still waiting in the first read
+-- that is then claimed and ends before this transaction commits, a batch row another session
+-- holds at that moment (pipeline_batch_settle_v1 skips it), counters off by a hand-written
+-- UPDATE (0018).
 CREATE FUNCTION pipeline_batch_ended_v1(p_batch text)
 RETURNS TABLE (file_url text, task_name text)
 LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
+DECLARE
+    v_left bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM file_checkpoints c
-                WHERE c.batch_id = p_batch AND c.status IN ('pending', 'failed', 'cancelled')) THEN
-        RETURN;  -- files still waiting: not the tail
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 128 THEN
+        RETURN;  -- not the tail
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('pipeline_batch_end:' || p_batch, 0));
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 0 THEN
+        RETURN;  -- files of the batch still running or waiting, seen after the lock
+    END IF;
     RETURN QUERY SELECT s.file_url, s.task_name FROM pipeline_batch_settle_v1(p_batch) s;
 END;
 $$;
