@@ -196,12 +196,15 @@ class FailResult:
 
     `retry_in`: seconds until the next attempt may start, measured by the store after it
     wrote the row (so a retry message sent with that countdown is never early).
+    `callback`: the batch callback this dead ending created (it made its batch terminal), to
+    send; it was committed with the failure.
     """
 
     status: Status
     attempt: int
     max_attempts: int
     retry_in: float | None = None
+    callback: Work | None = None
 
     @property
     def will_retry(self) -> bool:

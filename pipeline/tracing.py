@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pipeline import errors, masking, settings
-from pipeline.models import Checkpoint, Claim, ClaimResult, FailResult, Stats, Status
+from pipeline.models import Checkpoint, Claim, ClaimResult, FailResult, Stats, Status, Work
 from pipeline.store import ClaimPath, OutputTransaction
 
 # OpenTelemetry and celery.signals are imported only once tracing is on: every CLI command
@@ -324,9 +324,9 @@ class TracedStore:
         processing_time_ms: int | None = None,
         details: Mapping[str, Any] | None = None,
         transaction: OutputTransaction | None = None,
-    ) -> None:
+    ) -> Work | None:
         with _span("pipeline.complete", file_url, **{"pipeline.token": token}):
-            self._store.complete(
+            return self._store.complete(
                 file_url,
                 token,
                 stats,

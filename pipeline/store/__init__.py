@@ -103,8 +103,10 @@ class ClaimPath(Protocol):
         processing_time_ms: int | None = None,
         details: Mapping[str, Any] | None = None,
         transaction: OutputTransaction | None = None,
-    ) -> None:
-        """Mark completed; raises LostClaim when the token is stale (nothing changes)."""
+    ) -> Work | None:
+        """Mark completed; raises LostClaim when the token is stale (nothing changes). When
+        this completion made its file's batch terminal: the batch's callback row it created
+        (`batch:NAME#N`), for the caller to send once `transaction` committed."""
         ...
 
     def commit_chunk(

@@ -42,7 +42,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from pipeline import errors, masking, tracing
 from pipeline.models import Claim, ClaimResult, FailResult, Reason, Refusal, Stats, Status
 from pipeline.store import ClaimPath, resume_tokens
-from pipeline.worker import runtime, trouble
+from pipeline.worker import callbacks, runtime, trouble
 from pipeline.worker.checkpoint import CheckpointContext, Chunk
 from pipeline.worker.lease import Held, keeper
 from pipeline.worker.options import Spec
@@ -264,7 +264,7 @@ def _run_once(
             stats = Stats.coerce(result)
             if heartbeat.lost.is_set():
                 raise errors.LostClaim(url=claim.file_url, token=claim.token)
-            store.complete(
+            callback = store.complete(
                 claim.file_url,
                 claim.token,
                 stats,
@@ -280,7 +280,10 @@ def _run_once(
             first = (str(error) or type(error).__name__).splitlines()[0]
             raise errors.StoreUnavailable(masking.scrub(first)) from error
         raise
-    return _completed(claim, stats)  # committed: output and 'completed' together
+    # Committed: output and 'completed' together (and the batch's callback row, if this was
+    # its last file: sent now, not at the next sweep).
+    callbacks.send(task, callback)
+    return _completed(claim, stats)
 
 
 def _completed(claim: Claim, stats: Stats) -> dict[str, Any]:
@@ -392,6 +395,7 @@ def _failed(
             max_retries=None,
             kwargs=kwargs,
         ) from (cause or error)
+    callbacks.send(task, outcome.callback)  # dead, and maybe its batch's last file
     raise errors.FileDead(
         f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
         f"{type(error).__name__}: {masking.scrub(str(error))}",

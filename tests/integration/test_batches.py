@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.models import BatchSpec, BatchState, Claim, Reason, Refusal, Stats, Status
+from pipeline.models import BatchSpec, BatchState, Claim, Reason, Refusal, Stats, Status, Work
 from pipeline.sources import producer
 from pipeline.store.postgres import PostgresStore
 from tests.support.rows import expire_lease
@@ -225,27 +225,24 @@ def test_concurrency__concurrent_claims_never_exceed_the_limit(pg_store: Postgre
     assert pg_store.batch("b").counts[Status.PROCESSING] == 3  # type: ignore[union-attr]
 
 
-def finish(store: PostgresStore, url: str, *, dead: bool = False) -> None:
+def finish(store: PostgresStore, url: str, *, dead: bool = False) -> Work | None:
+    """Claim and end `url` (completed, or dead); the batch callback its ending created."""
     c = claim(store, url)
     assert isinstance(c, Claim), c
     if dead:
-        store.fail(url, c.token, "bad row 7", retryable=False)
-    else:
-        store.complete(url, c.token, Stats(1, 0, 1))
+        return store.fail(url, c.token, "bad row 7", retryable=False).callback
+    return store.complete(url, c.token, Stats(1, 0, 1))
 
 
-def test_callback__created_once_when_every_file_is_terminal_with_the_summary(
+def test_callback__created_once_by_the_ending_that_makes_the_batch_terminal(
     pg_store: PostgresStore,
 ) -> None:
     files = submit(pg_store, "b", 3, on_complete="report")
-    finish(pg_store, files[0])
-    finish(pg_store, files[1])
-    assert pg_store.reap(waiting_seconds=None) == []  # one file still pending: not yet
-    finish(pg_store, files[2], dead=True)  # the last file ends dead: it fires all the same
-    work = pg_store.reap(waiting_seconds=None)
-    assert [(w.file_url, w.task_name, w.status) for w in work] == [
-        ("batch:b#1", "report", Status.PENDING)
-    ]
+    assert finish(pg_store, files[0]) is None
+    assert finish(pg_store, files[1]) is None  # one file still pending: not yet
+    # The last file ends dead: it fires all the same, created by that ending and handed to
+    # its worker to send.
+    assert finish(pg_store, files[2], dead=True) == Work("batch:b#1", "report", Status.PENDING)
     assert pg_store.reap(waiting_seconds=None) == []  # settled: never a second one
     batch = pg_store.batch("b")
     assert batch is not None
@@ -256,24 +253,80 @@ def test_callback__created_once_when_every_file_is_terminal_with_the_summary(
     assert summary["counts"] == {"completed": 2, "dead": 1}
     assert [(d["file_url"], d["error"]) for d in summary["dead"]] == [(files[2], "bad row 7")]
     assert pg_store.callback_summary(files[0]) is None
-    # The callback is claimed and fenced like a file: once completed, a copy is refused done.
-    finish(pg_store, "batch:b#1")
+    # The callback is claimed and fenced like a file, and has no batch: its own completion
+    # creates nothing; once completed, a copy is refused done.
+    assert finish(pg_store, "batch:b#1") is None
     again = claim(pg_store, "batch:b#1")
     assert isinstance(again, Refusal)
     assert again.reason is Reason.DONE
+
+
+def test_callback__never_sent_by_its_worker_the_sweep_hands_it_back(
+    pg_store: PostgresStore,
+) -> None:
+    """The worker killed between its commit and the send: the callback row waits pending, and
+    the sweep's waiting rule sends it; no second one is created."""
+    (url,) = submit(pg_store, "b", 1, on_complete="report")
+    assert finish(pg_store, url) == Work("batch:b#1", "report", Status.PENDING)
+    assert pg_store.reap(waiting_seconds=None) == []
+    assert pg_store.reap(waiting_seconds=0.0) == [Work("batch:b#1", "report", Status.PENDING)]
+    assert pg_store.batch("b").callbacks == 1  # type: ignore[union-attr]
+
+
+def test_callback__an_ending_no_worker_settled_is_settled_by_the_sweep(
+    pg_store: PostgresStore,
+) -> None:
+    """The batch's last file ends by the sweep (its worker lost, no attempt left): the sweep
+    settles the batch and hands back its callback with the rest."""
+    (url,) = submit(pg_store, "b", 1, on_complete="report")
+    c = pg_store.claim(url, "w:1", LEASE, max_attempts=1, token=pg_store.reserve_token())
+    assert isinstance(c, Claim), c
+    expire_lease(pg_store, url)
+    work = pg_store.reap(waiting_seconds=None)
+    assert sorted((w.file_url, w.status) for w in work) == [
+        ("batch:b#1", Status.PENDING),
+        (url, Status.DEAD),
+    ]
+    assert pg_store.reap(waiting_seconds=None) == []
+
+
+def test_callback__the_last_two_files_ending_at_once_create_it_once(
+    pg_store: PostgresStore,
+) -> None:
+    """Two completions in flight at once, each seeing the other's file still processing: the
+    later one waits for the batch row until the earlier committed, then sees both ended and
+    creates the callback; the earlier one creates none."""
+    a, b = submit(pg_store, "b", 2, on_complete="report")
+    ca, cb = claim(pg_store, a), claim(pg_store, b)
+    assert isinstance(ca, Claim)
+    assert isinstance(cb, Claim)
+    got: list[Work | None] = []
+    with pg_store.transaction(token=ca.token) as first:
+        assert pg_store.complete(a, ca.token, Stats(1, 0, 1), transaction=first) is None
+
+        def second() -> None:
+            with pg_store.transaction(token=cb.token) as tx:
+                got.append(pg_store.complete(b, cb.token, Stats(1, 0, 1), transaction=tx))
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive()  # waiting for the batch row the first one holds
+    thread.join(timeout=10)
+    assert got == [Work("batch:b#1", "report", Status.PENDING)]
+    assert pg_store.reap(waiting_seconds=None) == []
+    assert pg_store.batch("b").callbacks == 1  # type: ignore[union-attr]
 
 
 def test_callback__a_batch_that_grows_after_completing_fires_again_once(
     pg_store: PostgresStore,
 ) -> None:
     (first,) = submit(pg_store, "b", 1, on_complete="report")
-    finish(pg_store, first)
-    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#1"]
+    assert finish(pg_store, first) == Work("batch:b#1", "report", Status.PENDING)
     pg_store.register(["file:///data/b/later"], batch_id="b", task_name="t")
     assert pg_store.batch("b").state is BatchState.OPEN  # type: ignore[union-attr]
     assert pg_store.reap(waiting_seconds=None) == []
-    finish(pg_store, "file:///data/b/later")
-    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#2"]
+    assert finish(pg_store, "file:///data/b/later") == Work("batch:b#2", "report", Status.PENDING)
     assert pg_store.reap(waiting_seconds=None) == []
     summary = pg_store.callback_summary("batch:b#2")
     assert summary is not None
@@ -284,11 +337,10 @@ def test_callback__a_requeue_that_ends_as_before_does_not_fire_again(
     pg_store: PostgresStore,
 ) -> None:
     (url,) = submit(pg_store, "b", 1, on_complete="report")
-    finish(pg_store, url, dead=True)
-    assert [w.file_url for w in pg_store.reap(waiting_seconds=None)] == ["batch:b#1"]
+    assert finish(pg_store, url, dead=True) is not None
     pg_store.requeue(batch_id="b")
     assert pg_store.batch("b").state is BatchState.OPEN  # type: ignore[union-attr]
-    finish(pg_store, url)
+    assert finish(pg_store, url) is None
     assert pg_store.reap(waiting_seconds=None) == []
     assert pg_store.batch("b").state is BatchState.DONE  # type: ignore[union-attr]
 

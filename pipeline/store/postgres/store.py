@@ -168,7 +168,7 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
         processing_time_ms: int | None = None,
         details: Mapping[str, Any] | None = None,
         transaction: Any = None,
-    ) -> None:
+    ) -> Work | None:
         s = Stats.coerce(stats)
         params = {
             "file_url": file_url,
@@ -180,11 +180,12 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
             "details": json.dumps(details) if details is not None else None,
         }
         if transaction is not None:
-            ok = self.in_transaction(transaction.connection, "complete", params).scalar()
+            done = self.in_transaction(transaction.connection, "complete", params).scalar()
         else:
-            ok = self._fast("complete", params)[0].ok
-        if not ok:
+            done = self._fast("complete", params)[0].done
+        if done is None:
             raise errors.LostClaim.of(file_url, token, "completion not applied")
+        return Work(done[0], done[1], Status.PENDING) if done else None
 
     def commit_chunk(
         self,
@@ -260,6 +261,7 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
             row.attempt,
             row.max_attempts,
             retry_in=float(row.retry_in) if row.retry_in is not None else None,
+            callback=_callback(row),
         )
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
@@ -339,3 +341,10 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
             },
         )
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
+
+
+def _callback(row: Any) -> Work | None:
+    """The batch callback a completion or a dead ending created (to send once committed)."""
+    if row.callback_url is None:
+        return None
+    return Work(row.callback_url, row.callback_task, Status.PENDING)

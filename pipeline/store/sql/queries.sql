@@ -21,14 +21,17 @@ UPDATE file_checkpoints
 RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double precision AS lease_left
 
 -- complete --
--- Mark the current claim completed with its stats; false when the token is stale.
-SELECT pipeline_complete_v3(:file_url, :token, :total, :filtered, :persisted,
-                            :processing_time_ms, CAST(:details AS jsonb)) AS ok
+-- Mark the current claim completed with its stats; NULL when the token is stale, else an
+-- array: empty, or when this completion made its batch terminal, the batch's callback row it
+-- created, {file_url, task_name}, to send once the transaction committed.
+SELECT pipeline_complete_v4(:file_url, :token, :total, :filtered, :persisted,
+                            :processing_time_ms, CAST(:details AS jsonb)) AS done
 
 -- fail --
 -- Record a failed execution: failed (retry no earlier than :retry_in seconds from now) or
--- dead; no row when the token is stale.
-SELECT * FROM pipeline_fail_v4(:file_url, :token, :error_class, :error_message, :retryable,
+-- dead (and then, if that made its batch terminal, the callback row created, as complete);
+-- no row when the token is stale.
+SELECT * FROM pipeline_fail_v5(:file_url, :token, :error_class, :error_message, :retryable,
                                :retry_in)
 
 -- get --

@@ -389,6 +389,40 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_batch_counts_watched_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+BEGIN
+    NEW.watched := EXISTS (SELECT 1 FROM pipeline_batches b
+                            WHERE b.name = NEW.batch AND b.on_complete IS NOT NULL);
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_ended_v1(p_batch text) RETURNS TABLE(file_url text, task_name text)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    v_left bigint;
+BEGIN
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 128 THEN
+        RETURN;  -- not the tail
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('pipeline_batch_end:' || p_batch, 0));
+    SELECT sum(k.queued + k.failed + k.cancelled) INTO v_left
+      FROM pipeline_batch_counts k WHERE k.batch = p_batch;
+    IF v_left > 0 THEN
+        RETURN;  -- files of the batch still running or waiting, seen after the lock
+    END IF;
+    RETURN QUERY SELECT s.file_url, s.task_name FROM pipeline_batch_settle_v1(p_batch) s;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_batch_settle_v1(p_name text) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
@@ -441,6 +475,16 @@ BEGIN
                               ORDER BY c3.updated_at LIMIT 1000) d)))
     ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT v_url, b.on_complete, 'pending'::text;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_watch_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+BEGIN
+    UPDATE pipeline_batch_counts k SET watched = true WHERE k.batch = NEW.name AND NOT k.watched;
+    RETURN NULL;
 END;
 $$;
 
@@ -828,6 +872,71 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_complete_v4(p_file_url text, p_token bigint, p_total integer, p_filtered integer, p_persisted integer, p_processing_time_ms integer, p_details jsonb) RETURNS text[]
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r         file_checkpoints%ROWTYPE;
+    v_now     timestamptz := clock_timestamp();
+    v_watched boolean;
+    v_url     text;
+    v_task    text;
+BEGIN
+    UPDATE file_checkpoints c
+       SET status = 'completed', records_total = p_total, records_filtered = p_filtered,
+           records_persisted = p_persisted,
+           processing_time_ms = coalesce(p_processing_time_ms,
+               (extract(epoch FROM v_now - c.started_at) * 1000)::integer),
+           details = coalesce(p_details, c.details), retry_at = NULL,
+           error_message = NULL, lease_expires_at = NULL, completed_at = v_now, updated_at = v_now
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+    RETURNING c.* INTO r;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO file_attempts AS a (token, file_url, generation, attempt, worker, task_id,
+                                    started_at, ended_at, outcome, error_class, error_message,
+                                    retry_at, start_position, end_position, chunks)
+    VALUES (r.token, r.file_url, r.generation, r.attempt, r.processed_by, r.task_id,
+            coalesce(r.started_at, v_now), v_now, 'completed', NULL, NULL, NULL,
+            r.attempt_start_position, r.position, r.attempt_chunks)
+    ON CONFLICT (token) DO UPDATE
+       SET outcome = excluded.outcome, ended_at = excluded.ended_at,
+           error_class = excluded.error_class, error_message = excluded.error_message,
+           retry_at = excluded.retry_at, start_position = excluded.start_position,
+           end_position = excluded.end_position, chunks = excluded.chunks
+     WHERE a.outcome = 'running';
+    IF r.batch_id IS NULL THEN
+        RETURN '{}';
+    END IF;
+    UPDATE pipeline_batch_counts k
+       SET queued = k.queued - 1, completed = k.completed + 1,
+           records_total = k.records_total + r.records_total,
+           records_filtered = k.records_filtered + r.records_filtered,
+           records_persisted = k.records_persisted + r.records_persisted,
+           first_started_at = least(k.first_started_at, r.started_at),
+           last_ended_at = greatest(k.last_ended_at, v_now)
+     WHERE k.batch = r.batch_id AND k.slot = (txid_current() % 64)::smallint
+    RETURNING k.watched INTO v_watched;
+    IF NOT FOUND THEN
+        PERFORM pipeline_batch_count_left_v1(r.batch_id, 'completed', r.records_total,
+            r.records_filtered, r.records_persisted, r.started_at, v_now);
+        SELECT b.on_complete IS NOT NULL INTO v_watched FROM pipeline_batches b
+         WHERE b.name = r.batch_id;
+    END IF;
+    IF v_watched THEN
+        SELECT e.file_url, e.task_name INTO v_url, v_task
+          FROM pipeline_batch_ended_v1(r.batch_id) e;
+        IF v_url IS NOT NULL THEN
+            RETURN ARRAY[v_url, v_task];
+        END IF;
+    END IF;
+    RETURN '{}';
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_contact_v1(p_gap_seconds double precision) RETURNS double precision
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
@@ -927,6 +1036,55 @@ BEGIN
         CASE WHEN r.retry_at IS NOT NULL
              THEN greatest(extract(epoch FROM r.retry_at - clock_timestamp()), 0)::double precision
         END;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_fail_v5(p_file_url text, p_token bigint, p_error_class text, p_error_message text, p_retryable boolean, p_retry_in double precision) RETURNS TABLE(status text, attempt integer, max_attempts integer, retry_in double precision, callback_url text, callback_task text)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    r        file_checkpoints%ROWTYPE;
+    v_now    timestamptz := clock_timestamp();
+    v_spent  integer;
+    v_left   boolean;
+    v_retry  timestamptz;
+    v_url    text;
+    v_task   text;
+BEGIN
+    SELECT * INTO r FROM file_checkpoints c
+     WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    v_spent := r.attempts_spent + CASE WHEN r.attempt_chunks > 0 THEN 0 ELSE 1 END;
+    v_left := p_retryable AND v_spent < r.max_attempts;
+    v_retry := CASE WHEN v_left AND p_retry_in IS NOT NULL
+        THEN v_now + make_interval(secs => greatest(p_retry_in, 0)) END;
+    PERFORM pipeline_attempt_end_v1(r, v_now, 'failed', p_error_class, p_error_message, v_retry);
+    UPDATE file_checkpoints c
+       SET status = CASE WHEN v_left THEN 'failed' ELSE 'dead' END, retry_at = v_retry,
+           attempts_spent = v_spent, attempt_chunks = 0,
+           error_message = p_error_message, lease_expires_at = NULL, updated_at = v_now
+     WHERE c.file_url = p_file_url
+    RETURNING c.* INTO r;
+    IF r.batch_id IS NOT NULL THEN
+        PERFORM pipeline_batch_count_left_v1(r.batch_id, r.status, 0, 0, 0, r.started_at,
+            CASE WHEN r.status = 'dead' THEN r.updated_at END);
+        IF r.status = 'dead' AND EXISTS (SELECT 1 FROM pipeline_batches b
+                                          WHERE b.name = r.batch_id AND b.on_complete IS NOT NULL)
+        THEN
+            SELECT e.file_url, e.task_name INTO v_url, v_task
+              FROM pipeline_batch_ended_v1(r.batch_id) e;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT r.status, r.attempt, r.max_attempts,
+        CASE WHEN r.retry_at IS NOT NULL
+             THEN greatest(extract(epoch FROM r.retry_at - clock_timestamp()), 0)::double precision
+        END,
+        v_url, v_task;
 END;
 $$;
 
@@ -1312,7 +1470,8 @@ CREATE TABLE public.pipeline_batch_counts (
     records_filtered bigint DEFAULT 0 NOT NULL,
     records_persisted bigint DEFAULT 0 NOT NULL,
     first_started_at timestamp with time zone,
-    last_ended_at timestamp with time zone
+    last_ended_at timestamp with time zone,
+    watched boolean DEFAULT false NOT NULL
 )
 WITH (fillfactor='50');
 
@@ -1458,6 +1617,10 @@ CREATE TRIGGER file_checkpoints_batch_count_ins AFTER INSERT ON public.file_chec
 CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION public.pipeline_batch_count_truncated_v1();
 
 CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN ((old.status < ('pending'::text COLLATE "C"))) EXECUTE FUNCTION public.pipeline_batch_count_v2();
+
+CREATE TRIGGER pipeline_batch_counts_watched BEFORE INSERT ON public.pipeline_batch_counts FOR EACH ROW EXECUTE FUNCTION public.pipeline_batch_counts_watched_v1();
+
+CREATE TRIGGER pipeline_batches_watch AFTER INSERT OR UPDATE OF on_complete ON public.pipeline_batches FOR EACH ROW WHEN ((new.on_complete IS NOT NULL)) EXECUTE FUNCTION public.pipeline_batch_watch_v1();
 
 ALTER TABLE ONLY public.file_attempts
     ADD CONSTRAINT file_attempts_file_url_fkey FOREIGN KEY (file_url) REFERENCES public.file_checkpoints(file_url) ON DELETE CASCADE;
