@@ -9,19 +9,19 @@ Each case on a fresh database and an emptied queue:
 * no limit: the big batch without a concurrency limit: the small one waits behind it;
 * limit (before): the big batch with `--concurrency L`, workers and schema of `--before` (a
   claim refused as `limited` came back after a fixed second);
-* limit: the same on this tree (0021: the refused message comes back at random within the batch's
-  expected time to drain, at random).
+* limit: the same on this tree (0021: the refused message comes back at random within the
+  batch's expected time to drain).
 
 Reported: for the small batch, the time from its submit to its first start and to its last
 completion (database clock); the claims refused as `limited` (each a Celery retry, written
 down by the workers) per second from the big submit to the small batch's end. In the limited
 cases, once every message of the big batch was taken once (the queue emptied, or SETTLE
-seconds passed): the refused
-claims per second and the big batch's completions per second (its limit allows at most L / S)
-in the WINDOW seconds after, then a second small batch (`small later`), timed the same way.
+seconds passed): the refused claims per second and the big batch's completions per second
+(its limit allows at most L / S) in the WINDOW seconds after, then a second small batch
+(`small later`), timed the same way.
 
-    .venv/bin/python bench/bench_fair.py            # the issue's: 20,000 + 200, limit 2
-    .venv/bin/python bench/bench_fair.py --big 2000 --small 100 --window 5   # smaller
+    .venv/bin/python bench/bench_fair.py --big 20000   # the issue's: 20,000 + 200, limit 2
+    .venv/bin/python bench/bench_fair.py               # `make bench`: 4,000 + 200
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _rate(count: int, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--big", type=int, default=20_000)
+    parser.add_argument("--big", type=int, default=4000, help="the issue's: 20000")
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--limit", type=int, default=2, help="the big batch's --concurrency")
     parser.add_argument("--sleep", type=float, default=0.02, help="seconds of work per file")
