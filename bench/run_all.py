@@ -39,6 +39,11 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
         ["--seconds", "2", "--rounds", "1", "--files", "100000", "--calls", "5"],
     ),
     ("fleet", "bench_fleet.py", ["--workers", "4", "--concurrency", "4", "--files", "400"]),
+    (
+        "fair",
+        "bench_fair.py",
+        ["--big", "500", "--small", "50", "--window", "5", "--settle", "20"],
+    ),
 ]
 
 

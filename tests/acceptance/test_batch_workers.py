@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import signal
 import time
 
@@ -127,7 +128,7 @@ def test_concurrency_limit__a_small_batch_after_a_big_one_finishes_while_the_big
 ) -> None:
     big = [f"test://big/{i:02}?chunks=3&sleep=0.1" for i in range(15)]
     small = [f"test://small/{i}?chunks=1" for i in range(3)]
-    cluster.start_worker(concurrency=3, extra_env=FAST_SWEEP)
+    worker = cluster.start_worker(concurrency=3, extra_env=FAST_SWEEP)
     submit(cluster, "big", big, concurrency=1)
     submit(cluster, "small", small)
     wait_until(
@@ -147,6 +148,18 @@ def test_concurrency_limit__a_small_batch_after_a_big_one_finishes_while_the_big
     assert len(spans) == 15
     for before, after in itertools.pairwise(spans):
         assert after.started_at >= before.ended_at
+    # Each refused claim came back later (a Celery retry, in the worker's log), not every
+    # second: within the batch's time to drain what waits at its pace (0021), so that a
+    # long backlog is not refused all at once every second. Loose bound: about two refusals
+    # per file completed, plus the waiting files refused before the first completion.
+    waits = [
+        float(m.group(1))
+        for m in re.finditer(
+            r"Retry in ([0-9.]+)s: FileBusy\('test://big/[^']*concurrency limit", worker.log()
+        )
+    ]
+    assert 0 < len(waits) <= 5 * len(big), waits
+    assert max(waits) > 1.0, waits
 
 
 CALLBACK_RUNS = int(os.environ.get("BATCH_CALLBACK_RUNS") or 8)

@@ -538,6 +538,10 @@ DECLARE
     v_batch  text;
     v_was    text;
     v_open   boolean;
+    v_left   numeric;
+    v_done   numeric;
+    v_span   double precision;
+    v_wait   double precision;
 BEGIN
     -- Fast paths, decided on a look at the row without a lock: a new file is inserted
     -- already claimed, a pending one (registered, not claimed in this generation) is claimed
@@ -734,10 +738,27 @@ BEGIN
          WHERE c.batch_id = r.batch_id AND c.status = 'processing'
            AND c.lease_expires_at > clock_timestamp();
         IF v_busy >= b.concurrency THEN
-            -- Not now, like a backoff: no attempt, the message comes back in `retry_in`.
+            -- Not now, like a backoff: no attempt, the message comes back in `retry_in`,
+            -- drawn at random within the time the batch needs to work off what waits (0021):
+            -- its files waiting (its counters) times its pace so far (the time from its first
+            -- start to its last end per file it completed), between 1 s (a batch that has
+            -- completed nothing yet) and 300 s. The refused messages of a big backlog come
+            -- back spread over that time, about two per file completed, instead of every one
+            -- of them every second.
+            SELECT sum(k.queued) - v_busy, sum(k.completed),
+                   extract(epoch FROM max(k.last_ended_at) - min(k.first_started_at))
+              INTO v_left, v_done, v_span
+              FROM pipeline_batch_counts k WHERE k.batch = r.batch_id;
+            v_wait := CASE WHEN v_done > 0 AND v_span > 0 AND v_left > 0
+                           THEN (v_left * v_span / v_done)::double precision END;
+            v_wait := least(300.0, greatest(1.0, coalesce(v_wait, 1.0))) * (0.05 + 0.95 * random());
+            -- The row says when its message comes back: the sweep takes a pending row left
+            -- alone for its waiting time (120 s) for one whose message was lost, and would
+            -- send a copy of every refused file of a long backlog.
+            UPDATE file_checkpoints c SET updated_at = v_now + make_interval(secs => v_wait)
+             WHERE c.file_url = p_file_url;
             RETURN QUERY SELECT 'limited'::text, NULL::bigint, r.attempt, r.max_attempts,
-                r.generation, 1.0::double precision, 0, 0, 0, NULL::text, NULL::jsonb,
-                NULL::text;
+                r.generation, v_wait, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
             RETURN;
         END IF;
     END IF;

@@ -1,0 +1,34 @@
+"""The task of the fair-sharing benchmark (bench_fair.py): a file that is claimed, sleeps
+PIPELINE_BENCH_FAIR_SLEEP seconds (its work), and is completed.
+
+Each claim refused because its batch is at its concurrency limit (a Celery retry) appends its
+time (epoch seconds) to a file of its process in PIPELINE_BENCH_FAIR_DIR, if set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery.signals import task_retry
+
+from pipeline import app, checkpointed
+
+__all__ = ["app", "fair"]
+
+_SLEEP = float(os.environ.get("PIPELINE_BENCH_FAIR_SLEEP", "0.02"))
+_OUT = os.environ.get("PIPELINE_BENCH_FAIR_DIR")
+
+
+@task_retry.connect
+def _retried(reason: Any = None, **_: Any) -> None:
+    if _OUT is not None and "concurrency limit" in str(reason):
+        with open(os.path.join(_OUT, f"refused-{os.getpid()}.txt"), "a") as handle:
+            handle.write(f"{time.time():.3f}\n")
+
+
+@checkpointed(name="bench.fair", lease_seconds=30)
+def fair(file_url: str) -> None:
+    """Claimed (before this body runs), asleep, then completed."""
+    time.sleep(_SLEEP)
