@@ -126,9 +126,15 @@ def test_postgres_stopped_five_leases__no_attempt_spent_a_worker_killed_meanwhil
     lease = 3.0
     database_url = private_pg.create_database(f"gap_{uuid.uuid4().hex[:8]}")
     with _cluster_on(request, tmp_path, database_url, redis_url, lease=lease) as cluster:
-        survivors = [cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP) for _ in range(2)]
-        doomed = cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
+        # Registered first, as `pipeline submit` does: the doomed worker may be killed holding
+        # a message it could not claim yet (the database away), which on Redis comes back only
+        # after the visibility timeout (an hour); a registered file's row lets the sweep send
+        # it again once it has waited PIPELINE_REAP_WAITING_SECONDS (README, "Lost messages").
+        env = {**FAST_SWEEP, "PIPELINE_REAP_WAITING_SECONDS": "5"}
+        survivors = [cluster.start_worker(concurrency=2, extra_env=env) for _ in range(2)]
+        doomed = cluster.start_worker(concurrency=2, extra_env=env)
         urls = [f"file:///gap/{i:02d}?sleep=2" for i in range(30)]
+        cluster.store.register(urls, task_name="tests.sink")
         for url in urls:
             cluster.send(url)
         cluster.wait_sql(

@@ -4,6 +4,7 @@ past its deadline is ended by shutting its socket down, and the watcher outlives
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -46,9 +47,36 @@ def test_a_read_past_its_deadline_is_ended(pair: tuple[socket.socket, socket.soc
     assert deadlines.ended == 1
 
 
-def test_a_failing_on_tick_leaves_the_watcher_ending_calls(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def pipeline_warnings() -> Iterator[list[str]]:
+    """The "pipeline" logger's warnings, read on the logger itself and enabled for the test:
+    another test of the same process may have configured logging (Celery's set-up, a
+    `dictConfig` disabling existing loggers, a level), after which caplog on the root logger
+    saw nothing (CI, under four test processes)."""
+    handler = _Records()
+    logger = logging.getLogger("pipeline")
+    saved = (logger.level, logger.disabled)
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.disabled = saved[1]
+
+
+def test_a_failing_on_tick_leaves_the_watcher_ending_calls(pipeline_warnings: list[str]) -> None:
     ticks: list[float] = []
     failing = [True]
 
@@ -69,4 +97,4 @@ def test_a_failing_on_tick_leaves_the_watcher_ending_calls(
     failing[0] = False  # the watcher lives on after the test (a daemon thread): quiet now
     assert len(ticks) >= 4
     assert deadlines.ended == 2
-    assert "closing idle database connections failed" in caplog.text
+    assert "closing idle database connections failed" in pipeline_warnings
