@@ -172,3 +172,13 @@ def unavailable(url: str, error: BaseException) -> bool:
         return True
     except BaseException:
         return False
+
+
+def no_answer(url: str, seconds: float, name: str) -> errors.StoreUnavailable:
+    """A store statement (`name`) ended by its deadline or the server's statement timeout:
+    the database counts as away, as on a lost link."""
+    shown = masking.mask_url(url)
+    return errors.StoreUnavailable(
+        f"checkpoint database {shown} unreachable: no answer within {seconds:g} s ({name})",
+        url=shown,
+    )

@@ -21,7 +21,7 @@ from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
 from pipeline import errors, masking, settings
-from pipeline.store.postgres.boundary import translate, unavailable
+from pipeline.store.postgres.boundary import no_answer, translate, unavailable
 from pipeline.store.postgres.link import Deadlines, Link
 from pipeline.store.postgres.output import PgTransaction
 from pipeline.store.postgres.sqltext import engine_url, libpq_url, positional_queries, queries
@@ -257,7 +257,7 @@ class Connections:
                 if (call is not None and call.ended) or isinstance(
                     error, psycopg.errors.QueryCanceled
                 ):
-                    raise self._no_answer(name) from error
+                    raise no_answer(self.url, self.link.timeout, name) from error
                 raise
             finally:
                 self._give_back(conn)
@@ -321,21 +321,20 @@ class Connections:
             yield
             return
         driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
-        with self._deadlines.bound(driver.fileno()) as call:
+        with self.bounded_socket(driver.fileno(), name):
+            yield
+
+    @contextlib.contextmanager
+    def bounded_socket(self, fileno: int, name: str) -> Iterator[None]:
+        """The store's statements on that socket within the deadline: one it ended raises
+        StoreUnavailable, "no answer within ... (`name`)"."""
+        with self._deadlines.bound(fileno) as call:
             try:
                 yield
             except (sa_exc.DBAPIError, psycopg.Error) as error:
                 if not call.ended:
                     raise
-                raise self._no_answer(name) from error
-
-    def _no_answer(self, name: str) -> errors.StoreUnavailable:
-        shown = masking.mask_url(self.url)
-        return errors.StoreUnavailable(
-            f"checkpoint database {shown} unreachable: no answer within "
-            f"{self.link.timeout:g} s ({name})",
-            url=shown,
-        )
+                raise no_answer(self.url, self.link.timeout, name) from error
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:

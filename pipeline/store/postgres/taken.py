@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 
 from pipeline import errors
 
@@ -47,13 +46,8 @@ class Taken(sa.pool.Pool):
             # A new record runs the dialect's setup on the connection (its first in this
             # process: the server's version, isolation level, ...): queries of ours, bounded
             # like any store call, or a silent network holds the task there (issue 21).
-            with self._owner._deadlines.bound(conn.fileno()) as call:
-                try:
-                    record = self._create_connection()
-                except (sa_exc.DBAPIError, psycopg.Error) as error:
-                    if not call.ended:
-                        raise
-                    raise self._owner._no_answer("connect") from error
+            with self._owner.bounded_socket(conn.fileno(), "connect"):
+                record = self._create_connection()
             with self._records_lock:
                 self._records[id(conn)] = (record, conn)
             return record
