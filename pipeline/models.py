@@ -196,8 +196,9 @@ class FailResult:
 
     `retry_in`: seconds until the next attempt may start, measured by the store after it
     wrote the row (so a retry message sent with that countdown is never early).
-    `callback`: the batch callback this dead ending created (it made its batch terminal), to
-    send; it was committed with the failure.
+    `callback`: the batch callback this dead ending created (it made its batch terminal), or
+    the next held file of its limited batch it released, to send; it was committed with the
+    failure.
     """
 
     status: Status
@@ -229,6 +230,8 @@ class Registration:
     needs_task: bool
     task_name: str | None
     change: Change = Change.UNCHANGED
+    #: pending without a message: its batch's limit holds it until one of its files ends
+    held: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -76,6 +76,11 @@ def print_submit_report(report: producer.SubmitReport, batch_id: str) -> None:
         f"{report.completed_before} already completed, {report.dead_before} already dead, "
         f"{report.in_flight_before} already in flight, {report.refused_count} refused"
     )
+    if report.held:
+        err.print(
+            f"{report.held} files held by the batch's limit: each is sent when one of its "
+            "files ends"
+        )
     if report.interrupted:
         err.print(
             f"[yellow]interrupted[/yellow] by {report.interrupted}: the input up to line "

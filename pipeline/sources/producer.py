@@ -53,6 +53,8 @@ class SubmitReport:
     completed_before: int = 0
     dead_before: int = 0
     in_flight_before: int = 0
+    #: registered without a message: their batch's limit sends them as its files end
+    held: int = 0
     refused_count: int = 0
     refused: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
     #: set when a signal stopped the submit; `last_line` is the last input line handled
@@ -85,6 +87,7 @@ _COUNTS = (
     "completed_before",
     "dead_before",
     "in_flight_before",
+    "held",
     "refused_count",
 )
 
@@ -269,6 +272,8 @@ def _submit_chunk(
         if reg.needs_task:
             send(reg.task_name or task_name, reg.file_url)
             report.enqueued += 1
+        elif reg.held:
+            report.held += 1
         elif reg.status is Status.COMPLETED:
             if force:
                 for work in store.requeue(reg.file_url, statuses=[Status.COMPLETED], force=True):

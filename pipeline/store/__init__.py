@@ -106,7 +106,8 @@ class ClaimPath(Protocol):
     ) -> Work | None:
         """Mark completed; raises LostClaim when the token is stale (nothing changes). When
         this completion made its file's batch terminal: the batch's callback row it created
-        (`batch:NAME#N`), for the caller to send once `transaction` committed."""
+        (`batch:NAME#N`); when its batch has a limit: the batch's next held file it released;
+        for the caller to send once `transaction` committed."""
         ...
 
     def commit_chunk(

@@ -1,5 +1,6 @@
 """A batch's completion callback: what it reads (the summary its row carries), and how the
-worker whose ending made the batch terminal sends it at once.
+worker whose ending made the batch terminal sends it at once (the same for the next held file
+of a limited batch, which an ending of one of its files releases).
 
 A callback is a checkpointed task like any other (`@checkpointed`), sent for the URL
 `batch:NAME#N` once every file of batch NAME is completed or dead; `batch_summary(file_url)`
@@ -25,17 +26,18 @@ def batch_summary(file_url: str) -> dict[str, Any] | None:
     return runtime.get_store().callback_summary(file_url)
 
 
-def send(task: Any, callback: Work | None) -> None:
-    """Send (by `task`'s app) the callback a completion or a dead ending created, after its
-    transaction committed. Never the file's failure: a message not sent (the broker away, this
-    process killed before it got here) leaves the callback row pending, and the sweep hands it
-    back after PIPELINE_REAP_WAITING_SECONDS; a duplicate message is refused by its claim."""
-    if callback is None or callback.task_name is None:
+def send(task: Any, follow_up: Work | None) -> None:
+    """Send (by `task`'s app) what an ending asked for, after its transaction committed: the
+    callback a completion or a dead ending created, or the held file of a limited batch it
+    released. Never the file's failure: a message not sent (the broker away, this process
+    killed before it got here) leaves that row pending, and the sweep hands it back after
+    PIPELINE_REAP_WAITING_SECONDS; a duplicate message is refused by its claim."""
+    if follow_up is None or follow_up.task_name is None:
         return
     try:
         with Sender(task.app) as sender:
-            sender.send(callback.task_name, callback.file_url)
+            sender.send(follow_up.task_name, follow_up.file_url)
     except Exception as error:
-        logger.warning("callback %s not sent (the sweep sends it): %s", callback.file_url, error)
+        logger.warning("%s not sent (the sweep sends it): %s", follow_up.file_url, error)
         return
-    logger.info("callback %s sent", callback.file_url)
+    logger.info("%s sent", follow_up.file_url)

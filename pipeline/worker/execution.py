@@ -24,7 +24,8 @@ What each situation does, and what Flower shows (the README's outcome table):
 - a zombie whose claim was taken over: its writes are rolled back (SUCCESS, "claim lost");
 - its batch cancelled: refused (SUCCESS, "batch cancelled"), or, running, stops after its next
   chunk commits; paused: refused (SUCCESS, "batch paused"), `resume` enqueues it again; at its
-  batch's concurrency limit: not now (RETRY, no attempt spent).
+  batch's concurrency limit: held, no attempt spent (SUCCESS, "held by the batch's limit"), and
+  sent again when one of the batch's files ends.
 """
 
 from __future__ import annotations
@@ -161,17 +162,10 @@ def _refused(task: Task, spec: Spec, refusal: Refusal, kwargs: Any) -> Any:
         # so this message can go (keeping it would spin on the broker for the whole pause).
         return _skipped(refusal.file_url, "batch paused")
     if refusal.reason is Reason.LIMITED:
-        # The batch runs as many files as its limit allows: not now, like a backoff (no
-        # attempt); this message comes back when the database says to try again.
-        left = refusal.retry_in or 1.0
-        raise _retry_later(
-            task,
-            errors.FileBusy(
-                f"{refusal.file_url}: its batch is at its concurrency limit", url=refusal.file_url
-            ),
-            left,
-            kwargs,
-        )
+        # The batch runs as many files as its limit allows: the database holds this file (no
+        # attempt spent) and the next of the batch's files to end sends it again, so this
+        # message can go (kept, it would take its turn in the queue ahead of other batches).
+        return _skipped(refusal.file_url, "held by the batch's limit")
     if refusal.reason is Reason.DEAD:
         raise errors.FileDead(f"{refusal.file_url} is dead: {refusal.error}", url=refusal.file_url)
     # A reason this code does not know must not be taken for "dead".
@@ -281,7 +275,8 @@ def _run_once(
             raise errors.StoreUnavailable(masking.scrub(first)) from error
         raise
     # Committed: output and 'completed' together (and the batch's callback row, if this was
-    # its last file: sent now, not at the next sweep).
+    # its last file: sent now, not at the next sweep; or the next held file of its limited
+    # batch).
     callbacks.send(task, callback)
     return _completed(claim, stats)
 
@@ -388,6 +383,7 @@ def _failed(
     except errors.LostClaim:
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
     if outcome.status is Status.FAILED:
+        callbacks.send(task, outcome.callback)  # its limited batch's next held file, if any
         raise task.retry(
             exc=error,
             # measured by the database after it wrote retry_at, plus a little: never early
@@ -395,7 +391,7 @@ def _failed(
             max_retries=None,
             kwargs=kwargs,
         ) from (cause or error)
-    callbacks.send(task, outcome.callback)  # dead, and maybe its batch's last file
+    callbacks.send(task, outcome.callback)  # dead: its batch's callback, or next held file
     raise errors.FileDead(
         f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
         f"{type(error).__name__}: {masking.scrub(str(error))}",

@@ -180,8 +180,6 @@ def test_concurrency__claims_beyond_the_limit_are_refused_not_now(
     third = claim(pg_store, files[2])
     assert isinstance(third, Refusal)
     assert third.reason is Reason.LIMITED
-    assert third.retry_in is not None
-    assert third.retry_in > 0
     row = pg_store.get(files[2])
     assert row is not None
     assert row.status is Status.PENDING
@@ -189,7 +187,8 @@ def test_concurrency__claims_beyond_the_limit_are_refused_not_now(
     # Another batch is not held by this one's limit.
     (other,) = submit(pg_store, "small", 1)
     assert isinstance(claim(pg_store, other), Claim)
-    pg_store.complete(files[0], first.token, Stats())
+    # The refused file was held (its message let go): the ending that frees a slot sends it.
+    assert pg_store.complete(files[0], first.token, Stats()) == Work(files[2], "t", Status.PENDING)
     assert isinstance(claim(pg_store, files[2]), Claim)
     # An expired claim does not count as running.
     expire_lease(pg_store, files[1])

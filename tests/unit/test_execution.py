@@ -199,6 +199,8 @@ def test_granted__runs_once_and_completes_in_the_output_transaction() -> None:
         (Refusal(URL, Reason.NOT_DUE, retry_in=60.0), "retry not due yet"),
         (Refusal(URL, Reason.CANCELLED), "batch cancelled"),
         (Refusal(URL, Reason.PAUSED), "batch paused"),
+        # held by the database; the next of its batch's files to end sends it (0023)
+        (Refusal(URL, Reason.LIMITED), "held by the batch's limit"),
     ],
 )
 def test_refused__skips_without_running_the_function(refusal: Refusal, reason: str) -> None:
@@ -220,15 +222,6 @@ def test_refused_not_due_by_a_hair__retries_when_it_is_due() -> None:
         deliver(ScriptedStore(Refusal(URL, Reason.NOT_DUE, retry_in=1.5)), Recorder(), task)
     (retry,) = task.retried
     assert retry["countdown"] == pytest.approx(1.6)
-
-
-def test_refused_limited__retries_later_without_an_attempt() -> None:
-    task, fn = FakeTask(), Recorder()
-    with pytest.raises(Retry):
-        deliver(ScriptedStore(Refusal(URL, Reason.LIMITED, retry_in=1.0)), fn, task)
-    (retry,) = task.retried
-    assert retry["countdown"] == pytest.approx(1.0)
-    assert fn.calls == 0
 
 
 def test_refused_dead__is_file_dead() -> None:

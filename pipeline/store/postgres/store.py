@@ -82,7 +82,8 @@ def _paused(file_url: str, lease: float, row: Any) -> ClaimResult:
 
 
 def _limited(file_url: str, lease: float, row: Any) -> ClaimResult:
-    return Refusal(file_url, Reason.LIMITED, retry_in=max(float(row.retry_in), 0.0))
+    # held by the database until one of its batch's files ends (migration 0023): no time
+    return Refusal(file_url, Reason.LIMITED)
 
 
 # What pipeline_claim answers, and the result each outcome becomes; anything else raises.
@@ -298,7 +299,12 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
         # Plain dict lookups: Enum calls cost a second per 100,000 rows a watch registers.
         return [
             Registration(
-                r.file_url, _STATUSES[r.status], bool(r.needs_task), r.task_name, _CHANGES[r.change]
+                r.file_url,
+                _STATUSES[r.status],
+                bool(r.needs_task),
+                r.task_name,
+                _CHANGES[r.change],
+                bool(r.held),
             )
             for r in rows
         ]

@@ -70,16 +70,31 @@ WITH input AS (
      ORDER BY u.file_url
 ), known AS (
     SELECT i.file_url, i.fingerprint, c.file_url IS NOT NULL AS existed, c.status, c.task_name,
+           coalesce(c.held, false) AS held,
            c.file_url IS NULL
            OR (c.status IN ('completed', 'dead')
                AND i.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
                AND i.fingerprint <> c.fingerprint) AS candidate
       FROM input i
       LEFT JOIN file_checkpoints c ON c.file_url = i.file_url
+), room AS (
+    -- A limited batch (migration 0023): messages for twice its limit, less its files with
+    -- a message out (pending and not held, or running); the rest are registered held, sent
+    -- one by one as its files end. No row: no limit, every new row gets its message.
+    SELECT greatest(0, 2 * b.concurrency - (
+               SELECT count(*) FROM (
+                   SELECT 1 FROM file_checkpoints c
+                    WHERE c.batch_id = b.name AND c.status IN ('pending', 'processing')
+                      AND NOT c.held
+                    LIMIT 2 * b.concurrency) o)) AS slots
+      FROM pipeline_batches b
+     WHERE b.name = CAST(:batch_id AS text) AND b.concurrency IS NOT NULL
 ), upserted AS (
     INSERT INTO file_checkpoints AS c (file_url, file_type, status, max_attempts, task_name,
-                                       batch_id, fingerprint)
-    SELECT k.file_url, :file_type, 'pending', :max_attempts, :task_name, :batch_id, k.fingerprint
+                                       batch_id, fingerprint, held)
+    SELECT k.file_url, :file_type, 'pending', :max_attempts, :task_name, :batch_id, k.fingerprint,
+           coalesce(row_number() OVER (ORDER BY k.file_url) > (SELECT r.slots FROM room r),
+                    false)
       FROM known k
      WHERE k.candidate
      -- one order for every registering session: concurrent ones wait, never deadlock
@@ -91,7 +106,7 @@ WITH input AS (
            processing_time_ms = 0, details = NULL, attempts_spent = 0, attempt_chunks = 0,
            position = NULL, position_version = NULL, attempt_start_position = NULL,
            progress_bytes = NULL, size_bytes = NULL, progress_at = NULL,
-           fingerprint = excluded.fingerprint, batch_id = excluded.batch_id,
+           fingerprint = excluded.fingerprint, batch_id = excluded.batch_id, held = excluded.held,
            task_name = excluded.task_name, max_attempts = excluded.max_attempts,
            submitted_at = now(), updated_at = now()
      -- checked again on the row as it is now: a concurrent register (another watch of the
@@ -99,7 +114,7 @@ WITH input AS (
      WHERE c.status IN ('completed', 'dead')
        AND excluded.fingerprint IS NOT NULL AND c.fingerprint IS NOT NULL
        AND excluded.fingerprint <> c.fingerprint
-    RETURNING c.file_url, c.status, c.task_name
+    RETURNING c.file_url, c.status, c.task_name, c.held
 ), counted AS (
     -- The batch's file count grows with the rows this statement created or regenerated (a
     -- batch done so far is open again: it has new files). Once per registration statement,
@@ -116,7 +131,9 @@ SELECT k.file_url,
        -- 'pending' when a concurrent register inserted the row after this statement's
        -- snapshot: it is theirs to enqueue, and this statement cannot see it
        coalesce(u.status, k.status, 'pending') AS status,
-       u.file_url IS NOT NULL OR coalesce(k.status = 'pending', false) AS needs_task,
+       CASE WHEN u.file_url IS NOT NULL THEN NOT u.held
+            ELSE coalesce(k.status = 'pending' AND NOT k.held, false) END AS needs_task,
+       coalesce(u.held, k.held, false) AS held,
        coalesce(u.task_name, k.task_name) AS task_name,
        CASE WHEN u.file_url IS NULL THEN 'unchanged'
             WHEN k.existed THEN 'changed'
@@ -436,11 +453,27 @@ RETURNING b.state
 WITH resumed AS (
     UPDATE pipeline_batches b SET state = 'open', updated_at = now()
      WHERE b.name = :name AND b.state = 'paused'
-    RETURNING b.name
+    RETURNING b.name, b.concurrency
+), released AS (
+    -- a limited batch's held files: twice its limit of them sent now, the rest as its files
+    -- end (migration 0023)
+    UPDATE file_checkpoints c SET held = false, updated_at = now()
+      FROM (SELECT h.file_url FROM resumed r
+             CROSS JOIN LATERAL (
+                SELECT h.file_url FROM file_checkpoints h
+                 WHERE h.batch_id = r.name AND h.held AND h.status = 'pending'
+                 ORDER BY h.submitted_at, h.file_url
+                 LIMIT 2 * coalesce(r.concurrency, 0)
+                   FOR UPDATE SKIP LOCKED) h) p
+     WHERE c.file_url = p.file_url
+    RETURNING c.batch_id, c.file_url, c.task_name, c.status
 )
 SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
   FROM resumed r
-  LEFT JOIN file_checkpoints c ON c.batch_id = r.name AND c.status IN ('pending', 'failed')
+  LEFT JOIN file_checkpoints c
+    ON c.batch_id = r.name AND c.status IN ('pending', 'failed') AND NOT c.held
+UNION ALL
+SELECT * FROM released
 
 -- batch --
 -- One batch as `status --batch` shows it, in one read over its own rows and indexes: the batch

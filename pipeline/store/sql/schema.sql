@@ -87,6 +87,7 @@ CREATE TABLE public.file_checkpoints (
     attempt_start_position jsonb,
     attempt_chunks integer DEFAULT 0 NOT NULL,
     attempts_spent integer DEFAULT 0 NOT NULL,
+    held boolean DEFAULT false NOT NULL,
     CONSTRAINT file_checkpoints_attempt_check CHECK ((attempt >= 0)),
     CONSTRAINT file_checkpoints_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT file_checkpoints_processing_has_lease CHECK (((status <> 'processing'::text) OR ((token IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
@@ -147,7 +148,7 @@ BEGIN
     END IF;
     PERFORM set_config('pipeline.batch_counts', 'off', true);
     UPDATE file_checkpoints c
-       SET status = 'cancelled', retry_at = NULL, updated_at = clock_timestamp()
+       SET status = 'cancelled', retry_at = NULL, held = false, updated_at = clock_timestamp()
      WHERE c.batch_id = p_name AND c.status = 'pending';
     GET DIAGNOSTICS v_pending = ROW_COUNT;
     UPDATE file_checkpoints c
@@ -394,8 +395,10 @@ CREATE FUNCTION public.pipeline_batch_counts_watched_v1() RETURNS trigger
     SET plan_cache_mode TO 'auto'
     AS $$
 BEGIN
-    NEW.watched := EXISTS (SELECT 1 FROM pipeline_batches b
-                            WHERE b.name = NEW.batch AND b.on_complete IS NOT NULL);
+    SELECT b.on_complete IS NOT NULL, b.concurrency IS NOT NULL INTO NEW.watched, NEW.limited
+      FROM pipeline_batches b WHERE b.name = NEW.batch;
+    NEW.watched := coalesce(NEW.watched, false);
+    NEW.limited := coalesce(NEW.limited, false);
     RETURN NEW;
 END;
 $$;
@@ -420,6 +423,44 @@ BEGIN
         RETURN;  -- files of the batch still running or waiting, seen after the lock
     END IF;
     RETURN QUERY SELECT s.file_url, s.task_name FROM pipeline_batch_settle_v1(p_batch) s;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_limit_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    AS $$
+BEGIN
+    UPDATE pipeline_batch_counts k SET limited = true WHERE k.batch = NEW.name AND NOT k.limited;
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.pipeline_batch_release_v1(p_batch text) RETURNS text[]
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'auto'
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    v_url  text;
+    v_task text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('pipeline_batch:' || p_batch, 0));
+    IF NOT EXISTS (SELECT 1 FROM pipeline_batches b WHERE b.name = p_batch AND b.state = 'open')
+    THEN
+        RETURN '{}';
+    END IF;
+    UPDATE file_checkpoints c SET held = false, updated_at = clock_timestamp()
+     WHERE c.file_url = (SELECT h.file_url FROM file_checkpoints h
+                          WHERE h.batch_id = p_batch AND h.held AND h.status = 'pending'
+                          ORDER BY h.submitted_at, h.file_url
+                          LIMIT 1
+                            FOR UPDATE SKIP LOCKED)
+    RETURNING c.file_url, c.task_name INTO v_url, v_task;
+    IF v_url IS NULL THEN
+        RETURN '{}';
+    END IF;
+    RETURN ARRAY[v_url, v_task];
 END;
 $$;
 
@@ -538,10 +579,6 @@ DECLARE
     v_batch  text;
     v_was    text;
     v_open   boolean;
-    v_left   numeric;
-    v_done   numeric;
-    v_span   double precision;
-    v_wait   double precision;
 BEGIN
     -- Fast paths, decided on a look at the row without a lock: a new file is inserted
     -- already claimed, a pending one (registered, not claimed in this generation) is claimed
@@ -738,27 +775,15 @@ BEGIN
          WHERE c.batch_id = r.batch_id AND c.status = 'processing'
            AND c.lease_expires_at > clock_timestamp();
         IF v_busy >= b.concurrency THEN
-            -- Not now, like a backoff: no attempt, the message comes back in `retry_in`,
-            -- drawn at random within the time the batch needs to work off what waits (0021):
-            -- its files waiting (its counters) times its pace so far (the time from its first
-            -- start to its last end per file it completed), between 1 s (a batch that has
-            -- completed nothing yet) and 300 s. The refused messages of a big backlog come
-            -- back spread over that time, about two per file completed, instead of every one
-            -- of them every second.
-            SELECT sum(k.queued) - v_busy, sum(k.completed),
-                   extract(epoch FROM max(k.last_ended_at) - min(k.first_started_at))
-              INTO v_left, v_done, v_span
-              FROM pipeline_batch_counts k WHERE k.batch = r.batch_id;
-            v_wait := CASE WHEN v_done > 0 AND v_span > 0 AND v_left > 0
-                           THEN (v_left * v_span / v_done)::double precision END;
-            v_wait := least(300.0, greatest(1.0, coalesce(v_wait, 1.0))) * (0.05 + 0.95 * random());
-            -- The row says when its message comes back: the sweep takes a pending row left
-            -- alone for its waiting time (120 s) for one whose message was lost, and would
-            -- send a copy of every refused file of a long backlog.
-            UPDATE file_checkpoints c SET updated_at = v_now + make_interval(secs => v_wait)
+            -- Not now, and no message kept for it (0023): the file is held, and the next of
+            -- its batch's files to end (pipeline_batch_release_v1) sends it again. No attempt
+            -- spent. Counted under the lock an ending of the batch takes to release: an ending
+            -- that commits after this claim finds this file held; one that committed before it
+            -- freed its slot before the count above.
+            UPDATE file_checkpoints c SET held = true, updated_at = v_now
              WHERE c.file_url = p_file_url;
             RETURN QUERY SELECT 'limited'::text, NULL::bigint, r.attempt, r.max_attempts,
-                r.generation, v_wait, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
+                r.generation, NULL::double precision, 0, 0, 0, NULL::text, NULL::jsonb, NULL::text;
             RETURN;
         END IF;
     END IF;
@@ -771,7 +796,7 @@ BEGIN
            processed_by = p_worker, task_name = coalesce(p_task_name, r.task_name),
            task_id = p_task_id, file_type = coalesce(p_file_type, r.file_type),
            attempt_start_position = r.position, attempt_chunks = 0, error_message = v_error,
-           started_at = v_now, updated_at = v_now
+           held = false, started_at = v_now, updated_at = v_now
      WHERE c.file_url = p_file_url
     RETURNING c.* INTO r;
     RETURN QUERY SELECT 'granted'::text, r.token, r.attempt, r.max_attempts, r.generation,
@@ -902,6 +927,8 @@ DECLARE
     r         file_checkpoints%ROWTYPE;
     v_now     timestamptz := clock_timestamp();
     v_watched boolean;
+    v_limited boolean;
+    v_next    text[];
     v_url     text;
     v_task    text;
 BEGIN
@@ -940,12 +967,20 @@ BEGIN
            first_started_at = least(k.first_started_at, r.started_at),
            last_ended_at = greatest(k.last_ended_at, v_now)
      WHERE k.batch = r.batch_id AND k.slot = (txid_current() % 64)::smallint
-    RETURNING k.watched INTO v_watched;
+    RETURNING k.watched, k.limited INTO v_watched, v_limited;
     IF NOT FOUND THEN
         PERFORM pipeline_batch_count_left_v1(r.batch_id, 'completed', r.records_total,
             r.records_filtered, r.records_persisted, r.started_at, v_now);
-        SELECT b.on_complete IS NOT NULL INTO v_watched FROM pipeline_batches b
-         WHERE b.name = r.batch_id;
+        SELECT b.on_complete IS NOT NULL, b.concurrency IS NOT NULL INTO v_watched, v_limited
+          FROM pipeline_batches b WHERE b.name = r.batch_id;
+    END IF;
+    IF v_limited THEN
+        -- A slot of a limited batch freed: its next held file, to send (a batch with files
+        -- held is not terminal: no callback to ask for then).
+        v_next := pipeline_batch_release_v1(r.batch_id);
+        IF v_next <> '{}' THEN
+            RETURN v_next;
+        END IF;
     END IF;
     IF v_watched THEN
         SELECT e.file_url, e.task_name INTO v_url, v_task
@@ -1073,6 +1108,9 @@ DECLARE
     v_retry  timestamptz;
     v_url    text;
     v_task   text;
+    v_watched boolean;
+    v_limited boolean;
+    v_next   text[];
 BEGIN
     SELECT * INTO r FROM file_checkpoints c
      WHERE c.file_url = p_file_url AND c.token = p_token AND c.status = 'processing'
@@ -1094,9 +1132,15 @@ BEGIN
     IF r.batch_id IS NOT NULL THEN
         PERFORM pipeline_batch_count_left_v1(r.batch_id, r.status, 0, 0, 0, r.started_at,
             CASE WHEN r.status = 'dead' THEN r.updated_at END);
-        IF r.status = 'dead' AND EXISTS (SELECT 1 FROM pipeline_batches b
-                                          WHERE b.name = r.batch_id AND b.on_complete IS NOT NULL)
-        THEN
+        SELECT b.on_complete IS NOT NULL, b.concurrency IS NOT NULL INTO v_watched, v_limited
+          FROM pipeline_batches b WHERE b.name = r.batch_id;
+        IF v_limited THEN
+            -- its slot freed (failed or dead): the batch's next held file, to send
+            v_next := pipeline_batch_release_v1(r.batch_id);
+            v_url := v_next[1];
+            v_task := v_next[2];
+        END IF;
+        IF v_url IS NULL AND r.status = 'dead' AND v_watched THEN
             SELECT e.file_url, e.task_name INTO v_url, v_task
               FROM pipeline_batch_ended_v1(r.batch_id) e;
         END IF;
@@ -1272,7 +1316,8 @@ BEGIN
         SELECT c.file_url
           FROM file_checkpoints c
          WHERE p_waiting_seconds IS NOT NULL
-           AND (c.status = 'pending' OR (c.status = 'failed' AND c.retry_at IS NULL))
+           AND ((c.status = 'pending' AND NOT c.held)
+                OR (c.status = 'failed' AND c.retry_at IS NULL))
            AND (c.updated_at < v_now - make_interval(secs => p_waiting_seconds)
                 OR c.updated_at <= v_gap_end)
            AND NOT EXISTS (SELECT 1 FROM pipeline_batches b
@@ -1284,6 +1329,32 @@ BEGIN
     UPDATE file_checkpoints c SET updated_at = v_now
       FROM waiting w
      WHERE c.file_url = w.file_url
+    RETURNING c.file_url, c.task_name, c.status;
+
+    -- A limited batch whose files are all held, with none running or waiting for a message
+    -- of its own: nothing would end to release them (a release lost to a race, a resume
+    -- that found its slots taken): its limit's worth sent again (0023).
+    RETURN QUERY
+    WITH stalled AS (
+        SELECT b.name, b.concurrency FROM pipeline_batches b
+         WHERE b.state = 'open' AND b.concurrency IS NOT NULL
+           AND EXISTS (SELECT 1 FROM file_checkpoints h
+                        WHERE h.batch_id = b.name AND h.held AND h.status = 'pending')
+           AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                            WHERE c.batch_id = b.name AND NOT c.held
+                              AND c.status IN ('pending', 'processing', 'failed'))
+    ), picked AS (
+        SELECT p.file_url FROM stalled s
+         CROSS JOIN LATERAL (
+            SELECT h.file_url FROM file_checkpoints h
+             WHERE h.batch_id = s.name AND h.held AND h.status = 'pending'
+             ORDER BY h.submitted_at, h.file_url
+             LIMIT s.concurrency
+               FOR UPDATE SKIP LOCKED) p
+    )
+    UPDATE file_checkpoints c SET held = false, updated_at = v_now
+      FROM picked p
+     WHERE c.file_url = p.file_url
     RETURNING c.file_url, c.task_name, c.status;
 
     RETURN QUERY
@@ -1492,7 +1563,8 @@ CREATE TABLE public.pipeline_batch_counts (
     records_persisted bigint DEFAULT 0 NOT NULL,
     first_started_at timestamp with time zone,
     last_ended_at timestamp with time zone,
-    watched boolean DEFAULT false NOT NULL
+    watched boolean DEFAULT false NOT NULL,
+    limited boolean DEFAULT false NOT NULL
 )
 WITH (fillfactor='50');
 
@@ -1623,6 +1695,8 @@ CREATE INDEX file_checkpoints_completed_at_idx ON public.file_checkpoints USING 
 
 CREATE INDEX file_checkpoints_dead_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = 'dead'::text);
 
+CREATE INDEX file_checkpoints_held ON public.file_checkpoints USING btree (batch_id, submitted_at, file_url) WHERE held;
+
 CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (lease_expires_at) WHERE (status = 'processing'::text);
 
 CREATE INDEX file_checkpoints_retried_idx ON public.file_checkpoints USING btree (file_url) WHERE ((generation > 1) OR (attempt > 1));
@@ -1640,6 +1714,8 @@ CREATE TRIGGER file_checkpoints_batch_count_trunc AFTER TRUNCATE ON public.file_
 CREATE TRIGGER file_checkpoints_batch_count_upd AFTER UPDATE OF status, batch_id ON public.file_checkpoints FOR EACH ROW WHEN ((old.status < ('pending'::text COLLATE "C"))) EXECUTE FUNCTION public.pipeline_batch_count_v2();
 
 CREATE TRIGGER pipeline_batch_counts_watched BEFORE INSERT ON public.pipeline_batch_counts FOR EACH ROW EXECUTE FUNCTION public.pipeline_batch_counts_watched_v1();
+
+CREATE TRIGGER pipeline_batches_limit AFTER INSERT OR UPDATE OF concurrency ON public.pipeline_batches FOR EACH ROW WHEN ((new.concurrency IS NOT NULL)) EXECUTE FUNCTION public.pipeline_batch_limit_v1();
 
 CREATE TRIGGER pipeline_batches_watch AFTER INSERT OR UPDATE OF on_complete ON public.pipeline_batches FOR EACH ROW WHEN ((new.on_complete IS NOT NULL)) EXECUTE FUNCTION public.pipeline_batch_watch_v1();
 
