@@ -2,15 +2,17 @@
 
 One `celery -A bench.fair_app worker -c C` (prefork); each file is claimed, sleeps S seconds
 and is completed (bench/fair_app.py). A batch of BIG files is submitted (the Python path of
-`pipeline submit`: batch row, registration, one message a file), then a batch of SMALL files.
+`pipeline submit`: batch row, registration, a message for each file that needs one), then a
+batch of SMALL files.
 Each case on a fresh database and an emptied queue:
 
 * alone: the small batch by itself: its own work time (SMALL files at the worker's pace);
 * no limit: the big batch without a concurrency limit: the small one waits behind it;
-* limit (before): the big batch with `--concurrency L`, workers and schema of `--before` (a
-  claim refused as `limited` came back after a fixed second);
-* limit: the same on this tree (0021: the refused message comes back at random within the
-  batch's expected time to drain).
+* limit (before): the big batch with `--concurrency L`, workers, schema and submit of
+  `--before` (4a89027: every file's message sent at submit; a claim refused as `limited` came
+  back at random within the batch's expected time to drain, 0021);
+* limit: the same on this tree (0023: submit sends twice the limit and holds the rest; a
+  refused claim holds its file and drops its message; each ending sends the next held file).
 
 Reported: for the small batch, the time from its submit to its first start and to its last
 completion (database clock); the claims refused as `limited` (each a Celery retry, written
@@ -32,6 +34,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,8 +147,26 @@ def _submit(store: Any, sender: Any, name: str, count: int, limit: int | None) -
         concurrency=limit,
     )
     report = producer.submit_request(store, request, sender.send)
-    if report.enqueued != count:
+    if report.enqueued + getattr(report, "held", 0) != count:
         raise RuntimeError(f"{name}: {report.enqueued} of {count} enqueued")
+
+
+def _submit_at(root: pathlib.Path, url: str, name: str, count: int, limit: int | None) -> None:
+    """`_submit` by the code of another tree (--before), in a process of its own."""
+    script = (
+        "import sys, pipeline; from bench import bench_fair, fair_app;"
+        " from pipeline.sender import Sender; store = pipeline.open_store(sys.argv[1]);"
+        " s = Sender(fair_app.app).__enter__();"
+        " bench_fair._submit(store, s, sys.argv[2], int(sys.argv[3]),"
+        " int(sys.argv[4]) if sys.argv[4] != '-' else None); s.__exit__(None, None, None)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root))
+    subprocess.run(
+        [sys.executable, "-c", script, url, name, str(count), str(limit or "-")],
+        check=True,
+        cwd=root,
+        env=env,
+    )
 
 
 def _until(ready: Any, timeout: float) -> None:
@@ -157,12 +178,12 @@ def _until(ready: Any, timeout: float) -> None:
 
 
 def _run_small(
-    probe: Probe, store: Any, sender: Any, name: str, args: argparse.Namespace
+    probe: Probe, submit: Any, name: str, args: argparse.Namespace
 ) -> tuple[float, float]:
     """Submit the small batch `name` and wait for it: seconds from its submit to its first
     start and to its last completion (database clock)."""
     submitted = probe.now()
-    _submit(store, sender, name, args.small, None)
+    submit(name, args.small, None)
     _until(lambda: probe.batch(name)[0] == args.small, args.timeout)
     _, first, last = probe.batch(name)
     return (first - submitted).total_seconds(), (last - submitted).total_seconds()
@@ -180,10 +201,17 @@ def run_case(case: Case, args: argparse.Namespace) -> Outcome:
         store = pipeline.open_store(url)
         try:
             with _worker(case, url, folder, args), Sender(fair_app.app) as sender:
+
+                def submit(name: str, count: int, limit: int | None) -> None:
+                    if case.root is not None:
+                        _submit_at(case.root, url, name, count, limit)
+                    else:
+                        _submit(store, sender, name, count, limit)
+
                 t0 = time.time()
                 if case.big:
-                    _submit(store, sender, "big", case.big, case.limit)
-                small = _run_small(probe, store, sender, "small", args)
+                    submit("big", case.big, case.limit)
+                small = _run_small(probe, submit, "small", args)
                 t1 = time.time()
                 outcome = Outcome(
                     small=small, refused_during=refused(folder, t0, t1), during=t1 - t0
@@ -203,7 +231,7 @@ def run_case(case: Case, args: argparse.Namespace) -> Outcome:
                     outcome.window = t2 - t1
                     outcome.refused_window = refused(folder, t1, t2)
                     outcome.big_done_window = big2 - big1
-                    outcome.small_later = _run_small(probe, store, sender, "small-later", args)
+                    outcome.small_later = _run_small(probe, submit, "small-later", args)
         finally:
             store.close()
             probe.conn.close()
@@ -228,7 +256,7 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=60.0, help="at most this long for the queue to empty"
     )
-    parser.add_argument("--before", default="585c374", help="a commit before 0021")
+    parser.add_argument("--before", default="4a89027", help="a commit before 0023")
     parser.add_argument(
         "--cases",
         default="no-limit,before,limit",
@@ -245,7 +273,8 @@ def main() -> None:
         from bench.bench_batches import before_tree
 
         root = before_tree(args.before)
-        shutil.copy(common.ROOT / "bench" / "fair_app.py", root / "bench" / "fair_app.py")
+        for name in ("fair_app.py", "bench_fair.py"):
+            shutil.copy(common.ROOT / "bench" / name, root / "bench" / name)
         cases.append(Case(f"limit {args.limit} ({args.before})", args.big, args.limit, root))
     if "limit" in chosen:
         cases.append(Case(f"limit {args.limit}", args.big, args.limit))

@@ -1,8 +1,9 @@
 """The task of the fair-sharing benchmark (bench_fair.py): a file that is claimed, sleeps
 PIPELINE_BENCH_FAIR_SLEEP seconds (its work), and is completed.
 
-Each claim refused because its batch is at its concurrency limit (a Celery retry) appends its
-time (epoch seconds) to a file of its process in PIPELINE_BENCH_FAIR_DIR, if set.
+Each claim refused because its batch is at its concurrency limit appends its time (epoch
+seconds) to a file of its process in PIPELINE_BENCH_FAIR_DIR, if set: a Celery retry before
+migration 0023, a task returning "held by the batch's limit" since.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from celery.signals import task_retry
+from celery.signals import task_retry, task_success
 
 from pipeline import app, checkpointed
 
@@ -21,11 +22,22 @@ _SLEEP = float(os.environ.get("PIPELINE_BENCH_FAIR_SLEEP", "0.02"))
 _OUT = os.environ.get("PIPELINE_BENCH_FAIR_DIR")
 
 
-@task_retry.connect
-def _retried(reason: Any = None, **_: Any) -> None:
-    if _OUT is not None and "concurrency limit" in str(reason):
+def _write_down() -> None:
+    if _OUT is not None:
         with open(os.path.join(_OUT, f"refused-{os.getpid()}.txt"), "a") as handle:
             handle.write(f"{time.time():.3f}\n")
+
+
+@task_retry.connect
+def _retried(reason: Any = None, **_: Any) -> None:
+    if "concurrency limit" in str(reason):
+        _write_down()
+
+
+@task_success.connect
+def _held(result: Any = None, **_: Any) -> None:
+    if isinstance(result, dict) and result.get("reason") == "held by the batch's limit":
+        _write_down()
 
 
 @checkpointed(name="bench.fair", lease_seconds=30)
