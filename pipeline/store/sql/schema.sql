@@ -440,6 +440,7 @@ CREATE FUNCTION public.pipeline_batch_release_v1(p_batch text) RETURNS text[]
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'auto'
     SET enable_seqscan TO 'off'
+    SET enable_sort TO 'off'
     AS $$
 DECLARE
     v_url  text;
@@ -1695,7 +1696,7 @@ CREATE INDEX file_checkpoints_completed_at_idx ON public.file_checkpoints USING 
 
 CREATE INDEX file_checkpoints_dead_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = 'dead'::text);
 
-CREATE INDEX file_checkpoints_held ON public.file_checkpoints USING btree (batch_id, submitted_at, file_url) WHERE held;
+CREATE INDEX file_checkpoints_held ON public.file_checkpoints USING btree (batch_id, submitted_at, file_url) WHERE (held AND (status = 'pending'::text));
 
 CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (lease_expires_at) WHERE (status = 'processing'::text);
 

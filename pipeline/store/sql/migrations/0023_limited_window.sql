@@ -32,7 +32,7 @@
 ALTER TABLE file_checkpoints ADD COLUMN held boolean NOT NULL DEFAULT false;
 -- The held files of a batch, oldest submitted first. Only limited batches have any.
 CREATE INDEX file_checkpoints_held ON file_checkpoints (batch_id, submitted_at, file_url)
- WHERE held;
+ WHERE held AND status = 'pending';
 
 -- Whether a batch has a limit, on its counter rows beside 0020's `watched`, where a
 -- completion reads it for nothing. Set on a new slot row from the batch row and on a batch's
@@ -68,9 +68,11 @@ CREATE TRIGGER pipeline_batches_limit AFTER INSERT OR UPDATE OF concurrency ON p
 -- committed; '{}' when none is held or the batch is not open (a paused batch's files are
 -- sent by resume). Under the batch's claim lock (see the top), held to commit. A held row
 -- another session has locked is skipped (a claim of it is deciding, or another ending is
--- releasing it).
+-- releasing it). Sorts off: the batch's pending index (0014) serves the same WHERE, and with
+-- statistics not yet gathered on a table just filled the planner took it and sorted every
+-- held file for each release (30 ms at 20,000 held, against 0.4 ms in the held index's order).
 CREATE FUNCTION pipeline_batch_release_v1(p_batch text) RETURNS text[]
-LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off SET enable_sort = off AS $$
 DECLARE
     v_url  text;
     v_task text;
