@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -275,3 +276,56 @@ def _target(
     if row is not None and row.status == "processing":
         return "callback", row.processed_by
     return None
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_concurrency_limit__workers_sigkilled_mid_file__every_file_once_nothing_left_held(
+    request: pytest.FixtureRequest, make_cluster: Callable[..., Cluster], broker: str
+) -> None:
+    """A batch of 40 files limited to 2 (a window of 4 messages, 36 held), 300 files of another
+    batch queued behind it, two workers; four times one of the limited batch's running files
+    has its holder SIGKILLed (its pool process, or the whole worker). Every file of both
+    batches completes with each of its chunks written once, and no file is left held: the
+    releases lost with the killed processes were made up (redelivery, the sweep)."""
+    cluster = make_cluster(
+        broker_url=request.getfixturevalue("redis_url" if broker == "redis" else "rabbitmq_url")
+    )
+    env = {**FAST_SWEEP, "PIPELINE_REAP_WAITING_SECONDS": "2"}
+    workers = [cluster.start_worker(concurrency=2, extra_env=env) for _ in range(2)]
+    limited = [f"test://lim/{i:02}?chunks=2&sleep=0.15" for i in range(40)]
+    other = [f"test://other/{i:03}?chunks=1" for i in range(300)]
+    submit(cluster, "lim", limited, concurrency=2)
+    assert cluster.scalar("SELECT count(*) FROM file_checkpoints WHERE held") == 36
+    submit(cluster, "other", other)
+    rng = random.Random(23)
+    for kill in range(4):
+        done = 5 + 8 * kill
+        holder = wait_until(
+            lambda d=done: cluster.scalar(
+                "SELECT processed_by FROM file_checkpoints WHERE batch_id = 'lim'"
+                " AND status = 'processing' AND (SELECT count(*) FROM file_checkpoints"
+                " WHERE batch_id = 'lim' AND status = 'completed') >= :d LIMIT 1",
+                d=d,
+            ),
+            timeout=120,
+            what=f"a limited file running once {done} completed",
+        )
+        worker, pid = cluster.worker_of(holder)
+        if rng.random() < 0.5:
+            worker.kill()
+            workers.remove(worker)
+            workers.append(cluster.start_worker(concurrency=2, extra_env=env))
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                worker.signal_child(pid, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            counts(cluster, "lim") == {"completed": 40}
+            and counts(cluster, "other") == {"completed": 300}
+        ),
+        timeout=240,
+        what="both batches completed",
+    )
+    assert cluster.scalar("SELECT count(*) FROM file_checkpoints WHERE held") == 0
+    expected = {u: [1, 2] for u in limited} | {u: [1] for u in other}
+    assert lines_per_file(cluster, limited + other) == expected
