@@ -99,24 +99,37 @@ def test_cancel__no_claim_after_it_returns_and_requeue_completes_each_file_once(
     assert lines_per_file(cluster, files) == {u: [1, 2, 3, 4] for u in files}
 
 
-def test_pause_then_resume__no_attempt_spent_and_everything_completes_once(
-    cluster: Cluster,
-) -> None:
-    files = [f"test://pause/{i:02}?chunks=2&sleep=0.05" for i in range(20)]
-    cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
-    cli_run = cluster.store.open_batch(BatchSpec("px", task_name="tests.chunked"))
-    assert cli_run.value == "open"
-    assert "paused batch px" in cli(cluster, "pause", "--batch", "px")
-    submit(cluster, "px", files)
-    # Every message is delivered and refused: nothing is claimed while paused.
-    wait_until(lambda: cluster.queue_length() == 0, timeout=30, what="queue drained")
-    time.sleep(2.0)
-    assert counts(cluster, "px") == {"pending": 20}
-    assert cluster.scalar("SELECT count(*) FROM pipeline_attempts") == 0
+PAUSE_SECONDS = 30.0
 
-    assert "20 files enqueued" in cli(cluster, "resume", "--batch", "px")
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_pause_then_resume__no_attempt_spent_and_everything_completes_once(
+    cluster: Cluster, concurrency: int | None
+) -> None:
+    """A batch of 60 two-chunk files paused once 10 completed, for 30 s, then resumed (with no
+    limit, and limited to 2: its held files wait through the pause too). No claim starts while
+    it is paused, no attempt is spent, every file completes with each chunk written once."""
+    files = [f"test://pause/{i:02}?chunks=2&sleep=0.05" for i in range(60)]
+    cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
+    submit(cluster, "px", files, concurrency=concurrency)
+    wait_until(lambda: counts(cluster, "px").get("completed", 0) >= 10, timeout=60, what="10 done")
+    assert "paused batch px" in cli(cluster, "pause", "--batch", "px")
+    paused_at = cluster.db_now()
+    time.sleep(PAUSE_SECONDS)
+    resumed_at = cluster.db_now()
+    started = cluster.scalar(
+        "SELECT count(*) FROM file_attempts WHERE started_at > :a AND started_at < :b",
+        a=paused_at,
+        b=resumed_at,
+    )
+    assert started == 0
+    left = counts(cluster, "px")
+    assert left.get("processing", 0) == 0, left  # the running ones finished
+    assert left.get("completed", 0) < 60, left
+    out = cli(cluster, "resume", "--batch", "px")
+    assert "files enqueued" in out
     wait_until(
-        lambda: counts(cluster, "px") == {"completed": 20}, timeout=60, what="all 20 completed"
+        lambda: counts(cluster, "px") == {"completed": 60}, timeout=120, what="all 60 completed"
     )
     rows = cluster.rows("SELECT attempt, attempts_spent FROM file_checkpoints")
     assert {(r.attempt, r.attempts_spent) for r in rows} == {(1, 0)}
