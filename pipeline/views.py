@@ -205,6 +205,8 @@ class Batch:
     #: seconds the oldest pending file has waited since its submit (None: none pending)
     oldest_waiting_age: float | None
     completed_last_minute: int
+    #: pending files held by the batch's limit (no message yet; sent as its files end)
+    held: int = 0
 
     @property
     def remaining(self) -> int:

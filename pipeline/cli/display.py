@@ -97,6 +97,7 @@ def batch_json(batch: Batch) -> dict[str, Any]:
         "file_count": batch.file_count,
         "state": str(batch.state),
         "concurrency": batch.concurrency,
+        "held": batch.held,
         "on_complete": batch.on_complete,
         "callbacks": batch.callbacks,
         "counts": {str(s): batch.counts.get(s, 0) for s in Status},
@@ -112,7 +113,7 @@ def batch_line(batch: Batch) -> str:
     if batch.submitted_by:
         parts.append(f"by {batch.submitted_by}")
     if batch.concurrency:
-        parts.append(f"at most {batch.concurrency} running")
+        parts.append(f"at most {batch.concurrency} running ({batch.held} held)")
     if batch.on_complete:
         parts.append(f"on complete {batch.on_complete} (fired {batch.callbacks})")
     if batch.oldest_waiting_age is not None:

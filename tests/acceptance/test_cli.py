@@ -698,3 +698,26 @@ def test_private_servers_cannot_start__clear_error_without_traceback(
     assert result.returncode == 1, result.describe()
     assert_no_traceback(result)
     assert f"could not start the private servers under {state}" in result.flat_stderr
+
+
+def test_submit_concurrency__sends_a_window_and_status_shows_the_held_files(
+    world: Cluster, env: dict[str, str], tmp_path: pathlib.Path, idle_queue: str
+) -> None:
+    """`submit --concurrency 2` of 10 files sends 4 messages (twice the limit) and holds the
+    other 6, and says so; `status --batch` (human and JSON) shows them held."""
+    paths = [write_jsonl(tmp_path / f"h{i}.jsonl", [f"h-{i}"]) for i in range(10)]
+    batch = f"held-{uuid.uuid4().hex[:6]}"
+    quiet = {**env, "PIPELINE_QUEUE": idle_queue}
+    sent = run_cli(
+        "submit", *map(str, paths), "--batch", batch, "--concurrency", "2", env=quiet
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.describe()
+    assert "10 files, 4 enqueued" in sent.flat_stderr, sent.describe()
+    assert "6 files held by the batch's limit" in sent.flat_stderr, sent.describe()
+    assert world.redis.llen(idle_queue) == 4
+    human = run_cli("status", "--batch", batch, env=env)
+    assert human.returncode == 0, human.describe()
+    assert "at most 2 running (6 held)" in human.stdout, human.describe()
+    shown = run_cli("status", "--batch", batch, "--json", env=env)
+    assert shown.returncode == 0, shown.describe()
+    assert json.loads(shown.stdout)["batch"]["held"] == 6, shown.stdout

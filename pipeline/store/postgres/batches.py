@@ -68,4 +68,5 @@ def read(store: Connections, name: str) -> Batch | None:
         counts={Status(s): int(n) for s, n in (r.counts or {}).items()},
         oldest_waiting_age=None if waiting is None else max(waiting.total_seconds(), 0.0),
         completed_last_minute=int(r.completed_last_minute),
+        held=int(r.held or 0),
     )

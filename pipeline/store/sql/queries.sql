@@ -494,6 +494,10 @@ SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state,
        (SELECT count(*) FROM file_checkpoints c
          WHERE c.status = 'completed' AND c.completed_at > now() - interval '60 seconds'
            AND c.batch_id = b.name) AS completed_last_minute,
+       -- a limited batch's files held (its held index, 0023); no other batch has any
+       CASE WHEN b.concurrency IS NOT NULL THEN
+           (SELECT count(*) FROM file_checkpoints c
+             WHERE c.batch_id = b.name AND c.held AND c.status = 'pending') END AS held,
        now() AS db_now
   FROM pipeline_batches b
  WHERE b.name = :name
