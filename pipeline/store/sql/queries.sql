@@ -79,14 +79,19 @@ WITH input AS (
       LEFT JOIN file_checkpoints c ON c.file_url = i.file_url
 ), room AS (
     -- A limited batch (migration 0023): messages for twice its limit, less its files with
-    -- a message out (pending and not held, or running); the rest are registered held, sent
-    -- one by one as its files end. No row: no limit, every new row gets its message.
-    SELECT greatest(0, 2 * b.concurrency - (
-               SELECT count(*) FROM (
-                   SELECT 1 FROM file_checkpoints c
-                    WHERE c.batch_id = b.name AND c.status IN ('pending', 'processing')
-                      AND NOT c.held
-                    LIMIT 2 * b.concurrency) o)) AS slots
+    -- a message out (pending or running); the rest are registered held, sent one by one as
+    -- its files end. A batch with files held already has its window out: every new file
+    -- joins the held ones (oldest submitted are released first), and no statement walks
+    -- them (a chunk of a big submit would otherwise count every file held so far).
+    -- No row: no limit, every new row gets its message.
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM file_checkpoints h
+                              WHERE h.batch_id = b.name AND h.held AND h.status = 'pending')
+                THEN 0
+                ELSE greatest(0, 2 * b.concurrency - (
+                         SELECT count(*) FROM (
+                             SELECT 1 FROM file_checkpoints c
+                              WHERE c.batch_id = b.name AND c.status IN ('pending', 'processing')
+                              LIMIT 2 * b.concurrency) o)) END AS slots
       FROM pipeline_batches b
      WHERE b.name = CAST(:batch_id AS text) AND b.concurrency IS NOT NULL
 ), upserted AS (

@@ -628,9 +628,13 @@ BEGIN
          WHERE b.state = 'open' AND b.concurrency IS NOT NULL
            AND EXISTS (SELECT 1 FROM file_checkpoints h
                         WHERE h.batch_id = b.name AND h.held AND h.status = 'pending')
+           -- running first: what a batch that is not stalled has, found in a few entries
            AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
-                            WHERE c.batch_id = b.name AND NOT c.held
-                              AND c.status IN ('pending', 'processing', 'failed'))
+                            WHERE c.batch_id = b.name AND c.status = 'processing')
+           AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                            WHERE c.batch_id = b.name AND c.status = 'failed')
+           AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
+                            WHERE c.batch_id = b.name AND c.status = 'pending' AND NOT c.held)
     ), picked AS (
         SELECT p.file_url FROM stalled s
          CROSS JOIN LATERAL (
