@@ -345,9 +345,12 @@ class Store(ClaimPath, Registry, Batches, Presence, Reports, Admin, Protocol):
 
 
 def preload() -> None:
-    """Import the PostgreSQL store now (SQLAlchemy, psycopg): a worker's main process does,
-    before its pool forks, so that no pool process pays for it on its first task."""
-    import pipeline.store.postgres  # noqa: F401
+    """Import the PostgreSQL store now (SQLAlchemy, psycopg, the dialect of output
+    transactions) and compile its queries: a worker's main process does, before its pool
+    forks, so that no pool process pays for it on its first task."""
+    from pipeline.store.postgres import sqltext
+
+    sqltext.warm()
 
 
 def open_store(database_url: str | None = None) -> Store:

@@ -47,6 +47,17 @@ def positional_queries() -> dict[str, tuple[str, tuple[str, ...]]]:
     return result
 
 
+def warm() -> None:
+    """What each pool process would otherwise do on its first task, done once in the worker's
+    main process before the pool forks (`pipeline.store.preload`): import SQLAlchemy's
+    PostgreSQL dialect for psycopg, which the first output transaction's engine loads (the
+    bulk of a pool process's first checkpointed task beyond its later ones: bench/
+    profile_race.py), and read and compile the store's queries."""
+    import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
+
+    positional_queries()
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration, in order."""
     result = []
