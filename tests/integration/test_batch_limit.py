@@ -42,6 +42,13 @@ def producer_submit(
     return report, sent
 
 
+def urls_of(store: PostgresStore, batch: str, numbers: range) -> list[str]:
+    """Register more files into `batch` (a submit after the first)."""
+    files = [f"file:///data/{batch}/{i:03}.jsonl" for i in numbers]
+    store.register(files, batch_id=batch, task_name="t")
+    return files
+
+
 def files_of(batch: str, n: int) -> list[str]:
     return [f"file:///data/{batch}/{i:03}.jsonl" for i in range(n)]
 
@@ -141,17 +148,33 @@ def test_a_refused_claim_holds_its_file_and_the_next_ending_sends_it(
     assert r.reason is Reason.LIMITED
     assert r.retry_in is None
     assert held(pg_store, "b") == set(files[1:])
-    # A failure with a retry frees the slot: the first held file (oldest submitted) is sent.
+    # A failure with a retry frees the slot: a held file (of the oldest submit: here all three
+    # came in one) is sent.
     outcome = pg_store.fail(files[0], first.token, "flaky", retryable=True, retry_in=60.0)
     assert outcome.status is Status.FAILED
-    assert outcome.callback == Work(files[1], "t", Status.PENDING)
-    second = claim(pg_store, files[1])
+    assert outcome.callback is not None
+    assert outcome.callback.task_name == "t"
+    one = outcome.callback.file_url
+    assert held(pg_store, "b") == set(files[1:]) - {one}
+    second = claim(pg_store, one)
     assert isinstance(second, Claim)
     # A dead ending frees it too.
-    outcome = pg_store.fail(files[1], second.token, "bad", retryable=False)
+    outcome = pg_store.fail(one, second.token, "bad", retryable=False)
     assert outcome.status is Status.DEAD
-    assert outcome.callback == Work(files[2], "t", Status.PENDING)
-    assert held(pg_store, "b") == {files[3]}
+    assert outcome.callback is not None
+    assert held(pg_store, "b") == set(files[1:]) - {one, outcome.callback.file_url}
+
+
+def test_held_files_are_released_oldest_submitted_first(pg_store: PostgresStore) -> None:
+    early = submit(pg_store, "b", 6, concurrency=1)
+    pg_store.scalar("SELECT pg_sleep(0.01)")  # a later submit, a later time
+    late = urls_of(pg_store, "b", range(6, 9))
+    running = claim(pg_store, early[0])
+    assert isinstance(running, Claim)
+    released = pg_store.complete(early[0], running.token, Stats())
+    assert released is not None
+    assert released.file_url in early[2:]
+    assert held(pg_store, "b") >= set(late)
 
 
 def end_and_claim_at_once(
@@ -215,8 +238,8 @@ def test_the_sweep_skips_held_files_and_releases_a_stalled_batch(
     # files only, nothing running, nothing with a message. The sweep releases its limit's worth.
     execute(pg_store, "UPDATE file_checkpoints SET held = true WHERE batch_id = 'big'")
     handed = [w.file_url for w in pg_store.reap(waiting_seconds=60.0)]
-    assert handed == files[:2]
-    assert held(pg_store, "big") == set(files[2:])
+    assert len(handed) == 2
+    assert held(pg_store, "big") == set(files) - set(handed)
     # Released and waiting for their messages: not stalled, nothing more.
     assert [w.file_url for w in pg_store.reap(waiting_seconds=60.0)] == []
 
@@ -232,8 +255,10 @@ def test_resume_sends_the_window_and_cancel_clears_held(pg_store: PostgresStore)
     work = pg_store.resume_batch("big")
     assert work is not None
     # The four with a message out (dropped while paused), and four held files released.
-    assert sorted(w.file_url for w in work) == files[:8]
-    assert held(pg_store, "big") == set(files[8:])
+    again = {w.file_url for w in work}
+    assert len(work) == len(again) == 8
+    assert set(files[:4]) <= again
+    assert held(pg_store, "big") == set(files) - again
     pg_store.cancel_batch("big")
     assert held(pg_store, "big") == set()
     back = pg_store.requeue(batch_id="big", statuses=[Status.CANCELLED])

@@ -467,7 +467,7 @@ WITH resumed AS (
              CROSS JOIN LATERAL (
                 SELECT h.file_url FROM file_checkpoints h
                  WHERE h.batch_id = r.name AND h.held AND h.status = 'pending'
-                 ORDER BY h.submitted_at, h.file_url
+                 ORDER BY h.submitted_at
                  LIMIT 2 * coalesce(r.concurrency, 0)
                    FOR UPDATE SKIP LOCKED) h) p
      WHERE c.file_url = p.file_url
@@ -499,7 +499,7 @@ SELECT b.name, b.task_name, b.created_at, b.submitted_by, b.file_count, b.state,
        (SELECT count(*) FROM file_checkpoints c
          WHERE c.status = 'completed' AND c.completed_at > now() - interval '60 seconds'
            AND c.batch_id = b.name) AS completed_last_minute,
-       -- a limited batch's files held (its held index, 0023); no other batch has any
+       -- a limited batch's files held (0023; among its pending files); no other batch has any
        CASE WHEN b.concurrency IS NOT NULL THEN
            (SELECT count(*) FROM file_checkpoints c
              WHERE c.batch_id = b.name AND c.held AND c.status = 'pending') END AS held,

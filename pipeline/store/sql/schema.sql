@@ -454,7 +454,7 @@ BEGIN
     UPDATE file_checkpoints c SET held = false, updated_at = clock_timestamp()
      WHERE c.file_url = (SELECT h.file_url FROM file_checkpoints h
                           WHERE h.batch_id = p_batch AND h.held AND h.status = 'pending'
-                          ORDER BY h.submitted_at, h.file_url
+                          ORDER BY h.submitted_at
                           LIMIT 1
                             FOR UPDATE SKIP LOCKED)
     RETURNING c.file_url, c.task_name INTO v_url, v_task;
@@ -1353,7 +1353,7 @@ BEGIN
          CROSS JOIN LATERAL (
             SELECT h.file_url FROM file_checkpoints h
              WHERE h.batch_id = s.name AND h.held AND h.status = 'pending'
-             ORDER BY h.submitted_at, h.file_url
+             ORDER BY h.submitted_at
              LIMIT s.concurrency
                FOR UPDATE SKIP LOCKED) p
     )
@@ -1699,8 +1699,6 @@ CREATE INDEX file_checkpoints_batch_status_idx ON public.file_checkpoints USING 
 CREATE INDEX file_checkpoints_completed_at_idx ON public.file_checkpoints USING btree (completed_at) WHERE (status = 'completed'::text);
 
 CREATE INDEX file_checkpoints_dead_idx ON public.file_checkpoints USING btree (updated_at) WHERE (status = 'dead'::text);
-
-CREATE INDEX file_checkpoints_held ON public.file_checkpoints USING btree (batch_id, submitted_at, file_url) WHERE (held AND (status = 'pending'::text));
 
 CREATE INDEX file_checkpoints_lease_idx ON public.file_checkpoints USING btree (lease_expires_at) WHERE (status = 'processing'::text);
 
