@@ -175,7 +175,10 @@ def test_worker_sigkilled_behind_a_backlog__file_handed_back_within_the_lease_wi
     lease = 3.0
     cluster = make_cluster(lease=lease, broker_url=broker_url)
     victim = cluster.start_worker(concurrency=1, extra_env=FAST_SWEEP)
-    url = "file:///backlog/victim?sleep=30"
+    # Its first attempt sleeps far longer than sending the backlog takes on a slow machine (a
+    # 30 s sleep ended before 5,000 messages were sent, on a host that ran Celery at a third of
+    # its usual pace); the attempt that takes it over does not sleep.
+    url = "file:///backlog/victim?sleep=600&sleep_until=2"
     cluster.send(url)
     cluster.wait_claimed(url)
     survivor = cluster.start_worker(concurrency=2, extra_env=FAST_SWEEP)
@@ -186,6 +189,7 @@ def test_worker_sigkilled_behind_a_backlog__file_handed_back_within_the_lease_wi
                 args=[f"file:///backlog/{i:05d}"], queue=cluster.queue, producer=producer
             )
     assert cluster.queue_length() > 1000, "the backlog must be queued when the worker dies"
+    assert cluster.checkpoint(url).status == "processing", "the victim must die holding it"
 
     killed_at = cluster.db_now()
     victim.kill()
