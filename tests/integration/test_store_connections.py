@@ -12,8 +12,13 @@ takes a second one. A connection left unused for PIPELINE_DATABASE_IDLE_SECONDS 
 
 from __future__ import annotations
 
+import gc
+import random
 import threading
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -173,4 +178,90 @@ def test_a_connection_lost_in_an_output_transaction__the_others_carry_on(
                 assert tx.execute(sa.text("SELECT 2")).scalar() == 2
         assert store.scalar("SELECT 3") == 3
     finally:
+        store.close()
+
+
+def _resource_warnings(run: Callable[[], None]) -> list[str]:
+    """The ResourceWarnings (a driver connection dropped while open) during `run` and the
+    garbage collection after it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        run()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_engine__made_once_when_two_threads_first_use_it_at_once(
+    database_url: str, pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads' first ad-hoc queries at once: one engine, not one each with the loser's
+    pool dropped holding its connection open (garbage collection then warned, at a random
+    later moment: a ResourceWarning failing an unrelated test in CI)."""
+    made: list[str] = []
+    make = PostgresStore._make_engine
+
+    def slow_make(self: PostgresStore, url: str, **kw: Any) -> sa.Engine:
+        made.append(threading.current_thread().name)
+        time.sleep(0.2)  # both threads are in here at once, unless only one may be
+        return make(self, url, **kw)
+
+    monkeypatch.setattr(PostgresStore, "_make_engine", slow_make)
+    store = PostgresStore(database_url, timeout=3.0)
+    try:
+
+        def first_uses() -> None:
+            threads = [threading.Thread(target=lambda: store.scalar("SELECT 1")) for _ in "ab"]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+
+        assert _resource_warnings(first_uses) == []
+        assert len(made) == 1, made
+    finally:
+        store.close()
+
+
+def test_idle_close__never_drops_a_connection_a_query_has_out(
+    database_url: str, pg_store: PostgresStore
+) -> None:
+    """The watcher closes the SQLAlchemy pool of a store idle for `idle_seconds`. Ad-hoc
+    queries (`scalar`, `execute_script`: tests, tools; the sweep's prune) count as use like
+    any call, and the pool is closed under the lock every use takes first: one closed under a
+    query would leave that query's connection in the discarded pool, open until garbage
+    collection."""
+    store = PostgresStore(database_url, timeout=3.0, idle_seconds=0.3)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def query() -> None:
+        try:
+            while not stop.is_set():
+                store.scalar("SELECT pg_sleep(0.02)")
+                time.sleep(0.3 * random.random())
+        except BaseException as error:
+            failures.append(error)
+
+    def queries_then_idle() -> None:
+        threads = [threading.Thread(target=query) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(4)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        # Idle now: the tick closes the pool, once every query gave its connection back.
+        deadline = time.monotonic() + 5
+        while store._sa_engine.pool.checkedin() and time.monotonic() < deadline:  # type: ignore[union-attr, attr-defined]
+            time.sleep(0.1)
+
+    try:
+        assert store.get("file:///conn/none") is None  # starts the deadline watcher
+        assert _resource_warnings(queries_then_idle) == []
+        assert failures == []
+        assert store._sa_engine is not None
+        assert store._sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert store.scalar("SELECT 4") == 4  # and the next query opens one again
+    finally:
+        stop.set()
         store.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import threading
 import time
 from collections import namedtuple
@@ -22,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 
 from pipeline import errors, masking, settings
 from pipeline.store.postgres.boundary import no_answer, translate, unavailable
+from pipeline.store.postgres.engines import Engines
 from pipeline.store.postgres.link import Deadlines, Link
 from pipeline.store.postgres.output import PgTransaction
 from pipeline.store.postgres.sqltext import engine_url, libpq_url, positional_queries, queries
@@ -43,7 +43,7 @@ def _row_type(name: str, cursor: psycopg.Cursor[Any]) -> Any:
     return namedtuple(f"{name}_row", columns, rename=True)
 
 
-class Connections:
+class Connections(Engines):
     """The connections of one store object, shared by the threads of one process."""
 
     def __init__(
@@ -91,6 +91,7 @@ class Connections:
                 f"{masking.scrub(str(error), database_url)}"
             ) from error
         self._lock = threading.Lock()
+        self._engines_lock = threading.Lock()  # `_once`
         self._conns: list[psycopg.Connection[Any]] = []  # every open one, taken or not
         self._idle: list[psycopg.Connection[Any]] = []  # free ones, the last used last
         self._used_at: dict[int, float] = {}  # when each free one was given back
@@ -102,57 +103,18 @@ class Connections:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _make_engine(self, url: str, *, pool_size: int, direct: bool) -> sa.Engine:
-        link = dataclasses.replace(self.link, pooler="none") if direct else self.link
-        engine = sa.create_engine(
-            engine_url(url),
-            # Single calls run in autocommit: each transition is one statement, so a
-            # BEGIN/COMMIT pair would only add round trips.
-            isolation_level="AUTOCOMMIT",
-            pool_size=pool_size,
-            max_overflow=4,
-            # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy
-            # invalidates the pool, the caller retries with a fresh one.
-            pool_pre_ping=False,
-            echo=self._echo,
-            connect_args=link.connect_args(),
-        )
-        first = link.session_sql(statement_timeout=False)
-        if first is not None:
-
-            @sa.event.listens_for(engine, "connect")
-            def _session(dbapi_connection: Any, _record: Any) -> None:
-                autocommit = dbapi_connection.autocommit
-                dbapi_connection.autocommit = True
-                dbapi_connection.execute(first)
-                dbapi_connection.autocommit = autocommit
-
-        return engine
-
-    @property
-    def _engine(self) -> sa.Engine:
-        if self._sa_engine is None:
-            self._sa_engine = self._make_engine(self.url, pool_size=self._pool_size, direct=False)
-        return self._sa_engine
-
     @property
     def _own_engine(self) -> sa.Engine:
         """For output transactions: on one of the store's own connections (`taken.Taken`)."""
-        if self._sa_own is None:
-            pool = Taken(self, reset_on_return="rollback")
-            self._sa_own = sa.create_engine(
-                engine_url(self.url), pool=pool, isolation_level="AUTOCOMMIT", echo=self._echo
-            )
-        return self._sa_own
-
-    @property
-    def _session_engine(self) -> sa.Engine:
-        """For migrations: on the direct URL when one is given (around the pooler)."""
-        if self.direct_url == self.url:
-            return self._engine
-        if self._sa_direct is None:
-            self._sa_direct = self._make_engine(self.direct_url, pool_size=1, direct=True)
-        return self._sa_direct
+        return self._sa_own or self._once(
+            "_sa_own",
+            lambda: sa.create_engine(
+                engine_url(self.url),
+                pool=Taken(self, reset_on_return="rollback"),
+                isolation_level="AUTOCOMMIT",
+                echo=self._echo,
+            ),
+        )
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(
@@ -366,13 +328,20 @@ class Connections:
                 self._used_at.pop(id(conn), None)
                 with contextlib.suppress(ValueError):
                     self._conns.remove(conn)
-            idle = not self._busy and now - self._last_used >= self.idle_seconds
-            engine = self._sa_engine if idle else None
+            engine = self._sa_engine
+            if (
+                engine is not None
+                and not self._busy
+                and now - self._last_used >= self.idle_seconds
+                and engine.pool.checkedin()  # type: ignore[attr-defined]
+            ):
+                # Under the lock: every use of the engine counts as busy (`_using`) from
+                # before its checkout, so none has a connection out of the pool closed here
+                # (one out would go back to the discarded pool and stay open in it).
+                engine.dispose()
         for conn in stale:
             with contextlib.suppress(Exception):
                 conn.close()
-        if engine is not None and engine.pool.checkedin():  # type: ignore[attr-defined]
-            engine.dispose()
 
     def unavailable(self, error: BaseException) -> bool:
         return unavailable(self.url, error)
@@ -383,7 +352,7 @@ class Connections:
     def after_fork(self) -> None:
         # A fork copies locks in whatever state the parent's other threads (the lease keeper,
         # the worker's sweeper) left them: start with fresh ones.
-        self._lock = threading.Lock()
+        self._lock, self._engines_lock = threading.Lock(), threading.Lock()
         # Connections opened by the parent must not be shared with it (close=False leaves
         # the parent's sockets alone).
         for engine in (self._sa_engine, self._sa_direct, self._sa_own):
@@ -408,12 +377,12 @@ class Connections:
 
     def execute_script(self, sql: str) -> None:
         """Run a multi-statement script (tests and tools)."""
-        with translate(self.url), self._engine.connect() as conn:
+        with translate(self.url), self._using(), self._engine.connect() as conn:
             driver = conn.connection.driver_connection
             assert driver is not None
             driver.execute(sql)
 
     def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """One value from an ad-hoc query (tests and tools)."""
-        with translate(self.url), self._engine.connect() as conn:
+        with translate(self.url), self._using(), self._engine.connect() as conn:
             return conn.execute(sa.text(sql), dict(params or {})).scalar()

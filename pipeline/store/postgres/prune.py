@@ -67,7 +67,7 @@ class Pruning(Connections):
         the pool: the sweep prunes once an interval, and must not hold a second connection
         for the rest of the time (the README's connection budget)."""
         total = runs = 0
-        with translate(self.url), self._engine.connect() as conn:
+        with translate(self.url), self._using(), self._engine.connect() as conn:
             try:
                 while max_batches is None or runs < max_batches:
                     deleted = max(

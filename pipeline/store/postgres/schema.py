@@ -16,7 +16,7 @@ class Schema(Connections):
     def upgrade(self) -> list[str]:
         """Apply the migrations not yet applied; safe to run from several processes at once."""
         applied_now: list[str] = []
-        with translate(self.url), self._session_engine.connect() as conn:
+        with translate(self.url), self._using(), self._session_engine.connect() as conn:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
                 conn.execute(self._q["migration_lock"], {"key": _MIGRATION_LOCK_KEY})
@@ -33,7 +33,7 @@ class Schema(Connections):
         return applied_now
 
     def schema_version(self) -> int | None:
-        with translate(self.url), self._session_engine.connect() as conn:
+        with translate(self.url), self._using(), self._session_engine.connect() as conn:
             if not conn.execute(self._q["schema_exists"]).scalar():
                 return None
             version = conn.execute(self._q["schema_version"]).scalar()
