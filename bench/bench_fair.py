@@ -153,13 +153,16 @@ def _submit(store: Any, sender: Any, name: str, count: int, limit: int | None) -
 
 def _submit_at(root: pathlib.Path, url: str, name: str, count: int, limit: int | None) -> None:
     """`_submit` by the code of another tree (--before), in a process of its own."""
-    script = (
-        "import sys, pipeline; from bench import bench_fair, fair_app;"
-        " from pipeline.sender import Sender; store = pipeline.open_store(sys.argv[1]);"
-        " s = Sender(fair_app.app).__enter__();"
-        " bench_fair._submit(store, s, sys.argv[2], int(sys.argv[3]),"
-        " int(sys.argv[4]) if sys.argv[4] != '-' else None); s.__exit__(None, None, None)"
+    script = """
+import sys, pipeline
+from bench import bench_fair, fair_app
+from pipeline.sender import Sender
+url, name, count, limit = sys.argv[1:]
+with Sender(fair_app.app) as sender:
+    bench_fair._submit(
+        pipeline.open_store(url), sender, name, int(count), None if limit == "-" else int(limit)
     )
+"""
     env = dict(os.environ, PYTHONPATH=str(root))
     subprocess.run(
         [sys.executable, "-c", script, url, name, str(count), str(limit or "-")],

@@ -196,7 +196,7 @@ class FailResult:
 
     `retry_in`: seconds until the next attempt may start, measured by the store after it
     wrote the row (so a retry message sent with that countdown is never early).
-    `callback`: the batch callback this dead ending created (it made its batch terminal), or
+    `follow_up`: the batch callback this dead ending created (it made its batch terminal), or
     the next held file of its limited batch it released, to send; it was committed with the
     failure.
     """
@@ -205,7 +205,7 @@ class FailResult:
     attempt: int
     max_attempts: int
     retry_in: float | None = None
-    callback: Work | None = None
+    follow_up: Work | None = None
 
     @property
     def will_retry(self) -> bool:

@@ -383,7 +383,7 @@ def _failed(
     except errors.LostClaim:
         return _skipped(claim.file_url, "claim lost to a newer execution; failure not recorded")
     if outcome.status is Status.FAILED:
-        callbacks.send(task, outcome.callback)  # its limited batch's next held file, if any
+        callbacks.send(task, outcome.follow_up)  # its limited batch's next held file, if any
         raise task.retry(
             exc=error,
             # measured by the database after it wrote retry_at, plus a little: never early
@@ -391,7 +391,7 @@ def _failed(
             max_retries=None,
             kwargs=kwargs,
         ) from (cause or error)
-    callbacks.send(task, outcome.callback)  # dead: its batch's callback, or next held file
+    callbacks.send(task, outcome.follow_up)  # dead: its batch's callback, or next held file
     raise errors.FileDead(
         f"{claim.file_url} is dead after attempt {outcome.attempt} of {outcome.max_attempts}: "
         f"{type(error).__name__}: {masking.scrub(str(error))}",

@@ -107,7 +107,7 @@ def drain(
             assert outcome.status is Status.FAILED
             seen["failed"] += 1
             queue.append(c.file_url)  # Celery's retry message
-            follow = outcome.callback
+            follow = outcome.follow_up
         else:
             follow = store.complete(c.file_url, c.token, Stats(1, 0, 1))
         if follow is not None:
@@ -152,17 +152,17 @@ def test_a_refused_claim_holds_its_file_and_the_next_ending_sends_it(
     # came in one) is sent.
     outcome = pg_store.fail(files[0], first.token, "flaky", retryable=True, retry_in=60.0)
     assert outcome.status is Status.FAILED
-    assert outcome.callback is not None
-    assert outcome.callback.task_name == "t"
-    one = outcome.callback.file_url
+    assert outcome.follow_up is not None
+    assert outcome.follow_up.task_name == "t"
+    one = outcome.follow_up.file_url
     assert held(pg_store, "b") == set(files[1:]) - {one}
     second = claim(pg_store, one)
     assert isinstance(second, Claim)
     # A dead ending frees it too.
     outcome = pg_store.fail(one, second.token, "bad", retryable=False)
     assert outcome.status is Status.DEAD
-    assert outcome.callback is not None
-    assert held(pg_store, "b") == set(files[1:]) - {one, outcome.callback.file_url}
+    assert outcome.follow_up is not None
+    assert held(pg_store, "b") == set(files[1:]) - {one, outcome.follow_up.file_url}
 
 
 def test_held_files_are_released_oldest_submitted_first(pg_store: PostgresStore) -> None:

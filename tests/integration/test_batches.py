@@ -229,7 +229,7 @@ def finish(store: PostgresStore, url: str, *, dead: bool = False) -> Work | None
     c = claim(store, url)
     assert isinstance(c, Claim), c
     if dead:
-        return store.fail(url, c.token, "bad row 7", retryable=False).callback
+        return store.fail(url, c.token, "bad row 7", retryable=False).follow_up
     return store.complete(url, c.token, Stats(1, 0, 1))
 
 

@@ -155,7 +155,9 @@ class Prometheus:
             if self.proc.poll() is not None:
                 raise AssertionError(f"prometheus exited:\n{self.log()}")
             try:
-                if self.query("pipeline_up"):
+                # Until its storage is open Prometheus answers 503 with a plain-text body.
+                ready = requests.get(f"{self.url}/-/ready", timeout=10).status_code == 200
+                if ready and self.query("pipeline_up"):
                     return
             except requests.ConnectionError:
                 pass

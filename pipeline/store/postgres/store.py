@@ -262,7 +262,7 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
             row.attempt,
             row.max_attempts,
             retry_in=float(row.retry_in) if row.retry_in is not None else None,
-            callback=_callback(row),
+            follow_up=_follow_up(row),
         )
 
     def abandon(self, file_url: str, worker_id: str, task_id: str | None) -> Status | None:
@@ -349,8 +349,9 @@ class PostgresStore(Reports, OperationsReads, BatchRows, Pruning, Schema):
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows]
 
 
-def _callback(row: Any) -> Work | None:
-    """The batch callback a completion or a dead ending created (to send once committed)."""
+def _follow_up(row: Any) -> Work | None:
+    """What a failed or dead ending asks to send once committed: the batch callback it created,
+    or the next held file of its limited batch it released (SQL: callback_url, callback_task)."""
     if row.callback_url is None:
         return None
     return Work(row.callback_url, row.callback_task, Status.PENDING)

@@ -546,6 +546,8 @@ DECLARE
     v_state   text;
     v_now     timestamptz;
     v_gap_end timestamptz;
+    v_stalled record;
+    v_next    text[];
 BEGIN
     PERFORM pipeline_contact_v1(p_gap_seconds);
     v_now := clock_timestamp();
@@ -624,9 +626,8 @@ BEGIN
 
     -- A limited batch whose files are all held, with none running or waiting for a message
     -- of its own: nothing would end to release them (a release lost to a race, a resume
-    -- that found its slots taken): its limit's worth sent again (0023).
-    RETURN QUERY
-    WITH stalled AS (
+    -- that found its slots taken): its limit's worth released, as an ending releases one.
+    FOR v_stalled IN
         SELECT b.name, b.concurrency FROM pipeline_batches b
          WHERE b.state = 'open' AND b.concurrency IS NOT NULL
            AND EXISTS (SELECT 1 FROM file_checkpoints h
@@ -638,19 +639,16 @@ BEGIN
                             WHERE c.batch_id = b.name AND c.status = 'failed')
            AND NOT EXISTS (SELECT 1 FROM file_checkpoints c
                             WHERE c.batch_id = b.name AND c.status = 'pending' AND NOT c.held)
-    ), picked AS (
-        SELECT p.file_url FROM stalled s
-         CROSS JOIN LATERAL (
-            SELECT h.file_url FROM file_checkpoints h
-             WHERE h.batch_id = s.name AND h.held AND h.status = 'pending'
-             ORDER BY h.submitted_at
-             LIMIT s.concurrency
-               FOR UPDATE SKIP LOCKED) p
-    )
-    UPDATE file_checkpoints c SET held = false, updated_at = v_now
-      FROM picked p
-     WHERE c.file_url = p.file_url
-    RETURNING c.file_url, c.task_name, c.status;
+    LOOP
+        FOR i IN 1 .. v_stalled.concurrency LOOP
+            v_next := pipeline_batch_release_v1(v_stalled.name);
+            EXIT WHEN v_next = '{}';
+            file_url := v_next[1];
+            task_name := v_next[2];
+            status := 'pending';
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
 
     RETURN QUERY
     SELECT st.* FROM pipeline_batches b
