@@ -24,6 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # kernel's ephemeral range (32768-60999 by default): a port one process has just seen free is
 # not handed to another test process, nor to an outgoing connection, before it is bound.
 _PORTS_FROM, _PORTS_PER_PROCESS = 20_000, 2_000
+_unused: list[int] = []  # this process's range, shuffled: free_port takes from the end
 
 
 def xdist_index() -> int:
@@ -32,9 +33,14 @@ def xdist_index() -> int:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking), and not one
+    this process handed out before, until its whole range has been: a server given several
+    ports at once (SeaweedFS takes seven) was sometimes given one twice, and failed to bind."""
     low = _PORTS_FROM + xdist_index() * _PORTS_PER_PROCESS
-    for port in random.sample(range(low, low + _PORTS_PER_PROCESS), 200):
+    for _ in range(200):
+        if not _unused:
+            _unused.extend(random.sample(range(low, low + _PORTS_PER_PROCESS), _PORTS_PER_PROCESS))
+        port = _unused.pop()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
