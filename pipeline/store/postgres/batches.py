@@ -37,7 +37,7 @@ class BatchRows(Connections):
         rows = self._fast("batch_resume", {"name": name})
         if not rows:
             return None
-        # One row with no file when the batch had nothing waiting (the LEFT JOIN).
+        # The first row names the batch with no file (it was paused): not a file to send.
         return [Work(r.file_url, r.task_name, Status(r.status)) for r in rows if r.file_url]
 
     def batch(self, name: str) -> Batch | None:

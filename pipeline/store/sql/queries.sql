@@ -454,31 +454,9 @@ RETURNING b.state
 
 -- batch_resume --
 -- Release a paused batch's claims: its waiting files, to enqueue again (their messages were
--- dropped while it was paused); no row when it was not paused.
-WITH resumed AS (
-    UPDATE pipeline_batches b SET state = 'open', updated_at = now()
-     WHERE b.name = :name AND b.state = 'paused'
-    RETURNING b.name, b.concurrency
-), released AS (
-    -- a limited batch's held files: twice its limit of them sent now, the rest as its files
-    -- end (migration 0023)
-    UPDATE file_checkpoints c SET held = false, updated_at = now()
-      FROM (SELECT h.file_url FROM resumed r
-             CROSS JOIN LATERAL (
-                SELECT h.file_url FROM file_checkpoints h
-                 WHERE h.batch_id = r.name AND h.held AND h.status = 'pending'
-                 ORDER BY h.submitted_at
-                 LIMIT 2 * coalesce(r.concurrency, 0)
-                   FOR UPDATE SKIP LOCKED) h) p
-     WHERE c.file_url = p.file_url
-    RETURNING c.batch_id, c.file_url, c.task_name, c.status
-)
-SELECT r.name AS batch_id, c.file_url, c.task_name, c.status
-  FROM resumed r
-  LEFT JOIN file_checkpoints c
-    ON c.batch_id = r.name AND c.status IN ('pending', 'failed') AND NOT c.held
-UNION ALL
-SELECT * FROM released
+-- dropped while it was paused), and a limited batch's window of held files (migration 0023);
+-- no row when it was not paused, a first row with no file when it was.
+SELECT * FROM pipeline_batch_resume_v1(:name)
 
 -- batch --
 -- One batch as `status --batch` shows it, in one read over its own rows and indexes: the batch

@@ -465,6 +465,35 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.pipeline_batch_resume_v1(p_name text) RETURNS TABLE(batch_id text, file_url text, task_name text, status text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_limit integer;
+    v_next  text[];
+BEGIN
+    UPDATE pipeline_batches b SET state = 'open', updated_at = clock_timestamp()
+     WHERE b.name = p_name AND b.state = 'paused'
+    RETURNING b.concurrency INTO v_limit;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    batch_id := p_name;
+    RETURN NEXT;
+    RETURN QUERY
+    SELECT p_name, c.file_url, c.task_name, c.status FROM file_checkpoints c
+     WHERE c.batch_id = p_name AND c.status IN ('pending', 'failed') AND NOT c.held;
+    FOR i IN 1 .. 2 * coalesce(v_limit, 0) LOOP
+        v_next := pipeline_batch_release_v1(p_name);
+        EXIT WHEN v_next = '{}';
+        file_url := v_next[1];
+        task_name := v_next[2];
+        status := 'pending';
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
 CREATE FUNCTION public.pipeline_batch_settle_v1(p_name text) RETURNS TABLE(file_url text, task_name text, status text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'

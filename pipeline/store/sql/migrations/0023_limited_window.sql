@@ -15,8 +15,9 @@
 --   whose files are all held, none running or waiting for a message, gets its limit's worth
 --   released. A released file whose message was never sent (a worker killed between commit
 --   and send) is a pending row like any other: the waiting rule sends it again.
--- * Resume sends a paused limited batch's files that have a message out and releases twice
---   its limit; cancel clears `held` (requeue sends every file it brings back).
+-- * Resume (pipeline_batch_resume_v1) sends a paused batch's files that had a message out and
+--   releases twice its limit of held ones; cancel clears `held` (requeue sends every file it
+--   brings back).
 --
 -- Endings and claims of a limited batch take turns on the lock the claims count under
 -- (0014's `pipeline_batch:NAME`): a claim that holds its file commits before a later ending
@@ -96,6 +97,39 @@ BEGIN
         RETURN '{}';
     END IF;
     RETURN ARRAY[v_url, v_task];
+END;
+$$;
+
+-- Resume (0014's `batch_resume` query, a function since 0023): a paused batch open again; its
+-- files whose messages were dropped while it was paused (pending or failed, not held), to send
+-- again, and twice its limit of held files released as an ending releases one. No row: it was
+-- not paused; the first row names the batch with no file (resumed, perhaps nothing to send).
+CREATE FUNCTION pipeline_batch_resume_v1(p_name text)
+RETURNS TABLE (batch_id text, file_url text, task_name text, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_limit integer;
+    v_next  text[];
+BEGIN
+    UPDATE pipeline_batches b SET state = 'open', updated_at = clock_timestamp()
+     WHERE b.name = p_name AND b.state = 'paused'
+    RETURNING b.concurrency INTO v_limit;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    batch_id := p_name;
+    RETURN NEXT;
+    RETURN QUERY
+    SELECT p_name, c.file_url, c.task_name, c.status FROM file_checkpoints c
+     WHERE c.batch_id = p_name AND c.status IN ('pending', 'failed') AND NOT c.held;
+    FOR i IN 1 .. 2 * coalesce(v_limit, 0) LOOP
+        v_next := pipeline_batch_release_v1(p_name);
+        EXIT WHEN v_next = '{}';
+        file_url := v_next[1];
+        task_name := v_next[2];
+        status := 'pending';
+        RETURN NEXT;
+    END LOOP;
 END;
 $$;
 
