@@ -40,7 +40,8 @@ class Reason(enum.StrEnum):
     CANCELLED = "cancelled"
     #: its batch is paused: held, no attempt spent; `resume` enqueues it again
     PAUSED = "paused"
-    #: its batch has as many files running as its limit allows: not now (`retry_in`)
+    #: its batch has as many files running as its limit allows: held (no message, no attempt
+    #: spent) until one of its files ends and releases it
     LIMITED = "limited"
 
 

@@ -258,7 +258,7 @@ def _run_once(
             stats = Stats.coerce(result)
             if heartbeat.lost.is_set():
                 raise errors.LostClaim(url=claim.file_url, token=claim.token)
-            callback = store.complete(
+            follow_up = store.complete(
                 claim.file_url,
                 claim.token,
                 stats,
@@ -277,7 +277,7 @@ def _run_once(
     # Committed: output and 'completed' together (and the batch's callback row, if this was
     # its last file: sent now, not at the next sweep; or the next held file of its limited
     # batch).
-    callbacks.send(task, callback)
+    callbacks.send(task, follow_up)
     return _completed(claim, stats)
 
 
