@@ -15,15 +15,15 @@ import pytest
 from pipeline.models import Claim, Reason, Refusal, Stats, Status, Work
 from pipeline.sources import producer
 from pipeline.store.postgres import PostgresStore
-from tests.integration.test_batches import claim, submit
+from tests.integration.test_batches import claim, submit, urls
 
 
 def held(store: PostgresStore, batch: str) -> set[str]:
-    urls = store.scalar(
+    found = store.scalar(
         "SELECT array_agg(file_url) FROM file_checkpoints WHERE batch_id = :b AND held",
         {"b": batch},
     )
-    return set(urls or ())
+    return set(found or ())
 
 
 def execute(store: PostgresStore, sql: str) -> None:
@@ -44,17 +44,13 @@ def producer_submit(
 
 def urls_of(store: PostgresStore, batch: str, numbers: range) -> list[str]:
     """Register more files into `batch` (a submit after the first)."""
-    files = [f"file:///data/{batch}/{i:03}.jsonl" for i in numbers]
+    files = urls(numbers.stop, batch)[numbers.start :]
     store.register(files, batch_id=batch, task_name="t")
     return files
 
 
-def files_of(batch: str, n: int) -> list[str]:
-    return [f"file:///data/{batch}/{i:03}.jsonl" for i in range(n)]
-
-
 def test_submit__sends_twice_the_limit_and_holds_the_rest(pg_store: PostgresStore) -> None:
-    files = files_of("big", 20)
+    files = urls(20, "big")
     report, sent = producer_submit(pg_store, "big", files, 2)
     assert sorted(sent) == files[:4]
     assert (report.enqueued, report.held, report.in_flight_before) == (4, 16, 0)
@@ -65,13 +61,13 @@ def test_submit__sends_twice_the_limit_and_holds_the_rest(pg_store: PostgresStor
     assert sorted(sent) == files[:4]
     assert report.held == 16
     # More files under the same name: the window is full, all held.
-    more = files_of("big", 25)[20:]
+    more = urls(25, "big")[20:]
     report, sent = producer_submit(pg_store, "big", more, 2)
     assert (sent, report.held) == ([], 5)
     # A batch without a limit is not held at all.
     report = producer.submit_request(
         pg_store,
-        producer.Request(batch_id="free", arguments=tuple(files_of("free", 10))),
+        producer.Request(batch_id="free", arguments=tuple(urls(10, "free"))),
         lambda task, url: None,
     )
     assert (report.enqueued, report.held) == (10, 0)
@@ -119,7 +115,7 @@ def drain(
 def test_endings_release_held_files_until_every_file_completed_once(
     pg_store: PostgresStore,
 ) -> None:
-    files = files_of("big", 60)
+    files = urls(60, "big")
     _, queue = producer_submit(pg_store, "big", files, 3)
     assert len(queue) == 6
     seen = drain(pg_store, queue, 3, fail_every=7)
@@ -226,7 +222,7 @@ def test_a_claim_holding_its_file_and_the_last_ending_never_both_miss(
 def test_the_sweep_skips_held_files_and_releases_a_stalled_batch(
     pg_store: PostgresStore,
 ) -> None:
-    files = files_of("big", 12)
+    files = urls(12, "big")
     _, sent = producer_submit(pg_store, "big", files, 2)
     (lone,) = submit(pg_store, "other", 1)
     execute(pg_store, "UPDATE file_checkpoints SET updated_at = now() - interval '1 hour'")
@@ -245,7 +241,7 @@ def test_the_sweep_skips_held_files_and_releases_a_stalled_batch(
 
 
 def test_resume_sends_the_window_and_cancel_clears_held(pg_store: PostgresStore) -> None:
-    files = files_of("big", 20)
+    files = urls(20, "big")
     producer_submit(pg_store, "big", files, 2)
     pg_store.pause_batch("big")
     for url in files[:4]:
@@ -269,11 +265,11 @@ def test_resume_sends_the_window_and_cancel_clears_held(pg_store: PostgresStore)
 def test_a_limit_set_on_an_existing_batch_holds_its_new_files(
     pg_store: PostgresStore, limit: int
 ) -> None:
-    first = files_of("b", 3)
+    first = urls(3, "b")
     producer.submit_request(
         pg_store, producer.Request(batch_id="b", arguments=tuple(first)), lambda t, u: None
     )
-    more = files_of("b", 3 + 3 * limit)[3:]
+    more = urls(3 + 3 * limit, "b")[3:]
     report, sent = producer_submit(pg_store, "b", more, limit)
     # Three files already have their messages: the window has 2 x limit - 3 places left.
     places = max(0, 2 * limit - 3)
